@@ -1,0 +1,5 @@
+import sys
+
+from grmpiqa.cli import main
+
+sys.exit(main())

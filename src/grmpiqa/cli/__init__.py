@@ -1,0 +1,49 @@
+"""The ``grmpiqa`` command line: one module per subcommand in this package.
+
+Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
+``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). Errors
+the user caused (:class:`~grmpiqa.errors.GrmpiqaError`) are printed as one line on
+stderr with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from grmpiqa._version import __version__
+from grmpiqa.errors import GrmpiqaError
+
+# Subcommand modules, in the order ``--help`` lists them.
+COMMANDS: tuple[str, ...] = ("score", "import_released")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grmpiqa",
+        description="Few-shot blind image quality assessment by adapting CLIP (GRMP-IQA).",
+    )
+    parser.add_argument("--version", action="version", version=f"grmpiqa {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"grmpiqa.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GrmpiqaError as err:
+        print(f"grmpiqa: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("grmpiqa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Typed, user-facing errors.
+
+Every error a user can cause (a bad file, a missing label, an unknown backbone) is a
+:class:`GrmpiqaError`. The CLI prints ``str(err)`` as one line and exits non-zero; the
+API lets it propagate. Messages name the file (and row) first, then the reason.
+"""
+
+from __future__ import annotations
+
+
+class GrmpiqaError(Exception):
+    """Base class for errors caused by the user's input or environment."""
+
+
+class BackboneError(GrmpiqaError):
+    """A CLIP backbone or its weights could not be resolved or loaded."""
+
+
+class CheckpointError(GrmpiqaError):
+    """A grmpiqa checkpoint (or a released file to import) is unusable."""
+
+
+class ImageError(GrmpiqaError):
+    """An image file could not be read or is unsuitable (corrupt, too large, ...)."""
+
+
+class DatasetError(GrmpiqaError):
+    """A dataset spec, label file or its contents are invalid."""

@@ -1,0 +1,192 @@
+"""Image preprocessing: the released stage-1 and stage-2 transforms (method.md 6, 7).
+
+Every transform maps an RGB ``PIL.Image`` to a normalised float tensor ``[3, H, W]``.
+The default for scoring is the released stage-2 test transform: the whole image resized
+to 244x244 (aspect ratio not kept, bicubic), the centre 224 crop ``[10:234, 10:234]``,
+ImageNet statistics. ``stats="clip"`` switches to CLIP's own statistics.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+_INTERP = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def stats_for(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for ``"imagenet"`` (released code) or ``"clip"``."""
+    try:
+        return _STATS[name]
+    except KeyError:
+        raise ValueError(f"unknown normalisation statistics {name!r}; use 'imagenet' or 'clip'")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes the model's input (stored in every checkpoint).
+
+    Attributes:
+        resize: side of the square the whole image is resized to (aspect not kept).
+        crop: side of the centre crop taken from the resized image (= model input size).
+        interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
+        stats: ``"imagenet"`` (released code) or ``"clip"``.
+    """
+
+    resize: int = 244
+    crop: int = 224
+    interpolation: str = "bicubic"
+    stats: str = "imagenet"
+
+    def __post_init__(self) -> None:
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) larger than resize ({self.resize})")
+        if self.interpolation not in _INTERP:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        stats_for(self.stats)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return stats_for(self.stats)[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return stats_for(self.stats)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        return cls(**{k: d[k] for k in ("resize", "crop", "interpolation", "stats") if k in d})
+
+    def eval_transform(self) -> Transform:
+        """Deterministic test transform: resize, centre crop, normalise."""
+        return ResizeCropNormalize(self, train=False)
+
+    def train_transform(self) -> Transform:
+        """Released stage-2 train transform: resize, random crop, random h-flip, normalise."""
+        return ResizeCropNormalize(self, train=True)
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Apply the eval transform to a float batch ``[N, 3, H, W]`` in ``[0, 1]``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a float tensor [N, 3, H, W], got shape {tuple(images.shape)}")
+        x = TF.resize(
+            images.float(),
+            [self.resize, self.resize],
+            interpolation=_INTERP[self.interpolation],
+            antialias=True,
+        )
+        x = TF.center_crop(x, [self.crop, self.crop]).clamp_(0.0, 1.0)
+        return TF.normalize(x, list(self.mean), list(self.std))
+
+
+@dataclass
+class ResizeCropNormalize:
+    """Whole-image resize to a square, then a centre (eval) or random (train) crop.
+
+    The random crop draws its offsets in ``[0, resize - crop)`` like the released code,
+    and flips horizontally half of the time. ``generator`` makes it reproducible.
+    """
+
+    config: PreprocessConfig
+    train: bool = False
+    flip: bool = True
+    generator: random.Random | None = field(default=None, repr=False)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        c = self.config
+        img = img.resize((c.resize, c.resize), _pil_resample(c.interpolation))
+        if self.train:
+            rng = self.generator or random
+            span = c.resize - c.crop
+            top = rng.randrange(span) if span > 0 else 0
+            left = rng.randrange(span) if span > 0 else 0
+            img = img.crop((left, top, left + c.crop, top + c.crop))
+            if self.flip and rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            off = (c.resize - c.crop) // 2
+            img = img.crop((off, off, off + c.crop, off + c.crop))
+        return TF.normalize(TF.to_tensor(img), list(c.mean), list(c.std))
+
+
+def _pil_resample(name: str) -> Image.Resampling:
+    return {
+        "bicubic": Image.Resampling.BICUBIC,
+        "bilinear": Image.Resampling.BILINEAR,
+        "nearest": Image.Resampling.NEAREST,
+    }[name]
+
+
+# --- the released transforms, by stage (method.md 6 and 7) ------------------------------
+
+
+def stage2_train_transform(stats: str = "imagenet") -> Transform:
+    """Stage 2 train: resize 244x244 bicubic, random 224 crop (offsets in [0, 20)), h-flip."""
+    return PreprocessConfig(stats=stats).train_transform()
+
+
+def stage2_test_transform(stats: str = "imagenet") -> Transform:
+    """Stage 2 test (also the scoring default): resize 244x244, centre crop [10:234]."""
+    return PreprocessConfig(stats=stats).eval_transform()
+
+
+@dataclass
+class _Stage1Support:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    generator: random.Random | None = None
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        rng = self.generator or random
+        img = img.resize((256, 256), Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        top, left = rng.randint(0, 32), rng.randint(0, 32)
+        img = img.crop((left, top, left + 224, top + 224))
+        return TF.normalize(TF.to_tensor(img), list(self.mean), list(self.std))
+
+
+@dataclass
+class _Stage1Query:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = img.resize((224, 224), Image.Resampling.BILINEAR)
+        return TF.normalize(TF.to_tensor(img), list(self.mean), list(self.std))
+
+
+def stage1_support_transform(
+    stats: str = "imagenet", generator: random.Random | None = None
+) -> Transform:
+    """Stage 1 support: resize 256x256, random horizontal flip, random 224 crop."""
+    mean, std = stats_for(stats)
+    return _Stage1Support(mean, std, generator)
+
+
+def stage1_query_transform(stats: str = "imagenet") -> Transform:
+    """Stage 1 query: resize to 224x224."""
+    mean, std = stats_for(stats)
+    return _Stage1Query(mean, std)
