@@ -1,0 +1,53 @@
+"""grmpiqa: few-shot blind image quality assessment by adapting CLIP (GRMP-IQA).
+
+Example:
+    >>> import grmpiqa
+    >>> model = grmpiqa.create_model()  # ViT-B-16-quickgelu, OpenAI weights  # doctest: +SKIP
+    >>> model.score(["photo.jpg"])  # doctest: +SKIP
+    tensor([0.7312])
+"""
+
+from grmpiqa._version import __version__
+from grmpiqa.backbone import Backbone, list_backbones, load_backbone
+from grmpiqa.checkpoint import import_released, read_metadata, save_checkpoint
+from grmpiqa.errors import (
+    BackboneError,
+    CheckpointError,
+    DatasetError,
+    GrmpiqaError,
+    ImageError,
+)
+from grmpiqa.losses import distillation_loss, quality_loss
+from grmpiqa.model import (
+    CLIPIQA_PROMPTS,
+    STAGE1_GROUPS,
+    STAGE2_GROUPS,
+    ModelConfig,
+    QualityModel,
+    create_model,
+)
+from grmpiqa.transforms import PreprocessConfig
+
+__all__ = [
+    "CLIPIQA_PROMPTS",
+    "STAGE1_GROUPS",
+    "STAGE2_GROUPS",
+    "Backbone",
+    "BackboneError",
+    "CheckpointError",
+    "DatasetError",
+    "GrmpiqaError",
+    "ImageError",
+    "ModelConfig",
+    "PreprocessConfig",
+    "QualityModel",
+    "__version__",
+    "create_model",
+    "distillation_loss",
+    "import_released",
+    "list_backbones",
+    "load_backbone",
+    "quality_loss",
+    "read_metadata",
+    "save_checkpoint",
+]

@@ -1,0 +1,341 @@
+"""CLIP backbone resolution, in one place (method.md 2).
+
+A backbone is an open_clip model name plus where its weights come from:
+
+* an open_clip pretrained tag (``"openai"``), looked up in the local caches first and
+  downloaded only when the network answers;
+* a checkpoint file: an OpenAI-layout state dict or TorchScript archive (``ViT-B-16.pt``),
+  or an open_clip ``.pt``/``.bin``/``.safetensors``;
+* ``backbone="local-dir:PATH"``: an open_clip folder (``open_clip_config.json`` + weights);
+* ``pretrained=None``: random weights from a recorded seed, announced on stderr every time.
+
+Example:
+    >>> bb = load_backbone("test-tiny", pretrained=None, seed=0)  # doctest: +SKIP
+    >>> bb.is_random
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from grmpiqa.errors import BackboneError
+
+DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+LOCAL_DIR_PREFIX = "local-dir:"
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _register_builtin_configs() -> None:
+    """Register grmpiqa's own architectures (``test-tiny``) with open_clip."""
+    if "test-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(str(_CONFIG_DIR))
+
+
+_register_builtin_configs()
+
+
+def list_backbones() -> list[str]:
+    """Names accepted as ``backbone`` (open_clip's registry, plus ``test-tiny``)."""
+    return list(open_clip.list_models())
+
+
+@dataclass
+class Backbone:
+    """A loaded CLIP model and where it came from.
+
+    Attributes:
+        clip: the open_clip ``CLIP`` module (fp32, eval mode).
+        name: the backbone name as given (``"ViT-B-16-quickgelu"``, ``"local-dir:/m"``).
+        model_cfg: the architecture config; equal configs mean interchangeable weights.
+        pretrained: identity of the weights, JSON-serialisable, e.g.
+            ``{"kind": "tag", "tag": "openai"}`` or ``{"kind": "random", "seed": 0}``.
+    """
+
+    clip: nn.Module
+    name: str
+    model_cfg: dict[str, Any]
+    pretrained: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_random(self) -> bool:
+        return self.pretrained.get("kind") == "random"
+
+    @property
+    def logit_scale(self) -> float:
+        """``exp(logit_scale)`` of the checkpoint (about 100 for OpenAI CLIP), never trained."""
+        return float(self.clip.logit_scale.detach().exp().item())
+
+    def tokenizer(self) -> Any:
+        return open_clip.get_tokenizer(self.name)
+
+    def describe(self) -> str:
+        p = self.pretrained
+        kind = p.get("kind")
+        if kind == "random":
+            return f"{self.name} (RANDOM weights, seed {p.get('seed')})"
+        if kind == "tag":
+            return f"{self.name} (pretrained '{p.get('tag')}')"
+        if kind == "file":
+            return f"{self.name} (weights from {p.get('path')})"
+        return self.name
+
+
+def announce_random(name: str, seed: int) -> None:
+    """Say on stderr, every time, that a backbone has random weights."""
+    print(
+        f"grmpiqa: WARNING: backbone {name} has RANDOM weights (seed {seed}), not pretrained "
+        "CLIP; its scores carry no learned quality knowledge.",
+        file=sys.stderr,
+    )
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The architecture config of ``name`` (a registry name or ``local-dir:PATH``)."""
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser()
+        cfg_path = folder / "open_clip_config.json"
+        if not folder.is_dir():
+            raise BackboneError(f"{folder}: local-dir backbone folder not found")
+        if not cfg_path.is_file():
+            raise BackboneError(f"{cfg_path}: missing (a local-dir backbone needs open_clip_config.json)")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
+        except (ValueError, KeyError) as err:
+            raise BackboneError(f"{cfg_path}: not a valid open_clip config ({err})") from None
+        return dict(cfg)
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise BackboneError(
+            f"unknown backbone {name!r}; use an open_clip model name (see "
+            "open_clip.list_models()), 'test-tiny', or 'local-dir:PATH'"
+        )
+    return dict(cfg)
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    pretrained: str | os.PathLike[str] | None = DEFAULT_PRETRAINED,
+    *,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Build an open_clip CLIP and load its weights.
+
+    Args:
+        name: open_clip model name, ``"test-tiny"``, or ``"local-dir:PATH"``.
+        pretrained: an open_clip tag, a checkpoint file, or ``None`` for random weights
+            (ignored for ``local-dir:``, whose folder holds the weights).
+        seed: seed of the random initialisation (recorded; used when ``pretrained=None``).
+        cache_dir: open_clip/Hugging Face cache folder for tags.
+
+    Raises:
+        BackboneError: unknown name, unreadable file, or a tag whose weights are neither
+            cached nor downloadable (offline).
+    """
+    cfg = model_config(name)
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser().resolve()
+        clip = _create(f"{LOCAL_DIR_PREFIX}{folder}", None, seed)
+        identity: dict[str, Any] = {"kind": "local-dir", "path": str(folder)}
+        return _finish(Backbone(clip, name, cfg, identity))
+
+    if pretrained is None:
+        clip = _create(name, None, seed)
+        announce_random(name, seed)
+        return _finish(Backbone(clip, name, cfg, {"kind": "random", "seed": int(seed)}))
+
+    pretrained = str(pretrained)
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        if tag_cfg.get("quick_gelu", False) != cfg.get("quick_gelu", False):
+            print(
+                f"grmpiqa: WARNING: tag '{pretrained}' was trained with "
+                f"quick_gelu={tag_cfg.get('quick_gelu', False)} but {name} uses "
+                f"quick_gelu={cfg.get('quick_gelu', False)}; use "
+                f"'{name}-quickgelu' for OpenAI weights (method.md 2).",
+                file=sys.stderr,
+            )
+        path = _cached_tag_file(tag_cfg, cache_dir)
+        if path is None:
+            _require_network(name, pretrained)
+            try:
+                clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
+            except Exception as err:  # noqa: BLE001 - open_clip raises bare RuntimeErrors
+                raise BackboneError(_offline_message(name, pretrained, err)) from None
+            return _finish(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}))
+        clip = _create(name, None, seed)
+        _load_weights_file(clip, path)
+        return _finish(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}))
+
+    file = Path(pretrained).expanduser()
+    if not file.exists():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise BackboneError(
+            f"{pretrained}: neither a checkpoint file nor a pretrained tag of {name} "
+            f"(known tags: {', '.join(tags) if tags else 'none'})"
+        )
+    if file.is_dir():
+        raise BackboneError(
+            f"{file}: is a folder; pass an open_clip folder as backbone='local-dir:{file}'"
+        )
+    clip = _create(name, None, seed)
+    _load_weights_file(clip, file)
+    identity = {"kind": "file", "path": str(file.resolve()), "sha256_1mb": _quick_hash(file)}
+    return _finish(Backbone(clip, name, cfg, identity))
+
+
+def _create(name: str, pretrained: str | None, seed: int) -> nn.Module:
+    """open_clip.create_model with a private, seeded RNG (reproducible random init)."""
+    import logging
+
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # open_clip logs "initialized randomly" on the root logger
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(name, pretrained=pretrained)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise BackboneError(f"{name}: cannot build backbone ({err})") from None
+    finally:
+        logger.setLevel(level)
+
+
+def _finish(bb: Backbone) -> Backbone:
+    bb.clip.eval()
+    for p in bb.clip.parameters():
+        p.requires_grad_(False)
+    return bb
+
+
+def _quick_hash(path: Path) -> str:
+    """sha256 of the file size and its first MiB: a cheap identity for metadata."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a CLIP state dict from safetensors, a torch pickle, or a TorchScript archive.
+
+    Unwraps a ``state_dict`` entry and strips a DataParallel ``module.`` prefix.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        elif _is_torchscript(path):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            for key in _JIT_EXTRA_KEYS:
+                sd.pop(key, None)
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - many formats, one message
+        raise BackboneError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise BackboneError(f"{path}: not a state dict")
+    return {
+        (k[len("module.") :] if k.startswith("module.") else k): v
+        for k, v in sd.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _load_weights_file(clip: nn.Module, path: str | os.PathLike[str]) -> None:
+    sd = read_state_dict(path)
+    own = clip.state_dict()
+    if "logit_scale" in sd and sd["logit_scale"].ndim != own["logit_scale"].ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise BackboneError(
+            f"{path}: not a checkpoint of this architecture "
+            f"({len(missing)} missing keys, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+    bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
+    if bad:
+        raise BackboneError(
+            f"{path}: tensor shapes differ from this architecture (e.g. {bad[0]}: "
+            f"{tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"
+        )
+    clip.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+
+
+def _cached_tag_file(tag_cfg: dict[str, Any], cache_dir: str | None) -> Path | None:
+    """A weights file for a pretrained tag already on disk, or None."""
+    if tag_cfg.get("file"):
+        return Path(tag_cfg["file"])
+    hub = str(tag_cfg.get("hf_hub", "")).rstrip("/")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            names = [tag_cfg.get("hf_hub_filename")] if tag_cfg.get("hf_hub_filename") else []
+            names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            for fname in names:
+                hit = try_to_load_from_cache(hub, fname, cache_dir=cache_dir)
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return Path(hit)
+        except ImportError:
+            pass
+    url = str(tag_cfg.get("url", ""))
+    if url:
+        root = Path(cache_dir) if cache_dir else Path("~/.cache/clip").expanduser()
+        candidate = root / os.path.basename(url)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _require_network(name: str, tag: str) -> None:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+        "GRMPIQA_OFFLINE", ""
+    ) not in ("", "0")
+    if not offline:
+        try:
+            socket.setdefaulttimeout(5)
+            socket.getaddrinfo("huggingface.co", 443)
+            return
+        except OSError:
+            pass
+        finally:
+            socket.setdefaulttimeout(None)
+    raise BackboneError(_offline_message(name, tag, None))
+
+
+def _offline_message(name: str, tag: str, err: Exception | None) -> str:
+    why = "offline and not in the local cache" if err is None else f"download failed: {err}"
+    return (
+        f"cannot get pretrained weights '{tag}' for {name} ({why}); pass a local file "
+        f"with --pretrained /path/to/ViT-B-16.pt (OpenAI or open_clip checkpoint) or "
+        f"--backbone local-dir:/path/to/open_clip_folder"
+    )

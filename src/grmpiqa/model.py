@@ -1,0 +1,341 @@
+"""The quality model: CLIP + learned prompts -> p(high quality) (method.md 1-5).
+
+``create_model`` is the single entry point (backbone resolution, config, checkpoint).
+
+Example:
+    >>> import torch, grmpiqa
+    >>> model = grmpiqa.create_model("test-tiny", pretrained=None)  # doctest: +SKIP
+    >>> model.score(torch.rand(2, 3, 256, 256)).shape  # doctest: +SKIP
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
+from grmpiqa.errors import CheckpointError
+from grmpiqa.prompts import TextEncoder, TextPromptLearner, VisualPromptedEncoder, l2_normalize
+from grmpiqa.transforms import PreprocessConfig
+
+#: Parameter groups trained in stage 1 (meta-prompt pre-training, method.md 6).
+STAGE1_GROUPS: tuple[str, ...] = ("text_context", "visual_prompts")
+#: Parameter groups trained in stage 2 (few-shot fine-tuning, method.md 7).
+STAGE2_GROUPS: tuple[str, ...] = ("text_context", "text_blocks", "image_blocks", "ln_final", "ln_post")
+#: Hand-written prompts of the zero-shot CLIP-IQA baseline.
+CLIPIQA_PROMPTS: tuple[str, str] = ("Good photo.", "Bad photo.")
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Sentinel: "take it from the checkpoint, else the library default".
+DEFAULT: Any = _Default()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the adapted parts (stored in every checkpoint).
+
+    Attributes:
+        class_names: quality classes; index 0 is the "good" one (method.md 3).
+        n_ctx: learned text context vectors shared by both classes.
+        ctx_init_std: std of their normal init.
+        hand_prompts: fixed prompts instead of learned context (``("Good photo.",
+            "Bad photo.")`` with ``visual_prompts=False`` is zero-shot CLIP-IQA).
+        visual_prompts: use VPT-deep in the image tower (method.md 4).
+        vpt_tokens: visual prompt tokens per layer.
+        vpt_deep_layers: blocks after the first with fresh prompts; None = all.
+        vpt_dropout: dropout on projected visual prompts.
+        finetune_blocks: last blocks of each tower trained in stage 2.
+    """
+
+    class_names: tuple[str, ...] = ("high quality", "low quality")
+    n_ctx: int = 4
+    ctx_init_std: float = 0.02
+    hand_prompts: tuple[str, ...] | None = None
+    visual_prompts: bool = True
+    vpt_tokens: int = 100
+    vpt_deep_layers: int | None = None
+    vpt_dropout: float = 0.1
+    finetune_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != 2:
+            raise ValueError("class_names must name exactly two classes (good, bad)")
+        if self.hand_prompts is not None and len(self.hand_prompts) != 2:
+            raise ValueError("hand_prompts must be two prompts (good, bad)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        d["hand_prompts"] = list(self.hand_prompts) if self.hand_prompts else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "class_names" in kw:
+            kw["class_names"] = tuple(kw["class_names"])
+        if kw.get("hand_prompts") is not None:
+            kw["hand_prompts"] = tuple(kw["hand_prompts"])
+        return cls(**kw)
+
+
+class QualityModel(nn.Module):
+    """CLIP with learned prompts scoring ``q = softmax(s * [v.t_hq, v.t_lq])[0]``.
+
+    ``s = exp(logit_scale)`` of the CLIP checkpoint, never trained (method.md 1).
+    Build it with :func:`create_model`; training loops select what trains with
+    :meth:`set_trainable` and the group names in ``STAGE1_GROUPS``/``STAGE2_GROUPS``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: ModelConfig | None = None,
+        preprocess: PreprocessConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        self.preprocess = preprocess or PreprocessConfig()
+        self.backbone_name = backbone.name
+        self.backbone_pretrained = dict(backbone.pretrained)
+        self.backbone_model_cfg = dict(backbone.model_cfg)
+        self.clip = backbone.clip
+        self.tokenizer = backbone.tokenizer()
+        self.text_encoder = TextEncoder(self.clip)
+        cfg = self.config
+        self.prompt_learner: TextPromptLearner | None = None
+        if cfg.hand_prompts is None:
+            self.prompt_learner = TextPromptLearner(
+                self.clip.token_embedding, self.tokenizer, cfg.class_names, cfg.n_ctx, cfg.ctx_init_std
+            )
+        else:
+            self.register_buffer("hand_tokens", self.tokenizer(list(cfg.hand_prompts)), persistent=False)
+        self.visual: VisualPromptedEncoder | None = None
+        if cfg.visual_prompts:
+            self.visual = VisualPromptedEncoder(
+                self.clip.visual, cfg.vpt_tokens, cfg.vpt_deep_layers, cfg.vpt_dropout
+            )
+        self.register_buffer("logit_scale", torch.tensor(backbone.logit_scale), persistent=False)
+        #: state-dict keys that differ from the base CLIP (saved in checkpoints)
+        self.adapted_keys: set[str] = set(self.parameter_names(("text_context", "visual_prompts")))
+        self.set_trainable(())
+
+    # -- encoders ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings of preprocessed images ``[N, 3, H, W]``."""
+        feats = self.visual(images) if self.visual is not None else self.clip.encode_image(images)
+        return l2_normalize(feats)
+
+    def quality_text_features(self) -> torch.Tensor:
+        """L2-normalised ``[t_hq, t_lq]`` (learned context or hand prompts)."""
+        if self.prompt_learner is not None:
+            emb = self.prompt_learner()
+            feats = self.text_encoder(emb, self.prompt_learner.tokens)
+        else:
+            feats = self.text_encoder.encode_tokens(self.hand_tokens)
+        return l2_normalize(feats)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised features of hard prompts through this model's text tower."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return l2_normalize(self.text_encoder.encode_tokens(tokens))
+
+    def logits_from_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * image_features @ text_features.t().to(image_features.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Quality logits ``[N, 2]`` (column 0: high quality) of preprocessed images."""
+        return self.logits_from_features(self.encode_image(images), self.quality_text_features())
+
+    # -- scoring ----------------------------------------------------------------------
+
+    def score(
+        self,
+        inputs: torch.Tensor | Sequence[str | os.PathLike[str] | Image.Image],
+        batch_size: int = 32,
+        *,
+        precision: str = "fp32",
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Quality scores in (0, 1), higher is better, as a 1-D float tensor on the CPU.
+
+        ``inputs``: image paths, PIL images, or a float tensor ``[N, 3, H, W]`` in
+        [0, 1] (preprocessed with the model's eval transform). Scores do not depend on
+        ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
+        """
+        from grmpiqa.scoring import score_inputs
+
+        return score_inputs(
+            self, inputs, batch_size=batch_size, precision=precision,
+            num_workers=num_workers, progress=progress,
+        )
+
+    # -- parameter groups -------------------------------------------------------------
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Named parameter groups (method.md 6, 7), keyed by state-dict name."""
+        named = dict(self.named_parameters())
+        k = self.config.finetune_blocks
+        n_text = len(self.clip.transformer.resblocks)
+        n_img = len(self.clip.visual.transformer.resblocks)
+        prefixes: dict[str, list[str]] = {
+            "text_context": ["prompt_learner.ctx"],
+            "visual_prompts": ["visual."],
+            "text_blocks": [f"clip.transformer.resblocks.{i}." for i in range(max(0, n_text - k), n_text)],
+            "image_blocks": [
+                f"clip.visual.transformer.resblocks.{i}." for i in range(max(0, n_img - k), n_img)
+            ],
+            "ln_final": ["clip.ln_final."],
+            "ln_post": ["clip.visual.ln_post."],
+        }
+        return {
+            group: {n: p for n, p in named.items() if any(n.startswith(pre) for pre in pres)}
+            for group, pres in prefixes.items()
+        }
+
+    def parameter_names(self, groups: Iterable[str]) -> list[str]:
+        all_groups = self.parameter_groups()
+        names: list[str] = []
+        for g in groups:
+            if g not in all_groups:
+                raise ValueError(f"unknown parameter group {g!r}; known: {sorted(all_groups)}")
+            names.extend(all_groups[g])
+        return names
+
+    def set_trainable(self, groups: Iterable[str]) -> list[nn.Parameter]:
+        """Make exactly ``groups`` trainable (everything else frozen); return their params.
+
+        The groups' tensors are recorded as adapted, so checkpoints include them.
+        """
+        names = set(self.parameter_names(groups))
+        params = []
+        for n, p in self.named_parameters():
+            p.requires_grad_(n in names)
+            if n in names:
+                params.append(p)
+        self.adapted_keys |= names
+        return params
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def adapted_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint stores: prompts plus every adapted backbone tensor."""
+        sd = self.state_dict()
+        return {k: sd[k].detach().cpu().contiguous() for k in sorted(self.adapted_keys) if k in sd}
+
+    def describe(self) -> str:
+        p = self.backbone_pretrained
+        if p.get("kind") == "random":
+            w = f"RANDOM weights, seed {p.get('seed')}"
+        elif p.get("kind") == "tag":
+            w = f"pretrained '{p.get('tag')}'"
+        else:
+            w = f"weights from {p.get('path')}"
+        vp = f"VPT {self.config.vpt_tokens} tokens" if self.visual is not None else "no visual prompts"
+        return f"{self.backbone_name} ({w}), {vp}"
+
+
+def create_model(
+    backbone: str | None = None,
+    pretrained: str | os.PathLike[str] | None = DEFAULT,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    visual_prompts: bool | None = None,
+    *,
+    seed: int | None = None,
+    config: ModelConfig | None = None,
+    preprocess: PreprocessConfig | None = None,
+    cache_dir: str | None = None,
+) -> QualityModel:
+    """Build a :class:`QualityModel`, optionally restoring a grmpiqa checkpoint.
+
+    Args:
+        backbone: open_clip model name, ``"test-tiny"`` or ``"local-dir:PATH"``; default:
+            the checkpoint's, else ``"ViT-B-16-quickgelu"``.
+        pretrained: open_clip tag, a weights file, or ``None`` for random weights
+            (announced on stderr); default: the checkpoint's, else ``"openai"``.
+        checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors).
+        device: torch device.
+        visual_prompts: use VPT-deep; default: the checkpoint's, else True.
+        seed: seed of a random backbone and of the prompts' init; default: the
+            checkpoint's, else 0.
+        config: full :class:`ModelConfig` (``visual_prompts`` overrides its field).
+        preprocess: preprocessing; default: the checkpoint's, else the released test
+            transform.
+
+    Example:
+        >>> model = create_model("test-tiny", pretrained=None, visual_prompts=False)  # doctest: +SKIP
+    """
+    from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
+
+    tensors: dict[str, torch.Tensor] | None = None
+    meta: dict[str, Any] = {}
+    if checkpoint is not None:
+        tensors, meta = read_checkpoint(checkpoint)
+    bmeta = meta.get("backbone", {})
+    name = backbone or bmeta.get("name") or DEFAULT_BACKBONE
+    ident = bmeta.get("pretrained", {}) if name == bmeta.get("name") else {}
+    if seed is None:
+        seed = int(ident.get("seed", meta.get("seed", 0)))
+    if pretrained is DEFAULT:
+        kind = ident.get("kind")
+        if kind == "random":
+            pretrained = None
+        elif kind == "tag":
+            pretrained = ident["tag"]
+        elif kind == "file":
+            pretrained = ident["path"]
+            if not Path(pretrained).is_file():
+                raise CheckpointError(
+                    f"{checkpoint}: trained on weights from {pretrained}, which is not on this "
+                    "machine; pass the same weights with --pretrained FILE"
+                )
+        else:
+            pretrained = DEFAULT_PRETRAINED
+    if config is None:
+        config = ModelConfig.from_dict(meta["model_config"]) if "model_config" in meta else ModelConfig()
+    if visual_prompts is not None and visual_prompts != config.visual_prompts:
+        if checkpoint is not None:
+            raise CheckpointError(
+                f"{checkpoint}: was trained with visual_prompts={config.visual_prompts}; "
+                f"cannot load it with visual_prompts={visual_prompts}"
+            )
+        config = replace(config, visual_prompts=visual_prompts)
+    if preprocess is None:
+        preprocess = PreprocessConfig.from_dict(meta["preprocess"]) if "preprocess" in meta else None
+
+    bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = QualityModel(bb, config, preprocess)
+    if checkpoint is not None and tensors is not None:
+        if bmeta.get("pretrained") and bmeta.get("pretrained") != bb.pretrained:
+            print(
+                f"grmpiqa: WARNING: {checkpoint} was trained on {bmeta.get('pretrained')}, "
+                f"loading it onto {bb.pretrained}",
+                file=sys.stderr,
+            )
+        apply_checkpoint(model, tensors, meta, source=str(checkpoint))
+    return model.to(device).eval()
