@@ -1,0 +1,352 @@
+"""Dataset adapters against fixture trees in the official layouts, plus the real CLIVE subset."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from grmpiqa.data import KINDS, Dataset, load_dataset, parse_spec
+from grmpiqa.errors import DatasetError, GrmpiqaError, ImageError
+
+
+def _shared_data() -> Path:
+    env = os.environ.get("GRMPIQA_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+CLIVE_REAL = _shared_data() / "clive-dev" / "ChallengeDB_release"
+
+
+def _img(path: Path, seed: int = 0, size: tuple[int, int] = (12, 10)) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+# --- fixture trees in the official layouts ---------------------------------------------------
+
+
+def make_clive(root: Path, mos: list[float] | None = None) -> Path:
+    names = [f"t{i}.bmp" for i in range(1, 8)] + ["100.bmp", "101.JPG", "102.bmp"]
+    mos = mos or [50.0] * 7 + [10.0, 55.5, 90.0]
+    for i, n in enumerate(names):
+        sub = "trainingImages/" if n.startswith("t") else ""
+        _img(root / "Images" / f"{sub}{n}", seed=i)
+    cells = np.empty((len(names), 1), dtype=object)
+    for i, n in enumerate(names):
+        cells[i, 0] = np.array([n])
+    (root / "Data").mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(root / "Data" / "AllImages_release.mat", {"AllImages_release": cells})
+    scipy.io.savemat(root / "Data" / "AllMOS_release.mat", {"AllMOS_release": np.array([mos])})
+    std = np.array([[10.0 + i for i in range(len(names))]])
+    scipy.io.savemat(root / "Data" / "AllStdDev_release.mat", {"AllStdDev_release": std})
+    return root
+
+
+def make_koniq(root: Path) -> Path:
+    rows = [("a.jpg", 1.5, 0.4), ("b.jpg", 3.25, 0.6), ("c.jpg", 4.9, 0.3)]
+    lines = ['"image_name","c1","c2","c3","c4","c5","c_total","MOS","SD","MOS_zscore"']
+    for i, (n, m, s) in enumerate(rows):
+        _img(root / "1024x768" / n, seed=i)
+        lines.append(f'"{n}",1,2,3,4,5,15,{m},{s},{m * 10}')
+    (root / "koniq10k_scores_and_distributions.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_kadid(root: Path) -> Path:
+    lines = ["dist_img,ref_img,dmos,var"]
+    for ref in (1, 2, 3):
+        _img(root / "images" / f"I{ref:02d}.png", seed=ref)
+        for t in (1, 5):
+            for lv in (1, 2):
+                n = f"I{ref:02d}_{t:02d}_{lv:02d}.png"
+                _img(root / "images" / n, seed=ref * 100 + t * 10 + lv)
+                lines.append(f"{n},I{ref:02d}.png,{5 - lv - t / 5:.2f},0.25")
+    (root / "dmos.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_tid(root: Path) -> Path:
+    entries = [("i01_01_1.bmp", 5.51429), ("i01_01_2.bmp", 4.1), ("i02_07_5.bmp", 0.5)]
+    lines = []
+    for i, (n, m) in enumerate(entries):
+        disk_name = n.upper() if i == 2 else n  # TID2013 mixes the case of its file names
+        _img(root / "distorted_images" / disk_name, seed=i)
+        lines.append(f"{m} {n}")
+    (root / "mos_with_names.txt").write_text("\r\n".join(lines) + "\r\n")
+    return root
+
+
+def make_agiqa(root: Path, in_images: bool = True) -> Path:
+    lines = ["name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,std_align"]
+    for i, m in enumerate((0.5, 2.5, 4.75)):
+        n = f"AttnGAN_normal_{i:03d}.jpg"
+        _img(root / ("images" if in_images else "") / n, seed=i)
+        lines.append(f'{n},"a cat, sitting",nice,,baroque,{m},0.7,3.0,0.5')
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# --- adapters ----------------------------------------------------------------------------------
+
+
+def test_clive_drops_practice_images(tmp_path: Path) -> None:
+    ds = load_dataset(f"clive:{make_clive(tmp_path / 'ChallengeDB_release')}")
+    assert isinstance(ds, Dataset) and ds.kind == "clive"
+    assert len(ds) == 3
+    assert ds.names == ["100.bmp", "101.JPG", "102.bmp"]
+    np.testing.assert_allclose(ds.mos, [10.0, 55.5, 90.0])
+    np.testing.assert_allclose(ds.labels, [0.1, 0.555, 0.9])
+    assert [it.std for it in ds] == [17.0, 18.0, 19.0]
+    assert ds[0].ref is None and ds[0].dist_type is None
+    assert ds[1].load().size == (12, 10)
+    assert [it.name for it in ds] == ds.names  # iterable
+
+
+def test_koniq(tmp_path: Path) -> None:
+    ds = load_dataset(f"koniq:{make_koniq(tmp_path / 'koniq')}")
+    assert len(ds) == 3
+    np.testing.assert_allclose(ds.labels, [(1.5 - 1) / 4, (3.25 - 1) / 4, (4.9 - 1) / 4])
+    assert ds[1].std == 0.6 and ds[1].path.parent.name == "1024x768"
+    with pytest.raises(DatasetError, match="512x384"):
+        load_dataset(f"koniq:{tmp_path / 'koniq'}", resolution="512x384")
+
+
+def test_kadid(tmp_path: Path) -> None:
+    ds = load_dataset(f"kadid:{make_kadid(tmp_path / 'kadid10k')}")
+    assert len(ds) == 12
+    it = ds[0]
+    assert (it.name, it.ref, it.dist_type, it.dist_level) == ("I01_01_01.png", "01", "01", 1)
+    assert it.std == pytest.approx(0.5)
+    assert it.label == pytest.approx((it.mos - 1) / 4)
+    assert set(ds.groups()) == {"01", "05"} and len(ds.groups()["05"]) == 6
+    assert ds.has_refs and sorted(ds.refs()) == ["01", "02", "03"]
+
+
+def test_tid2013_case_insensitive_names(tmp_path: Path) -> None:
+    ds = load_dataset(f"tid2013:{make_tid(tmp_path / 'tid2013')}")
+    assert len(ds) == 3
+    assert ds[2].path.name == "I02_07_5.BMP"
+    assert (ds[2].ref, ds[2].dist_type, ds[2].dist_level) == ("02", "07", 5)
+    np.testing.assert_allclose(ds.labels, np.array([5.51429, 4.1, 0.5]) / 9)
+
+
+def test_spaq_xlsx(tmp_path: Path) -> None:
+    openpyxl = pytest.importorskip("openpyxl")
+    root = tmp_path / "SPAQ"
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["Image name", "MOS", "Brightness", "Colorfulness"])
+    for i, m in enumerate((20.0, 61.5, 88.0)):
+        _img(root / "TestImage" / f"{i + 1:05d}.jpg", seed=i)
+        ws.append([f"{i + 1:05d}.jpg", m, 50, 50])
+    (root / "Annotations").mkdir(parents=True)
+    wb.save(root / "Annotations" / "MOS and Image attribute scores.xlsx")
+    ds = load_dataset(f"spaq:{root}")
+    np.testing.assert_allclose(ds.labels, [0.2, 0.615, 0.88])
+    ws.append(["00001.jpg", 30.0, 1, 1])
+    wb.save(root / "Annotations" / "MOS and Image attribute scores.xlsx")
+    with pytest.raises(DatasetError, match=r"row 5: duplicate image name '00001.jpg'"):
+        load_dataset(f"spaq:{root}")
+
+
+@pytest.mark.parametrize("in_images", [True, False])
+def test_agiqa3k(tmp_path: Path, in_images: bool) -> None:
+    ds = load_dataset(f"agiqa3k:{make_agiqa(tmp_path / 'AGIQA-3K', in_images)}")
+    np.testing.assert_allclose(ds.labels, [0.1, 0.5, 0.95])
+    assert ds[0].std == 0.7
+
+
+def test_pyiqa_with_split_columns(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    lines = ["img_name,mos,std,split,official_split"]
+    for i in range(6):
+        _img(root / f"x{i}.png", seed=i)
+        lines.append(f"x{i}.png,{1 + i},0.5,{'train' if i < 4 else 'test'},{'val' if i else ''}")
+    meta = tmp_path / "meta_info_Mine.csv"
+    meta.write_text("\n".join(lines) + "\n")
+    ds = load_dataset(f"pyiqa:{meta}::{root}")
+    assert len(ds) == 6 and ds.image_root == root
+    np.testing.assert_allclose(ds.labels, np.arange(6) / 5)
+    assert ds.split_columns == ["split", "official_split"]
+    assert ds[0].splits == {"split": "train", "official_split": ""}
+    test = load_dataset(f"pyiqa:{meta}::{root}?split=test&split_column=split")
+    assert test.names == ["x4.png", "x5.png"]
+    assert ds.where_split("train", "split").names == [f"x{i}.png" for i in range(4)]
+    with pytest.raises(DatasetError, match="2 split columns"):
+        load_dataset(f"pyiqa:{meta}::{root}?split=test")
+    with pytest.raises(DatasetError, match="image root"):
+        load_dataset(f"pyiqa:{meta}::{tmp_path / 'nope'}")
+
+
+def test_csv_range_and_direction_same_in_spec_and_kwargs(tmp_path: Path) -> None:
+    lines = ["path,mos,std,split"]
+    for i, m in enumerate((10, 40, 70)):
+        _img(tmp_path / "sub" / f"{i}.png", seed=i)
+        lines.append(f"sub/{i}.png,{m},1.0,{'test' if i == 2 else 'train'}")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    ds = load_dataset(f"csv:{csv}")
+    np.testing.assert_allclose(ds.labels, [0.0, 0.5, 1.0])  # data min/max by default
+    a = load_dataset(f"csv:{csv}?mos_range=0,100&higher_is_better=0")
+    b = load_dataset(f"csv:{csv}", mos_range=(0, 100), higher_is_better=False)
+    np.testing.assert_allclose(a.labels, [0.9, 0.6, 0.3])
+    np.testing.assert_allclose(a.labels, b.labels)
+    np.testing.assert_allclose(a.mos, [10, 40, 70])
+    assert a[0].path == tmp_path / "sub" / "0.png"
+    assert load_dataset(f"csv:{csv}?split=test").names == ["sub/2.png"]
+    with pytest.raises(DatasetError, match="outside the scale 0..50"):
+        load_dataset(f"csv:{csv}?mos_range=0,50")
+
+
+def test_folder(tmp_path: Path) -> None:
+    _img(tmp_path / "b.png")
+    _img(tmp_path / "a" / "c.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.names == ["a/c.jpg", "b.png"]
+    assert not ds.has_labels and math.isnan(ds[0].label)
+    assert load_dataset(f"folder:{tmp_path}?recursive=0").names == ["b.png"]
+
+
+def test_subset_and_slicing(tmp_path: Path) -> None:
+    ds = load_dataset(f"kadid:{make_kadid(tmp_path / 'k')}")
+    sub = ds.subset([3, 1])
+    assert sub.names == [ds[3].name, ds[1].name] and sub.spec == ds.spec
+    assert ds[2:4].names == ds.names[2:4]
+    with pytest.raises(IndexError):
+        ds.subset([99])
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="unknown kind 'live'"):
+        load_dataset(f"live:{tmp_path}")
+    with pytest.raises(DatasetError, match="expected KIND:PATH"):
+        load_dataset(str(tmp_path.name))
+    with pytest.raises(DatasetError, match="unknown option bogus"):
+        load_dataset(f"folder:{tmp_path}?bogus=1")
+    with pytest.raises(DatasetError, match="mos_range"):
+        load_dataset(f"csv:{tmp_path}/x.csv?mos_range=5")
+    assert parse_spec("pyiqa:/a/m.csv::/imgs?split=test") == (
+        "pyiqa",
+        "/a/m.csv",
+        "/imgs",
+        {"split": "test"},
+    )
+    assert parse_spec("csv:C:/data/what?.csv") == ("csv", "C:/data/what?.csv", None, {})
+    assert set(KINDS) >= {"clive", "koniq", "kadid", "tid2013", "spaq", "agiqa3k", "pyiqa"}
+    assert issubclass(DatasetError, GrmpiqaError)
+
+
+def test_missing_label_file_and_column(tmp_path: Path) -> None:
+    root = make_kadid(tmp_path / "k")
+    os.rename(root / "dmos.csv", root / "other.csv")
+    with pytest.raises(DatasetError, match=r"dmos\.csv: label file not found"):
+        load_dataset(f"kadid:{root}")
+    (root / "dmos.csv").write_text("dist_img,ref_img,score\nI01_01_01.png,I01.png,3\n")
+    with pytest.raises(DatasetError, match=r"dmos\.csv: missing column 'dmos'"):
+        load_dataset(f"kadid:{root}")
+    clive = make_clive(tmp_path / "c")
+    (clive / "Data" / "AllMOS_release.mat").unlink()
+    with pytest.raises(DatasetError, match=r"AllMOS_release\.mat: label file not found"):
+        load_dataset(f"clive:{clive}")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("nan", "not a finite number"), ("inf", "not a finite number"), ("good", "not a number")],
+)
+def test_bad_mos_names_file_and_row(tmp_path: Path, value: str, reason: str) -> None:
+    root = make_koniq(tmp_path / "koniq")
+    f = root / "koniq10k_scores_and_distributions.csv"
+    lines = f.read_text().splitlines()
+    lines[2] = lines[2].replace(",3.25,", f",{value},")
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_dataset(f"koniq:{root}")
+    msg = str(err.value)
+    assert msg.startswith(f"{f}, row 3: MOS")
+    assert reason in msg and "\n" not in msg
+
+
+def test_nan_in_mat(tmp_path: Path) -> None:
+    root = make_clive(tmp_path / "c", mos=[50.0] * 7 + [10.0, float("nan"), 90.0])
+    with pytest.raises(DatasetError, match=r"AllMOS_release\.mat, row 9: MOS .* not a finite"):
+        load_dataset(f"clive:{root}")
+
+
+def test_duplicate_and_missing_images(tmp_path: Path) -> None:
+    root = make_kadid(tmp_path / "k")
+    f = root / "dmos.csv"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join([*lines, lines[1]]) + "\n")
+    with pytest.raises(DatasetError, match=r"row 14: duplicate image name 'I01_01_01.png'"):
+        load_dataset(f"kadid:{root}")
+    f.write_text("\n".join(lines) + "\n")
+    (root / "images" / "I02_05_02.png").unlink()
+    with pytest.raises(DatasetError, match=r"dmos\.csv, row 9: image 'I02_05_02.png' not found"):
+        load_dataset(f"kadid:{root}")
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    root = tmp_path / "k"
+    (root / "images").mkdir(parents=True)
+    (root / "dmos.csv").write_text("dist_img,ref_img,dmos,var\n")
+    with pytest.raises(DatasetError, match="empty dataset"):
+        load_dataset(f"kadid:{root}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no image files"):
+        load_dataset(f"folder:{tmp_path / 'empty'}")
+
+
+def test_unreadable_image_fails_when_loaded(tmp_path: Path) -> None:
+    root = make_kadid(tmp_path / "k")
+    bad = root / "images" / "I01_05_02.png"
+    bad.write_bytes(b"this is not a png")
+    ds = load_dataset(f"kadid:{root}")  # lazy: labels and existence only
+    i = ds.names.index("I01_05_02.png")
+    with pytest.raises(ImageError, match=str(bad)):
+        ds.load(i)
+
+
+def test_out_of_scale_mos(tmp_path: Path) -> None:
+    root = make_tid(tmp_path / "t")
+    f = root / "mos_with_names.txt"
+    f.write_text(f.read_text().replace("4.1 ", "12 "))
+    with pytest.raises(DatasetError, match=r"row 2: MOS 12 outside the scale 0..9"):
+        load_dataset(f"tid2013:{root}")
+    assert load_dataset(f"tid2013:{root}?mos_range=0,12")[1].label == 1.0
+
+
+def test_groups_needs_distortion_types(tmp_path: Path) -> None:
+    ds = load_dataset(f"clive:{make_clive(tmp_path / 'c')}")
+    with pytest.raises(DatasetError, match="no distortion type"):
+        ds.groups()
+
+
+# --- the real CLIVE subset -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CLIVE_REAL.is_dir(), reason="../shared/data/clive-dev absent")
+def test_real_clive_subset() -> None:
+    ds = load_dataset(f"clive:{CLIVE_REAL}")
+    assert len(ds) == 400
+    names = scipy.io.loadmat(CLIVE_REAL / "Data" / "AllImages_release.mat")["AllImages_release"]
+    mos = scipy.io.loadmat(CLIVE_REAL / "Data" / "AllMOS_release.mat")["AllMOS_release"].ravel()
+    assert len(names) == 407  # 7 practice images first, then the 400 rated ones
+    np.testing.assert_array_equal(ds.mos, mos[7:])
+    np.testing.assert_allclose(ds.labels, mos[7:] / 100)
+    assert not any(n.startswith("t") for n in ds.names)
+    assert all(0 <= x <= 1 for x in ds.labels) and len(set(ds.names)) == 400
+    assert ds[0].load().mode == "RGB"
