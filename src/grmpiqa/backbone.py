@@ -10,7 +10,7 @@ A backbone is an open_clip model name plus where its weights come from:
 * ``pretrained=None``: random weights from a recorded seed, announced on stderr every time.
 
 Example:
-    >>> bb = load_backbone("test-tiny", pretrained=None, seed=0)  # doctest: +SKIP
+    >>> bb = load_backbone("test-tiny", pretrained=None, seed=0)
     >>> bb.is_random
     True
 """
@@ -66,7 +66,7 @@ class Backbone:
             ``{"kind": "tag", "tag": "openai"}`` or ``{"kind": "random", "seed": 0}``.
     """
 
-    clip: nn.Module
+    clip: Any
     name: str
     model_cfg: dict[str, Any]
     pretrained: dict[str, Any] = field(default_factory=dict)
@@ -112,7 +112,9 @@ def model_config(name: str) -> dict[str, Any]:
         if not folder.is_dir():
             raise BackboneError(f"{folder}: local-dir backbone folder not found")
         if not cfg_path.is_file():
-            raise BackboneError(f"{cfg_path}: missing (a local-dir backbone needs open_clip_config.json)")
+            raise BackboneError(
+                f"{cfg_path}: missing (a local-dir backbone needs open_clip_config.json)"
+            )
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
         except (ValueError, KeyError) as err:
@@ -199,7 +201,7 @@ def load_backbone(
     return _finish(Backbone(clip, name, cfg, identity))
 
 
-def _create(name: str, pretrained: str | None, seed: int) -> nn.Module:
+def _create(name: str, pretrained: str | None, seed: int) -> Any:
     """open_clip.create_model with a private, seeded RNG (reproducible random init)."""
     import logging
 
@@ -249,7 +251,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - many formats, one message
-        raise BackboneError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+        raise BackboneError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -299,7 +303,7 @@ def _cached_tag_file(tag_cfg: dict[str, Any], cache_dir: str | None) -> Path | N
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            names = [tag_cfg.get("hf_hub_filename")] if tag_cfg.get("hf_hub_filename") else []
+            names = [str(tag_cfg["hf_hub_filename"])] if tag_cfg.get("hf_hub_filename") else []
             names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
             for fname in names:
                 hit = try_to_load_from_cache(hub, fname, cache_dir=cache_dir)

@@ -222,5 +222,10 @@ def import_released(
     apply_checkpoint(model, keep, {}, source=str(src))
     model.adapted_keys = set(keep)
     if skipped:
-        print(f"grmpiqa: ignored {len(skipped)} buffers of {src.name}: {', '.join(skipped[:4])}", file=sys.stderr)
-    return save_checkpoint(model, out, extra={"imported_from": src.name, "released_keys": len(released)})
+        print(
+            f"grmpiqa: ignored {len(skipped)} buffers of {src.name}: {', '.join(skipped[:4])}",
+            file=sys.stderr,
+        )
+    return save_checkpoint(
+        model, out, extra={"imported_from": src.name, "released_keys": len(released)}
+    )

@@ -4,9 +4,10 @@
 
 Example:
     >>> import torch, grmpiqa
-    >>> model = grmpiqa.create_model("test-tiny", pretrained=None)  # doctest: +SKIP
-    >>> model.score(torch.rand(2, 3, 256, 256)).shape  # doctest: +SKIP
-    torch.Size([2])
+    >>> model = grmpiqa.create_model("test-tiny", pretrained=None)
+    >>> scores = model.score(torch.rand(2, 3, 256, 256))
+    >>> scores.shape, bool(((scores > 0) & (scores < 1)).all())
+    (torch.Size([2]), True)
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from grmpiqa.transforms import PreprocessConfig
 #: Parameter groups trained in stage 1 (meta-prompt pre-training, method.md 6).
 STAGE1_GROUPS: tuple[str, ...] = ("text_context", "visual_prompts")
 #: Parameter groups trained in stage 2 (few-shot fine-tuning, method.md 7).
-STAGE2_GROUPS: tuple[str, ...] = ("text_context", "text_blocks", "image_blocks", "ln_final", "ln_post")
+STAGE2_GROUPS: tuple[str, ...] = (
+    "text_context",
+    "text_blocks",
+    "image_blocks",
+    "ln_final",
+    "ln_post",
+)
 #: Hand-written prompts of the zero-shot CLIP-IQA baseline.
 CLIPIQA_PROMPTS: tuple[str, str] = ("Good photo.", "Bad photo.")
 
@@ -102,6 +109,9 @@ class QualityModel(nn.Module):
     :meth:`set_trainable` and the group names in ``STAGE1_GROUPS``/``STAGE2_GROUPS``.
     """
 
+    logit_scale: torch.Tensor
+    hand_tokens: torch.Tensor
+
     def __init__(
         self,
         backbone: Backbone,
@@ -114,17 +124,23 @@ class QualityModel(nn.Module):
         self.backbone_name = backbone.name
         self.backbone_pretrained = dict(backbone.pretrained)
         self.backbone_model_cfg = dict(backbone.model_cfg)
-        self.clip = backbone.clip
+        self.clip: Any = backbone.clip
         self.tokenizer = backbone.tokenizer()
         self.text_encoder = TextEncoder(self.clip)
         cfg = self.config
         self.prompt_learner: TextPromptLearner | None = None
         if cfg.hand_prompts is None:
             self.prompt_learner = TextPromptLearner(
-                self.clip.token_embedding, self.tokenizer, cfg.class_names, cfg.n_ctx, cfg.ctx_init_std
+                self.clip.token_embedding,
+                self.tokenizer,
+                cfg.class_names,
+                cfg.n_ctx,
+                cfg.ctx_init_std,
             )
         else:
-            self.register_buffer("hand_tokens", self.tokenizer(list(cfg.hand_prompts)), persistent=False)
+            self.register_buffer(
+                "hand_tokens", self.tokenizer(list(cfg.hand_prompts)), persistent=False
+            )
         self.visual: VisualPromptedEncoder | None = None
         if cfg.visual_prompts:
             self.visual = VisualPromptedEncoder(
@@ -160,7 +176,9 @@ class QualityModel(nn.Module):
         tokens = self.tokenizer(list(texts)).to(self.device)
         return l2_normalize(self.text_encoder.encode_tokens(tokens))
 
-    def logits_from_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def logits_from_features(
+        self, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
         return self.logit_scale * image_features @ text_features.t().to(image_features.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -187,8 +205,12 @@ class QualityModel(nn.Module):
         from grmpiqa.scoring import score_inputs
 
         return score_inputs(
-            self, inputs, batch_size=batch_size, precision=precision,
-            num_workers=num_workers, progress=progress,
+            self,
+            inputs,
+            batch_size=batch_size,
+            precision=precision,
+            num_workers=num_workers,
+            progress=progress,
         )
 
     # -- parameter groups -------------------------------------------------------------
@@ -202,7 +224,9 @@ class QualityModel(nn.Module):
         prefixes: dict[str, list[str]] = {
             "text_context": ["prompt_learner.ctx"],
             "visual_prompts": ["visual."],
-            "text_blocks": [f"clip.transformer.resblocks.{i}." for i in range(max(0, n_text - k), n_text)],
+            "text_blocks": [
+                f"clip.transformer.resblocks.{i}." for i in range(max(0, n_text - k), n_text)
+            ],
             "image_blocks": [
                 f"clip.visual.transformer.resblocks.{i}." for i in range(max(0, n_img - k), n_img)
             ],
@@ -253,7 +277,11 @@ class QualityModel(nn.Module):
             w = f"pretrained '{p.get('tag')}'"
         else:
             w = f"weights from {p.get('path')}"
-        vp = f"VPT {self.config.vpt_tokens} tokens" if self.visual is not None else "no visual prompts"
+        vp = (
+            f"VPT {self.config.vpt_tokens} tokens"
+            if self.visual is not None
+            else "no visual prompts"
+        )
         return f"{self.backbone_name} ({w}), {vp}"
 
 
@@ -286,7 +314,9 @@ def create_model(
             transform.
 
     Example:
-        >>> model = create_model("test-tiny", pretrained=None, visual_prompts=False)  # doctest: +SKIP
+        >>> model = create_model("test-tiny", pretrained=None, visual_prompts=False)
+        >>> model.score(torch.rand(2, 3, 224, 224)).shape
+        torch.Size([2])
     """
     from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
 
@@ -315,7 +345,9 @@ def create_model(
         else:
             pretrained = DEFAULT_PRETRAINED
     if config is None:
-        config = ModelConfig.from_dict(meta["model_config"]) if "model_config" in meta else ModelConfig()
+        config = (
+            ModelConfig.from_dict(meta["model_config"]) if "model_config" in meta else ModelConfig()
+        )
     if visual_prompts is not None and visual_prompts != config.visual_prompts:
         if checkpoint is not None:
             raise CheckpointError(
@@ -324,7 +356,9 @@ def create_model(
             )
         config = replace(config, visual_prompts=visual_prompts)
     if preprocess is None:
-        preprocess = PreprocessConfig.from_dict(meta["preprocess"]) if "preprocess" in meta else None
+        preprocess = (
+            PreprocessConfig.from_dict(meta["preprocess"]) if "preprocess" in meta else None
+        )
 
     bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
     with torch.random.fork_rng(devices=[]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,12 @@ class TextEncoder(nn.Module):
     -> ln_final -> pool at EOT (argmax of token ids) -> text projection.
     """
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, clip: Any) -> None:
         super().__init__()
         self.clip = [clip]  # not a submodule: the QualityModel owns the CLIP weights
 
     @property
-    def _c(self) -> nn.Module:
+    def _c(self) -> Any:
         return self.clip[0]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,11 @@ class TextEncoder(nn.Module):
 
 
 class TextPromptLearner(nn.Module):
+    tokens: torch.Tensor
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
+    placeholder_embedding: torch.Tensor
+
     """Shared learnable context for the quality classes (CoOp, method.md 3).
 
     ``n_ctx`` context vectors of the text width, initialised N(0, 0.02), replace the
@@ -91,7 +97,9 @@ class TextPromptLearner(nn.Module):
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("token_suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)
-        self.register_buffer("placeholder_embedding", embedded[0, 1 : 1 + n_ctx].clone(), persistent=False)
+        self.register_buffer(
+            "placeholder_embedding", embedded[0, 1 : 1 + n_ctx].clone(), persistent=False
+        )
 
     def forward(self) -> torch.Tensor:
         """Prompt embeddings ``[n_classes, context_length, width]``."""
@@ -120,7 +128,7 @@ class VisualPromptedEncoder(nn.Module):
 
     def __init__(
         self,
-        visual: nn.Module,
+        visual: Any,
         num_tokens: int = 100,
         deep_layers: int | None = None,
         dropout: float = 0.1,
@@ -135,7 +143,9 @@ class VisualPromptedEncoder(nn.Module):
         self.deep_layers = n_blocks - 1 if deep_layers is None else min(deep_layers, n_blocks - 1)
         p = patch_size or int(visual.conv1.kernel_size[0])
         bound = math.sqrt(6.0 / float(3 * p * p + width))
-        self.prompt_embeddings = nn.Parameter(torch.empty(1, num_tokens, width).uniform_(-bound, bound))
+        self.prompt_embeddings = nn.Parameter(
+            torch.empty(1, num_tokens, width).uniform_(-bound, bound)
+        )
         self.deep_prompt_embeddings = nn.Parameter(
             torch.empty(self.deep_layers, num_tokens, width).uniform_(-bound, bound)
         )
@@ -145,7 +155,7 @@ class VisualPromptedEncoder(nn.Module):
         self.prompt_dropout = nn.Dropout(dropout)
 
     @property
-    def _v(self) -> nn.Module:
+    def _v(self) -> Any:
         return self.visual[0]
 
     # -- the three stages; ``forward`` chains them, a feature cache can split them ----

@@ -49,7 +49,9 @@ class ImageListDataset(Dataset[tuple[int, torch.Tensor | None, str | None]]):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         item = self.items[i]
         try:
-            img = to_rgb(item) if isinstance(item, Image.Image) else load_image(item, self.max_pixels)
+            img = (
+                to_rgb(item) if isinstance(item, Image.Image) else load_image(item, self.max_pixels)
+            )
             return i, self.transform(img), None
         except ImageError as err:
             return i, None, str(err)
@@ -131,7 +133,10 @@ def score_inputs(
         was_training = model.training
         model.eval()
         try:
-            parts = [_score_tensor(model, x[i : i + batch_size], precision) for i in range(0, len(x), batch_size)]
+            parts = [
+                _score_tensor(model, x[i : i + batch_size], precision)
+                for i in range(0, len(x), batch_size)
+            ]
         finally:
             model.train(was_training)
         return torch.cat(parts) if parts else torch.empty(0)

@@ -38,7 +38,9 @@ def stats_for(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     try:
         return _STATS[name]
     except KeyError:
-        raise ValueError(f"unknown normalisation statistics {name!r}; use 'imagenet' or 'clip'")
+        raise ValueError(
+            f"unknown normalisation statistics {name!r}; use 'imagenet' or 'clip'"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ class PreprocessConfig:
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """Apply the eval transform to a float batch ``[N, 3, H, W]`` in ``[0, 1]``."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a float tensor [N, 3, H, W], got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"expected a float tensor [N, 3, H, W], got shape {tuple(images.shape)}"
+            )
         x = TF.resize(
             images.float(),
             [self.resize, self.resize],

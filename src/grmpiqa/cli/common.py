@@ -27,7 +27,9 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True
         help=f"open_clip tag, a weights file (OpenAI .pt, open_clip .pt/.bin/.safetensors), or "
         f"'random' for random weights (default: the checkpoint's, else {DEFAULT_PRETRAINED})",
     )
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    g.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
     if with_seed:
         g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
 
@@ -51,7 +53,9 @@ def device_arg(value: str) -> torch.device:
     return dev
 
 
-def model_from_args(args: argparse.Namespace, checkpoint: str | None = None, **kwargs: Any) -> QualityModel:
+def model_from_args(
+    args: argparse.Namespace, checkpoint: str | None = None, **kwargs: Any
+) -> QualityModel:
     """Build the model the backbone flags (and an optional checkpoint) describe."""
     return create_model(
         backbone=args.backbone,

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random CLIP, small generated images, the shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import grmpiqa
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the repository, or $GRMPIQA_SHARED_DATA."""
+    env = os.environ.get("GRMPIQA_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+CLIVE_ROOT = shared_data_dir() / "clive-dev" / "ChallengeDB_release"
+KODAK_ROOT = shared_data_dir() / "pristine" / "kodak"
+
+needs_clive = pytest.mark.skipif(not CLIVE_ROOT.is_dir(), reason="../shared/data/clive-dev absent")
+needs_kodak = pytest.mark.skipif(
+    not KODAK_ROOT.is_dir(), reason="../shared/data/pristine/kodak absent"
+)
+
+#: A small model config that keeps test-tiny fast (few visual prompt tokens).
+TINY_CONFIG = grmpiqa.ModelConfig(vpt_tokens=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> grmpiqa.QualityModel:
+    """test-tiny with random weights (seed 0); do not modify it in tests."""
+    return grmpiqa.create_model("test-tiny", pretrained=None, config=TINY_CONFIG)
+
+
+def make_image(
+    path: Path, size: tuple[int, int] = (96, 80), seed: int = 0, mode: str = "RGB"
+) -> Path:
+    """Write a smooth random image (gradients + noise) to ``path``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], axis=-1) + rng.normal(
+        0, 20, (h, w, 3)
+    )
+    arr = np.clip(base, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """A folder with 5 small images (one in a subfolder)."""
+    d = tmp_path / "imgs"
+    for i in range(4):
+        make_image(d / f"img{i}.png", seed=i)
+    make_image(d / "sub" / "deep.jpg", seed=9)
+    return d
