@@ -734,7 +734,7 @@ def synthesize(
     with atomic_open(out / "dmos.csv", "w", newline="", encoding="utf-8") as fh:
         fh.write("dist_img,ref_img,dmos,var\n")
         for name, ref_name, dmos in rows:
-            fh.write(f"{name},{ref_name},{dmos:.4f},\n")
+            fh.write(f"{name},{ref_name},{dmos:.10g},\n")
     info = {
         "generator": "grmpiqa synth",
         "seed": int(seed),

@@ -1,0 +1,184 @@
+"""KADID-style distortion synthesis: monotonic severity, determinism, layout, bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grmpiqa.data import load_dataset
+from grmpiqa.data import synth as S
+from grmpiqa.errors import GrmpiqaError, ImageError
+
+
+def _shared_data() -> Path:
+    env = os.environ.get("GRMPIQA_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+KODAK = _shared_data() / "pristine" / "kodak"
+
+
+def _photo(seed: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
+    """A smooth synthetic 'photo': gradients, a disk, mild texture."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    disk = ((yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 4) ** 2).astype(np.float32)
+    base = np.stack([xx / w, yy / h, 0.5 + 0.3 * disk], axis=-1) * 200 + 20
+    base += rng.normal(0, 6, base.shape)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def pristine(tmp_path: Path) -> Path:
+    d = tmp_path / "pristine"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(i)).save(d / f"p{i}.png")
+    (d / "readme.txt").write_text("not an image")
+    return d
+
+
+def test_registry_matches_kadid_order() -> None:
+    assert len(S.TYPE_NAMES) == 25 and tuple(S.DISTORTIONS) == S.TYPE_NAMES
+    assert S.TYPE_IDS["gaussian_blur"] == 1 and S.TYPE_IDS["jpeg"] == 10
+    assert S.TYPE_IDS["denoise"] == 15 and S.TYPE_IDS["contrast_change"] == 25
+    assert S.resolve_types(["10", "gaussian-blur,25"]) == [
+        "gaussian_blur",
+        "jpeg",
+        "contrast_change",
+    ]
+    with pytest.raises(GrmpiqaError, match="unknown distortion type 'blurry'"):
+        S.resolve_types(["blurry"])
+
+
+@pytest.mark.parametrize("name", S.TYPE_NAMES)
+def test_each_distortion_shape_dtype_determinism(name: str) -> None:
+    img = _photo(3)
+    a = S.apply_distortion(img, name, 3, seed=5, ref=2)
+    b = S.apply_distortion(img, name, 3, seed=5, ref=2)
+    assert a.shape == img.shape and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, img)
+
+
+@pytest.mark.skipif(not KODAK.is_dir(), reason="../shared/data/pristine/kodak absent")
+def test_psnr_strictly_decreasing_on_kodak() -> None:
+    """Severity is monotonic: mean PSNR over 6 Kodak images (256 px wide) falls per level."""
+    files = sorted(KODAK.glob("*.png"))[:6]
+    assert files, "no Kodak images"
+    imgs = []
+    for f in files:
+        with Image.open(f) as im:
+            w, h = im.size
+            imgs.append(np.asarray(im.convert("RGB").resize((256, round(256 * h / w)))))
+    failures = []
+    for name in S.TYPE_NAMES:
+        psnrs = [
+            [S.psnr(a, S.apply_distortion(a, name, lv, ref=i)) for i, a in enumerate(imgs)]
+            for lv in range(1, 6)
+        ]
+        mean = np.mean(psnrs, axis=1)
+        if not np.all(np.diff(mean) < 0):
+            failures.append(f"{name}: {np.round(mean, 2).tolist()}")
+    assert not failures, failures
+
+
+def test_synthesize_layout_and_kadid_adapter(pristine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "dmos.csv").write_text("stale")
+    res = S.synthesize(pristine, out, types=["jpeg", "white_noise"], levels=5, progress=False)
+    assert res.references == 2 and res.images == 20 and res.spec == f"kadid:{out}"
+    lines = (out / "dmos.csv").read_text().splitlines()
+    assert lines[0] == "dist_img,ref_img,dmos,var"
+    assert lines[1] == "I01_10_01.png,I01.png,4.2,"
+    assert (out / "images" / "I02.png").is_file() and (out / "synth.json").is_file()
+    ds = load_dataset(res.spec)
+    assert len(ds) == 20 and set(ds.groups()) == {"10", "11"}
+    by_level = {it.dist_level: it.label for it in ds}
+    assert by_level == {lv: pytest.approx((4 - 4 * lv / 5) / 4) for lv in range(1, 6)}
+    assert [it.mos for it in ds if it.dist_level == 5] == [1.0] * 4
+    ref = np.asarray(Image.open(out / "images" / "I01.png"))
+    np.testing.assert_array_equal(ref, np.asarray(Image.open(pristine / "p0.png")))
+    dist = np.asarray(Image.open(out / "images" / "I01_11_03.png"))
+    np.testing.assert_array_equal(dist, S.apply_distortion(ref, "white_noise", 3, ref=1))
+
+
+def test_synthesize_independent_of_workers(pristine: Path, tmp_path: Path) -> None:
+    a = S.synthesize(pristine, tmp_path / "a", seed=3, workers=1, progress=False)
+    b = S.synthesize(pristine, tmp_path / "b", seed=3, workers=2, progress=False)
+    assert a.images == b.images == 2 * 25 * 5
+    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b" / "images").iterdir())
+    for n in names:
+        assert (tmp_path / "a" / "images" / n).read_bytes() == (
+            tmp_path / "b" / "images" / n
+        ).read_bytes(), n
+    assert (tmp_path / "a" / "dmos.csv").read_bytes() == (tmp_path / "b" / "dmos.csv").read_bytes()
+    c = S.synthesize(pristine, tmp_path / "c", types=["white_noise"], seed=4, progress=False)
+    assert c.images == 10
+    assert (tmp_path / "c" / "images" / "I01_11_01.png").read_bytes() != (
+        tmp_path / "a" / "images" / "I01_11_01.png"
+    ).read_bytes()
+
+
+def test_other_level_counts(pristine: Path, tmp_path: Path) -> None:
+    S.synthesize(pristine, tmp_path / "o", types=["gaussian_blur"], levels=3, progress=False)
+    ds = load_dataset(f"kadid:{tmp_path / 'o'}")
+    assert sorted({it.dist_level for it in ds}) == [1, 2, 3]
+    assert sorted({it.mos for it in ds}) == pytest.approx([1.0, 5 - 8 / 3, 5 - 4 / 3])
+
+
+def test_interrupted_run_leaves_no_label_file(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    S.synthesize(pristine, out, types=["jpeg"], progress=False)
+    assert (out / "dmos.csv").exists()
+
+    def boom(img: np.ndarray, level: int, rng: np.random.Generator, levels: int = 5) -> np.ndarray:
+        raise RuntimeError("crash")
+
+    monkeypatch.setitem(S.DISTORTIONS, "pixelate", boom)
+    with pytest.raises(RuntimeError):
+        S.synthesize(pristine, out, types=["jpeg", "pixelate"], progress=False)
+    assert not (out / "dmos.csv").exists()
+
+
+def test_bad_input(pristine: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(GrmpiqaError, match="no image files"):
+        S.synthesize(empty, tmp_path / "o", progress=False)
+    with pytest.raises(GrmpiqaError, match="pristine folder not found"):
+        S.synthesize(tmp_path / "missing", tmp_path / "o", progress=False)
+    (pristine / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(ImageError, match="broken.jpg"):
+        S.synthesize(pristine, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "dmos.csv").exists()
+
+
+def test_cli(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import grmpiqa.cli as cli
+
+    monkeypatch.setattr(cli, "COMMANDS", ("synth",))
+    out = tmp_path / "cli_out"
+    rc = cli.main(
+        ["synth", "--pristine", str(pristine), "--out", str(out), "--types", "1,10", "24",
+         "--levels", "2", "--seed", "1", "--workers", "1", "--quiet"]
+    )  # fmt: skip
+    assert rc == 0
+    assert "wrote 12 distorted images of 2 references" in capsys.readouterr().out
+    assert len(load_dataset(f"kadid:{out}")) == 12
+    rc = cli.main(["synth", "--pristine", str(pristine), "--out", str(out), "--types", "nope"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "unknown distortion type 'nope'" in err
+    (pristine / "broken.png").write_bytes(b"garbage")
+    rc = cli.main(["synth", "--pristine", str(pristine), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "broken.png" in err
