@@ -17,6 +17,8 @@ from grmpiqa.errors import (
     GrmpiqaError,
     ImageError,
 )
+from grmpiqa.finetune import FinetuneConfig, FinetuneResult, finetune
+from grmpiqa.gradient import quality_aware_gradient
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import (
     CLIPIQA_PROMPTS,
@@ -36,6 +38,8 @@ __all__ = [
     "BackboneError",
     "CheckpointError",
     "DatasetError",
+    "FinetuneConfig",
+    "FinetuneResult",
     "GrmpiqaError",
     "ImageError",
     "ModelConfig",
@@ -44,9 +48,11 @@ __all__ = [
     "__version__",
     "create_model",
     "distillation_loss",
+    "finetune",
     "import_released",
     "list_backbones",
     "load_backbone",
+    "quality_aware_gradient",
     "quality_loss",
     "read_metadata",
     "save_checkpoint",
