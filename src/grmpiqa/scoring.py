@@ -99,10 +99,11 @@ def iter_scores(
     model.eval()
     bar = tqdm(total=len(ds), unit="img", disable=not progress, file=None, dynamic_ncols=True)
     try:
+        text = text_features(model, precision)
         for idx, tensor, bad in loader:
             scores = torch.empty(0)
             if tensor is not None:
-                scores = _score_tensor(model, tensor, precision)
+                scores = _score_tensor(model, tensor, precision, text)
             bar.update(len(idx) + len(bad))
             yield ScoredBatch(idx, scores, bad)
     finally:
@@ -111,10 +112,21 @@ def iter_scores(
 
 
 @torch.inference_mode()
-def _score_tensor(model: QualityModel, x: torch.Tensor, precision: str) -> torch.Tensor:
-    x = x.to(model.device, non_blocking=True)
+def text_features(model: QualityModel, precision: str) -> torch.Tensor:
+    """The two quality prompt features, computed once per scoring run (eval mode)."""
     with autocast(model.device, precision):
-        logits = model(x)
+        return model.quality_text_features().float()
+
+
+@torch.inference_mode()
+def _score_tensor(
+    model: QualityModel, x: torch.Tensor, precision: str, text: torch.Tensor | None = None
+) -> torch.Tensor:
+    x = x.to(model.device, non_blocking=True)
+    if text is None:
+        text = text_features(model, precision)
+    with autocast(model.device, precision):
+        logits = model.logits_from_features(model.encode_image(x), text)
     return torch.softmax(logits.float(), dim=-1)[:, 0].cpu()
 
 
@@ -133,8 +145,9 @@ def score_inputs(
         was_training = model.training
         model.eval()
         try:
+            text = text_features(model, precision)
             parts = [
-                _score_tensor(model, x[i : i + batch_size], precision)
+                _score_tensor(model, x[i : i + batch_size], precision, text)
                 for i in range(0, len(x), batch_size)
             ]
         finally:
