@@ -166,6 +166,16 @@ def _linear_to_srgb(x: Array) -> Array:
     return np.where(x <= 0.0031308, 12.92 * x, 1.055 * x ** (1 / 2.4) - 0.055).astype(np.float32)
 
 
+# Lookup tables: exact for uint8 input; 16-bit nearest (< 0.03 code values) for output.
+_LIN_OF_U8 = _srgb_to_linear(np.arange(256, dtype=np.float32) / 255.0)
+_SRGB_OF_U16 = _linear_to_srgb(np.arange(65536, dtype=np.float32) / 65535.0)
+
+
+def _linear_to_srgb_lut(x: Array) -> Array:
+    idx = np.clip(x * 65535.0 + 0.5, 0.0, 65535.0).astype(np.intp)
+    return _SRGB_OF_U16[idx]
+
+
 _RGB2XYZ = np.array(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
      [0.0193339, 0.1191920, 0.9503041]],
@@ -178,7 +188,7 @@ _EPS, _KAPPA = 216 / 24389, 24389 / 27
 
 def rgb_to_lab(img: Array) -> Array:
     """uint8 sRGB ``[H, W, 3]`` -> CIE L*a*b* (D65), float32."""
-    xyz = (_srgb_to_linear(_f32(img)) @ _RGB2XYZ.T) / _WHITE
+    xyz = (_LIN_OF_U8[img] @ _RGB2XYZ.T) / _WHITE
     f = np.where(xyz > _EPS, np.cbrt(xyz), (_KAPPA * xyz + 16) / 116).astype(np.float32)
     return np.stack(
         [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])],
@@ -192,8 +202,9 @@ def lab_to_rgb(lab: Array) -> Array:
     fx = fy + lab[..., 1] / 500
     fz = fy - lab[..., 2] / 200
     f = np.stack([fx, fy, fz], axis=-1)
-    xyz = np.where(f**3 > _EPS, f**3, (116 * f - 16) / _KAPPA) * _WHITE
-    return _u8(_linear_to_srgb((xyz @ _XYZ2RGB.T).astype(np.float32)))
+    f3 = f * f * f
+    xyz = np.where(f3 > _EPS, f3, (116 * f - 16) / _KAPPA) * _WHITE
+    return _u8(_linear_to_srgb_lut((xyz @ _XYZ2RGB.T).astype(np.float32)))
 
 
 # BT.601 full-range YCbCr (JPEG's), [0, 1] scale.
@@ -322,10 +333,10 @@ def color_saturation_2(img: Array, level: int, rng: np.random.Generator, levels:
 
 
 def jpeg2000(img: Array, level: int, rng: np.random.Generator, levels: int = 5) -> Array:
-    """09 JPEG2000 compression (Pillow/OpenJPEG, compression ratio)."""
+    """09 JPEG2000 compression (Pillow/OpenJPEG, 9/7 wavelet, colour transform; ratio)."""
     ratio = _param("jpeg2000", level, levels)
     return _codec_roundtrip(
-        img, "JPEG2000", quality_mode="rates", quality_layers=[ratio], irreversible=True
+        img, "JPEG2000", quality_mode="rates", quality_layers=[ratio], irreversible=True, mct=1
     )
 
 
