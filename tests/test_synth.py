@@ -182,3 +182,13 @@ def test_cli(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
     rc = cli.main(["synth", "--pristine", str(pristine), "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "broken.png" in err
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (40, 64, 3)])
+def test_png_encoder_roundtrip(shape: tuple[int, int, int], tmp_path: Path) -> None:
+    a = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    f = tmp_path / "x.png"
+    f.write_bytes(S.encode_png(a, 1))
+    with Image.open(f) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(im), a)

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=1,
         choices=range(10),
         metavar="0-9",
-        help="PNG compression level (default 1: fast, larger files)",
+        help="PNG (zlib) compression level (default 1: fast, larger files)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -32,7 +32,9 @@ import io
 import json
 import math
 import os
+import struct
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -631,9 +633,40 @@ class _Task:
     compress_level: int
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def encode_png(arr: Array, compress_level: int = 1) -> bytes:
+    """8-bit RGB PNG bytes with the 'Sub' filter on every row and zlib at ``compress_level``.
+
+    About twice as fast as Pillow's adaptive-filter encoder at ``compress_level=1`` for
+    the same file size; the images decode (with Pillow or anything else) bit-exactly.
+    """
+    h, w, c = arr.shape
+    if arr.dtype != np.uint8 or c != 3:
+        raise ValueError(f"expected uint8 RGB [H, W, 3], got {arr.dtype} {arr.shape}")
+    rows = np.empty((h, 1 + 3 * w), dtype=np.uint8)
+    rows[:, 0] = 1  # filter type Sub: each byte minus the byte one pixel to the left
+    flat = arr.reshape(h, 3 * w)
+    rows[:, 1:4] = flat[:, :3]
+    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:])
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
 def _save_png(arr: Array, path: Path, compress_level: int) -> None:
+    data = encode_png(np.ascontiguousarray(arr), compress_level)
     with atomic_path(path) as tmp:
-        _pil(arr).save(tmp, "PNG", compress_level=compress_level)
+        tmp.write_bytes(data)
 
 
 _CACHE: dict[str, Array] = {}
