@@ -20,6 +20,7 @@ from grmpiqa.errors import (
 from grmpiqa.finetune import FinetuneConfig, FinetuneResult, finetune
 from grmpiqa.gradient import quality_aware_gradient
 from grmpiqa.losses import distillation_loss, quality_loss
+from grmpiqa.metatrain import PretrainConfig, pretrain
 from grmpiqa.model import (
     CLIPIQA_PROMPTS,
     STAGE1_GROUPS,
@@ -44,6 +45,7 @@ __all__ = [
     "ImageError",
     "ModelConfig",
     "PreprocessConfig",
+    "PretrainConfig",
     "QualityModel",
     "__version__",
     "create_model",
@@ -52,6 +54,7 @@ __all__ = [
     "import_released",
     "list_backbones",
     "load_backbone",
+    "pretrain",
     "quality_aware_gradient",
     "quality_loss",
     "read_metadata",

@@ -1,0 +1,152 @@
+"""``grmpiqa pretrain``: meta-prompt pre-training over distortion tasks (method.md 6)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.errors import GrmpiqaError
+from grmpiqa.scoring import PRECISIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from grmpiqa.metatrain import VARIANTS, PretrainConfig
+
+    d = PretrainConfig()
+    p = subparsers.add_parser(
+        "pretrain",
+        help="stage 1: meta-learn quality prompts over distortion tasks (Reptile)",
+        description=(
+            "Meta-prompt pre-training (method.md 6): one task per distortion type of each "
+            "--tasks dataset (kadid:, tid2013:, or a 'grmpiqa synth' folder as kadid:DIR). "
+            "Only the prompts train; CLIP stays frozen. OUT (.safetensors) is rewritten after "
+            "every epoch together with OUT.state.pt, from which --resume continues."
+        ),
+    )
+    p.add_argument(
+        "--tasks", nargs="+", required=True, metavar="SPEC", help="task datasets, run in order"
+    )
+    p.add_argument("--out", required=True, metavar="CKPT", help="output .safetensors checkpoint")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"meta-epochs (default {d.epochs})")
+    p.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=d.variant,
+        help="reptile: phi reset to theta and a fresh Adam per task (default); released: the "
+        "authors' code (inner model and Adam carried across tasks and epochs)",
+    )
+    p.add_argument("--inner-lr", type=float, default=d.inner_lr, help="inner Adam lr (1e-4)")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="outer step size (0.01)")
+    p.add_argument("--support-batch", type=int, default=d.support_batch, help="default 75")
+    p.add_argument("--query-batch", type=int, default=d.query_batch, help="default 50")
+    p.add_argument(
+        "--support-fraction",
+        type=float,
+        default=d.support_fraction,
+        help="share of each task in its support set, redrawn every epoch (default 0.8)",
+    )
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="fp32 or bf16")
+    p.add_argument(
+        "--stats", choices=("imagenet", "clip"), default=d.stats, help="normalisation statistics"
+    )
+    p.add_argument(
+        "--max-tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use the first N distortion types of each dataset (smoke runs; 24 = released KADID)",
+    )
+    p.add_argument(
+        "--images-per-task",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use a seeded subsample of at most N images per task (smoke runs)",
+    )
+    p.add_argument(
+        "--no-shuffle-tasks", action="store_true", help="run tasks in id order every epoch"
+    )
+    p.add_argument(
+        "--val",
+        default=None,
+        metavar="SPEC",
+        help="validation set: SRCC/PLCC logged each epoch (never pass a test set)",
+    )
+    p.add_argument(
+        "--keep-best-val",
+        action="store_true",
+        help="write the epoch with the best --val SRCC instead of the last (recorded in metadata)",
+    )
+    p.add_argument(
+        "--vpt-tokens", type=int, default=None, help="visual prompt tokens (default 100)"
+    )
+    p.add_argument("--log", default=None, metavar="FILE", help="JSON-lines log (OUT.log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's state")
+    p.add_argument("--no-cache", action="store_true", help="decode images again every epoch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_backbone_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from grmpiqa.data import load_dataset
+    from grmpiqa.metatrain import PretrainConfig, build_tasks, pretrain
+    from grmpiqa.model import ModelConfig
+
+    cfg = PretrainConfig(
+        epochs=args.epochs,
+        variant=args.variant,
+        inner_lr=args.inner_lr,
+        outer_lr=args.outer_lr,
+        support_batch=args.support_batch,
+        query_batch=args.query_batch,
+        support_fraction=args.support_fraction,
+        seed=args.seed if args.seed is not None else 0,
+        precision=args.precision,
+        stats=args.stats,
+        max_tasks=args.max_tasks,
+        images_per_task=args.images_per_task,
+        shuffle_tasks=not args.no_shuffle_tasks,
+        keep_best_val=args.keep_best_val,
+        cache_images=not args.no_cache,
+    )
+    if args.keep_best_val and args.val is None:
+        raise GrmpiqaError("--keep-best-val needs --val SPEC")
+    # Load the data (and fail on bad specs) before building the model.
+    datasets = [load_dataset(spec) for spec in args.tasks]
+    val = load_dataset(args.val) if args.val is not None else None
+    databases = build_tasks(datasets, cfg.max_tasks, cfg.images_per_task, cfg.seed)
+    n_tasks = sum(len(db.tasks) for db in databases)
+    config = None
+    if args.vpt_tokens is not None:
+        if args.vpt_tokens < 1:
+            raise GrmpiqaError(f"--vpt-tokens must be at least 1, not {args.vpt_tokens}")
+        config = replace(ModelConfig(), vpt_tokens=args.vpt_tokens)
+    model = model_from_args(args, config=config)
+    print(
+        f"grmpiqa: pre-training {model.describe()} on {n_tasks} tasks of "
+        f"{len(databases)} dataset(s), {cfg.epochs} epochs, variant {cfg.variant}",
+        file=sys.stderr,
+    )
+    result = pretrain(
+        model,
+        datasets,
+        cfg,
+        args.out,
+        resume=args.resume,
+        val=val,
+        log=args.log,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    last = result.history[-1] if result.history else {}
+    msg = f"wrote {result.checkpoint} ({result.epochs_done} epochs"
+    if result.selection == "best-val":
+        msg += f", best validation epoch {result.best_epoch}"
+    if last.get("val_srcc") is not None:
+        msg += f", last val SRCC {last['val_srcc']:.4f}"
+    print(msg + f"); log {result.log}")
+    return 0

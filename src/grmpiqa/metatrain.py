@@ -1,0 +1,775 @@
+"""Meta-prompt pre-training, stage 1 of GRMP-IQA (method.md 6).
+
+Tasks are the distortion types of synthetic-distortion databases (``kadid:``,
+``tid2013:``, ``grmpiqa synth`` output). Every epoch each task is split again into
+support (80%) and query (20%) sets, the databases are run in the order given and, after
+all tasks of a database, the prompts are moved towards the task-adapted ones (Reptile,
+first order)::
+
+    theta <- theta + outer_lr * mean_i(phi_i - theta)
+
+Only the prompt parameters train (``STAGE1_GROUPS``); every CLIP weight stays frozen and
+bit-identical. Two variants:
+
+* ``reptile`` (default, textbook): for every task phi starts from theta with a fresh
+  inner Adam; the model ends each epoch holding theta.
+* ``released``: what the authors' ``pretrain.py`` does. A separate inner model phi is
+  never reset to theta: it trains on sequentially across all tasks and epochs. The
+  tasks of the *first* database share one inner Adam, carried over from the last Adam
+  used (across epochs too); every later database creates a fresh Adam for each of its
+  tasks, which then carries on into the next epoch's first database. theta (the saved
+  prompts) follows the same outer interpolation towards the snapshots phi_i.
+
+Every random choice (split, task order, augmentation, prompt dropout) is derived from
+``(seed, epoch, database, task)``, so a run stopped after epoch k and resumed from its
+state file ends with exactly the prompts of an uninterrupted run.
+
+Example:
+    >>> import grmpiqa
+    >>> model = grmpiqa.create_model("test-tiny", pretrained=None)  # doctest: +SKIP
+    >>> cfg = grmpiqa.PretrainConfig(epochs=2, support_batch=8, query_batch=4)
+    >>> grmpiqa.pretrain(model, ["kadid:synth"], cfg, "stage1.safetensors")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from grmpiqa.checkpoint import save_checkpoint
+from grmpiqa.data import Dataset, Item, load_dataset
+from grmpiqa.errors import CheckpointError, DatasetError, GrmpiqaError
+from grmpiqa.losses import quality_loss
+from grmpiqa.model import STAGE1_GROUPS, QualityModel
+from grmpiqa.scoring import PRECISIONS, autocast
+from grmpiqa.transforms import stage1_query_transform, stage1_support_transform, stats_for
+from grmpiqa.utils import atomic_open, atomic_path
+
+__all__ = [
+    "VARIANTS",
+    "PretrainConfig",
+    "PretrainResult",
+    "Task",
+    "TaskDatabase",
+    "build_tasks",
+    "evaluate",
+    "pretrain",
+    "state_path_for",
+]
+
+VARIANTS: tuple[str, ...] = ("reptile", "released")
+STATE_FORMAT = "grmpiqa-pretrain-state/1"
+
+# Purposes mixed into the derived seeds, so no two random streams coincide.
+_SPLIT, _AUGMENT, _DROPOUT, _ORDER, _SUBSAMPLE = range(5)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Hyper-parameters of stage 1 (defaults: the released code, method.md 6).
+
+    Attributes:
+        epochs: meta-epochs; each runs every database's tasks once.
+        variant: ``"reptile"`` (phi reset to theta, fresh Adam per task) or
+            ``"released"`` (the authors' behaviour; see the module docstring).
+        inner_lr: Adam learning rate of the inner loop.
+        outer_lr: interpolation step of the outer (Reptile) update.
+        support_batch, query_batch: batch sizes (released: 75 and 50).
+        support_fraction: share of a task's images in its support set, re-drawn each
+            epoch (released: 0.8; the rest is the query set).
+        seed: seed of every random choice (split, order, augmentation, dropout).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; parameters stay fp32).
+        stats: normalisation statistics, ``"imagenet"`` (released) or ``"clip"``.
+        max_tasks: keep only the first N distortion types (sorted ids) of each database
+            (the released loop uses 24 of KADID's 25).
+        images_per_task: use at most N images per task (a seeded subsample fixed for
+            the run), for smoke runs and benchmarks.
+        shuffle_tasks: run a database's tasks in a fresh seeded order each epoch
+            (released: yes).
+        keep_best_val: write the checkpoint of the epoch with the best validation SRCC
+            instead of the last epoch (needs a validation set; recorded in metadata).
+        cache_images: keep decoded, resized images in memory between epochs (about
+            0.35 MB per image; results are identical either way).
+    """
+
+    epochs: int = 50
+    variant: str = "reptile"
+    inner_lr: float = 1e-4
+    outer_lr: float = 0.01
+    support_batch: int = 75
+    query_batch: int = 50
+    support_fraction: float = 0.8
+    seed: int = 0
+    precision: str = "fp32"
+    stats: str = "imagenet"
+    max_tasks: int | None = None
+    images_per_task: int | None = None
+    shuffle_tasks: bool = True
+    keep_best_val: bool = False
+    cache_images: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise GrmpiqaError(
+                f"unknown variant {self.variant!r}; use one of {', '.join(VARIANTS)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise GrmpiqaError(
+                f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}"
+            )
+        try:
+            stats_for(self.stats)
+        except ValueError as err:
+            raise GrmpiqaError(str(err)) from None
+        if self.epochs < 1:
+            raise GrmpiqaError(f"epochs must be at least 1, got {self.epochs}")
+        for name in ("support_batch", "query_batch"):
+            if getattr(self, name) < 1:
+                raise GrmpiqaError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.support_fraction < 1.0:
+            raise GrmpiqaError(f"support_fraction must be in (0, 1), got {self.support_fraction}")
+        if self.inner_lr <= 0 or self.outer_lr <= 0:
+            raise GrmpiqaError("inner_lr and outer_lr must be positive")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise GrmpiqaError(f"max_tasks must be at least 1, got {self.max_tasks}")
+        if self.images_per_task is not None and self.images_per_task < 2:
+            raise GrmpiqaError(f"images_per_task must be at least 2, got {self.images_per_task}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Fields that may change when a run is resumed (they do not change the prompts).
+_RESUMABLE_FIELDS = {"epochs", "cache_images"}
+
+
+# -- tasks --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """One stage-1 task: the images of one distortion type of one database."""
+
+    database: str
+    name: str
+    items: tuple[Item, ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class TaskDatabase:
+    """A database's tasks (labels already normalised per database, method.md 6)."""
+
+    spec: str
+    tasks: tuple[Task, ...]
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(t) for t in self.tasks)
+
+
+def build_tasks(
+    datasets: Sequence[Dataset | str],
+    max_tasks: int | None = None,
+    images_per_task: int | None = None,
+    seed: int = 0,
+) -> list[TaskDatabase]:
+    """One task per distortion type (``Dataset.groups()``) of every dataset, in order.
+
+    Tasks with fewer than two images cannot be split and are skipped (with a note on
+    stderr). Raises :class:`DatasetError` for unlabelled data or a database left with
+    no task.
+    """
+    out: list[TaskDatabase] = []
+    for d_index, ds_or_spec in enumerate(datasets):
+        ds = load_dataset(ds_or_spec) if isinstance(ds_or_spec, str) else ds_or_spec
+        if not ds.has_labels:
+            raise DatasetError(f"{ds.spec}: stage-1 tasks need labelled images (MOS)")
+        groups = ds.groups()
+        names = sorted(groups)
+        if max_tasks is not None:
+            names = names[:max_tasks]
+        tasks: list[Task] = []
+        for t_index, name in enumerate(names):
+            idx = list(groups[name])
+            if images_per_task is not None and len(idx) > images_per_task:
+                rng = np.random.default_rng(_seed_seq(seed, _SUBSAMPLE, d_index, t_index))
+                idx = sorted(rng.choice(idx, size=images_per_task, replace=False).tolist())
+            if len(idx) < 2:
+                print(
+                    f"grmpiqa: {ds.spec}: distortion type {name!r} has {len(idx)} image; "
+                    "skipped (a task needs at least 2)",
+                    file=sys.stderr,
+                )
+                continue
+            tasks.append(Task(ds.spec, name, tuple(ds[i] for i in idx)))
+        if not tasks:
+            raise DatasetError(f"{ds.spec}: no distortion type with at least 2 images")
+        out.append(TaskDatabase(ds.spec, tuple(tasks)))
+    if not out:
+        raise DatasetError("no task datasets given")
+    return out
+
+
+def _seed_seq(seed: int, *keys: int) -> list[int]:
+    return [int(seed) & 0xFFFFFFFFFFFFFFFF, *(int(k) for k in keys)]
+
+
+def _derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that depends only on ``seed`` and ``keys``."""
+    state = np.random.SeedSequence(_seed_seq(seed, *keys)).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def split_task(
+    task: Task, fraction: float, seed: int, epoch: int, d_index: int, t_index: int
+) -> tuple[list[int], list[int]]:
+    """This epoch's (support, query) indices into ``task.items``, both in shuffled order."""
+    n = len(task)
+    n_support = min(n - 1, max(1, math.floor(fraction * n)))
+    perm = np.random.default_rng(_seed_seq(seed, _SPLIT, epoch, d_index, t_index)).permutation(n)
+    return perm[:n_support].tolist(), perm[n_support:].tolist()
+
+
+# -- results and state ----------------------------------------------------------------------
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` wrote and measured."""
+
+    checkpoint: Path
+    state: Path
+    log: Path
+    epochs_done: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    selection: str = "final"
+    best_epoch: int | None = None
+
+
+def state_path_for(out: str | os.PathLike[str]) -> Path:
+    """The resume sidecar of a checkpoint: ``OUT.state.pt``."""
+    return Path(f"{os.fspath(out)}.state.pt")
+
+
+def log_path_for(out: str | os.PathLike[str]) -> Path:
+    """The default JSON-lines log of a run: ``OUT.log.jsonl``."""
+    return Path(f"{os.fspath(out)}.log.jsonl")
+
+
+def _fingerprint(
+    model: QualityModel, databases: Sequence[TaskDatabase], cfg: PretrainConfig, val: Dataset | None
+) -> dict[str, Any]:
+    """Everything that must match for ``--resume`` to continue the same run."""
+    conf = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    return {
+        "config": conf,
+        "tasks": [
+            {"spec": db.spec, "tasks": {t.name: len(t) for t in db.tasks}} for db in databases
+        ],
+        "backbone": {"name": model.backbone_name, "pretrained": model.backbone_pretrained},
+        "model_config": model.config.to_dict(),
+        "val": val.spec if (val is not None and cfg.keep_best_val) else None,
+    }
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out.extend(_diff(a.get(k), b.get(k), f"{prefix}{k}."))
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}"]
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: cannot read the pre-training state ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a grmpiqa pre-training state file")
+    return state
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+
+class _ImageCache:
+    """Decoded images at the two stage-1 input sizes (the transforms' first resize).
+
+    Resizing here and again (a no-op) in the transform gives the same pixels as the
+    transform alone, so caching never changes results.
+    """
+
+    SUPPORT, QUERY = 256, 224
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._store: dict[tuple[Path, int], Image.Image] = {}
+
+    def get(self, item: Item, size: int) -> Image.Image:
+        key = (item.path, size)
+        img = self._store.get(key)
+        if img is None:
+            img = item.load().resize((size, size), Image.Resampling.BILINEAR)
+            if self.enabled:
+                self._store[key] = img
+        return img
+
+
+@contextlib.contextmanager
+def _holding(
+    params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """Temporarily copy ``values`` into ``params`` (e.g. theta while phi trains)."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    _assign(params, values)
+    try:
+        yield
+    finally:
+        _assign(params, saved)
+
+
+def _assign(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+
+
+def _snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def _to_cpu(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: v.detach().cpu().clone() for n, v in t.items()}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def evaluate(
+    model: QualityModel, dataset: Dataset, precision: str = "fp32", batch_size: int = 32
+) -> dict[str, float | None]:
+    """SRCC and PLCC (raw, no logistic fit) of ``model.score`` against the labels."""
+    from scipy.stats import pearsonr, spearmanr
+
+    if not dataset.has_labels:
+        raise DatasetError(f"{dataset.spec}: the validation set needs labels (MOS)")
+    if len(dataset) < 3:
+        raise DatasetError(f"{dataset.spec}: the validation set needs at least 3 images")
+    scores = model.score(dataset.paths, batch_size=batch_size, precision=precision).numpy()
+    labels = dataset.labels
+    if np.ptp(scores) == 0 or np.ptp(labels) == 0:
+        return {"srcc": None, "plcc": None}
+    return {
+        "srcc": _finite(float(spearmanr(scores, labels)[0])),
+        "plcc": _finite(float(pearsonr(scores, labels)[0])),
+    }
+
+
+def pretrain(
+    model: QualityModel,
+    task_datasets: Sequence[Dataset | str],
+    config: PretrainConfig | None = None,
+    out: str | os.PathLike[str] = "pretrain.safetensors",
+    resume: bool = False,
+    val: Dataset | str | None = None,
+    *,
+    log: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PretrainResult:
+    """Meta-prompt pre-training (method.md 6); the model ends holding the written prompts.
+
+    Args:
+        model: the quality model to adapt (its prompts are the initial theta).
+        task_datasets: datasets or specs with distortion types; run in this order.
+        config: hyper-parameters (default :class:`PretrainConfig`).
+        out: the ``.safetensors`` checkpoint, rewritten after every epoch; the resume
+            state goes to ``OUT.state.pt`` beside it.
+        resume: continue after the last completed epoch recorded in ``OUT.state.pt``
+            (which must come from the same tasks, seed, variant and hyper-parameters;
+            ``config.epochs`` may be larger). Without a state file it starts afresh.
+        val: optional validation set: SRCC/PLCC logged every epoch (never a test set).
+        log: JSON-lines log (default ``OUT.log.jsonl``; appended to on resume).
+        overwrite: allow replacing the state of an earlier run without ``resume``.
+        progress: tqdm bars (epochs, tasks) on stderr.
+    """
+    cfg = config or PretrainConfig()
+    out = Path(out)
+    state_path = state_path_for(out)
+    log_path = Path(log) if log is not None else log_path_for(out)
+    if cfg.keep_best_val and val is None:
+        raise GrmpiqaError("keep_best_val needs a validation set (--val SPEC)")
+    databases = build_tasks(task_datasets, cfg.max_tasks, cfg.images_per_task, cfg.seed)
+    val_ds = load_dataset(val) if isinstance(val, str) else val
+    if val_ds is not None and not val_ds.has_labels:
+        raise DatasetError(f"{val_ds.spec}: the validation set needs labels (MOS)")
+    fingerprint = _fingerprint(model, databases, cfg, val_ds)
+
+    model.set_trainable(STAGE1_GROUPS)
+    params = model.trainable_parameters()
+    if not params:
+        raise GrmpiqaError("the model has no prompt parameters to pre-train (hand prompts?)")
+    plist = list(params.values())
+    device = model.device
+
+    theta = _snapshot(params)
+    inner_opt: torch.optim.Optimizer | None = None
+    if cfg.variant == "released":
+        inner_opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": None, "srcc": None, "theta": None}
+    rng_states: dict[str, Any] | None = None
+
+    if state_path.exists() and not resume and not overwrite:
+        raise GrmpiqaError(
+            f"{state_path}: a pre-training state already exists; pass --resume to continue "
+            "that run, or --overwrite to start again"
+        )
+    if resume and state_path.exists():
+        state = _load_state(state_path)
+        diffs = _diff(state["fingerprint"], fingerprint)
+        if diffs:
+            raise GrmpiqaError(
+                f"{state_path}: cannot resume, the run differs: {'; '.join(diffs[:3])}"
+                + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
+            )
+        start_epoch = int(state["epochs_done"])
+        theta = {n: v.to(device) for n, v in state["theta"].items()}
+        _assign(params, {n: v.to(device) for n, v in state["phi"].items()})
+        if inner_opt is not None and state.get("inner_optimizer") is not None:
+            inner_opt.load_state_dict(state["inner_optimizer"])
+        history = list(state.get("history", []))
+        best = dict(state.get("best", best))
+        rng_states = state.get("rng")
+        _trim_log(log_path, start_epoch)
+    elif resume:
+        print(f"grmpiqa: {state_path} not found; starting from epoch 1", file=sys.stderr)
+        _trim_log(log_path, 0)
+    else:
+        _trim_log(log_path, 0)
+
+    result = PretrainResult(out, state_path, log_path, start_epoch, history)
+    result.selection = "best-val" if cfg.keep_best_val else "final"
+    result.best_epoch = best.get("epoch")
+    if start_epoch >= cfg.epochs:
+        print(
+            f"grmpiqa: {out}: {start_epoch} epochs already done (asked for {cfg.epochs})",
+            file=sys.stderr,
+        )
+        _assign(params, best["theta"] if cfg.keep_best_val and best.get("theta") else theta)
+        return result
+
+    cache = _ImageCache(cfg.cache_images)
+    query_tf = stage1_query_transform(cfg.stats)
+    n_tasks = sum(len(db.tasks) for db in databases)
+    fork_devices: list[int] = []
+    if device.type == "cuda":
+        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    model.train()
+    with torch.random.fork_rng(devices=fork_devices), contextlib.ExitStack() as stack:
+        if rng_states is not None:
+            _set_rng_states(rng_states)
+        ebar = stack.enter_context(
+            tqdm(
+                total=cfg.epochs,
+                initial=start_epoch,
+                desc="pretrain",
+                unit="epoch",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+        )
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            tbar = tqdm(
+                total=n_tasks,
+                desc=f"epoch {epoch + 1}",
+                unit="task",
+                leave=False,
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+            epoch_records: list[dict[str, Any]] = []
+            for d_index, db in enumerate(databases):
+                order = list(range(len(db.tasks)))
+                if cfg.shuffle_tasks:
+                    rng = np.random.default_rng(_seed_seq(cfg.seed, _ORDER, epoch, d_index))
+                    order = rng.permutation(len(order)).tolist()
+                delta = {n: torch.zeros_like(v) for n, v in theta.items()}
+                for t_index in order:
+                    task = db.tasks[t_index]
+                    t0 = time.perf_counter()
+                    opt: torch.optim.Optimizer
+                    if cfg.variant == "reptile":
+                        _assign(params, theta)  # phi_i starts from theta
+                        opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+                    else:  # released: no reset; fresh Adam only after the first database
+                        if d_index > 0 or inner_opt is None:
+                            inner_opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+                        opt = inner_opt
+                    s_loss, q_loss, n_s, n_q = _run_task(
+                        model, opt, task, cfg, cache, query_tf, epoch, d_index, t_index
+                    )
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            delta[n] += p.detach() - theta[n]
+                    rec = {
+                        "epoch": epoch + 1,
+                        "database": db.spec,
+                        "task": task.name,
+                        "support_loss": s_loss,
+                        "query_loss": q_loss,
+                        "n_support": n_s,
+                        "n_query": n_q,
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    }
+                    epoch_records.append(rec)
+                    _append_log(log_path, rec)
+                    tbar.set_postfix(task=f"{Path(db.spec).name}/{task.name}", q=f"{q_loss:.3f}")
+                    tbar.update(1)
+                with torch.no_grad():  # outer step (Reptile, first order)
+                    k = float(len(order))
+                    for n in theta:
+                        theta[n] = theta[n] + cfg.outer_lr * (delta[n] / k)
+            tbar.close()
+            if cfg.variant == "reptile":
+                _assign(params, theta)
+
+            summary: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "event": "epoch",
+                "support_loss": _mean(r["support_loss"] for r in epoch_records),
+                "query_loss": _mean(r["query_loss"] for r in epoch_records),
+                "seconds": round(time.perf_counter() - t_epoch, 3),
+            }
+            improved = False
+            if val_ds is not None:
+                with _holding(params, theta):
+                    figures = evaluate(model, val_ds, cfg.precision)
+                model.train()
+                summary.update(
+                    {
+                        "val_spec": val_ds.spec,
+                        "val_srcc": figures["srcc"],
+                        "val_plcc": figures["plcc"],
+                    }
+                )
+                score = figures["srcc"] if figures["srcc"] is not None else -math.inf
+                prev = best["srcc"] if best.get("srcc") is not None else -math.inf
+                if best.get("epoch") is None or score > prev:
+                    best = {"epoch": epoch + 1, "srcc": figures["srcc"], "theta": _to_cpu(theta)}
+                    improved = True
+            history.append(summary)
+            _append_log(log_path, summary)
+
+            extra = _metadata(cfg, databases, epoch + 1, history, val_ds, best)
+            if not cfg.keep_best_val or improved:
+                with _holding(params, theta):
+                    save_checkpoint(model, out, extra=extra)
+            _save_state(
+                state_path,
+                {
+                    "format": STATE_FORMAT,
+                    "fingerprint": fingerprint,
+                    "config": cfg.to_dict(),
+                    "epochs_done": epoch + 1,
+                    "theta": _to_cpu(theta),
+                    "phi": _to_cpu(_snapshot(params)),
+                    "inner_optimizer": inner_opt.state_dict() if inner_opt is not None else None,
+                    "history": history,
+                    "best": best,
+                    "rng": _get_rng_states(),
+                },
+            )
+            result.epochs_done = epoch + 1
+            result.best_epoch = best.get("epoch")
+            postfix = {"q": f"{summary['query_loss']:.3f}"}
+            if val_ds is not None and summary.get("val_srcc") is not None:
+                postfix["val_srcc"] = f"{summary['val_srcc']:.3f}"
+            ebar.set_postfix(postfix)
+            ebar.update(1)
+    model.eval()
+    # The model ends holding what the checkpoint holds.
+    _assign(params, best["theta"] if cfg.keep_best_val and best.get("theta") else theta)
+    result.history = history
+    return result
+
+
+def _run_task(
+    model: QualityModel,
+    opt: torch.optim.Optimizer,
+    task: Task,
+    cfg: PretrainConfig,
+    cache: _ImageCache,
+    query_tf: Any,
+    epoch: int,
+    d_index: int,
+    t_index: int,
+) -> tuple[float, float, int, int]:
+    """Inner loop (method.md 6): per support batch one Adam step on it, then one on the
+    next query batch (query batches cycle). Returns mean support/query losses."""
+    support, query = split_task(task, cfg.support_fraction, cfg.seed, epoch, d_index, t_index)
+    aug = random.Random(_derive_seed(cfg.seed, _AUGMENT, epoch, d_index, t_index))
+    support_tf = stage1_support_transform(cfg.stats, aug)
+    torch.manual_seed(_derive_seed(cfg.seed, _DROPOUT, epoch, d_index, t_index))
+    device = model.device
+    labels = torch.tensor([it.label for it in task.items], dtype=torch.float32)
+    q_batches = [query[i : i + cfg.query_batch] for i in range(0, len(query), cfg.query_batch)]
+    q_tensors: dict[int, torch.Tensor] = {}
+    s_losses: list[float] = []
+    q_losses: list[float] = []
+    for b, start in enumerate(range(0, len(support), cfg.support_batch)):
+        idx = support[start : start + cfg.support_batch]
+        x = torch.stack([support_tf(cache.get(task.items[i], _ImageCache.SUPPORT)) for i in idx])
+        s_losses.append(_step(model, opt, x.to(device), labels[idx].to(device), cfg.precision))
+        qb = b % len(q_batches)
+        if qb not in q_tensors:
+            q_tensors[qb] = torch.stack(
+                [query_tf(cache.get(task.items[i], _ImageCache.QUERY)) for i in q_batches[qb]]
+            )
+        qy = labels[q_batches[qb]]
+        q_losses.append(_step(model, opt, q_tensors[qb].to(device), qy.to(device), cfg.precision))
+    return _mean(s_losses), _mean(q_losses), len(support), len(query)
+
+
+def _step(
+    model: QualityModel,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str,
+) -> float:
+    opt.zero_grad(set_to_none=True)
+    with autocast(model.device, precision):
+        logits = model(x)
+    loss = quality_loss(logits, y)
+    if not torch.isfinite(loss):
+        raise GrmpiqaError(f"the stage-1 loss became {loss.item()}; lower --inner-lr")
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _mean(values: Any) -> float:
+    vals = [float(v) for v in values]
+    return float(sum(vals) / len(vals)) if vals else float("nan")
+
+
+def _metadata(
+    cfg: PretrainConfig,
+    databases: Sequence[TaskDatabase],
+    epochs_done: int,
+    history: list[dict[str, Any]],
+    val: Dataset | None,
+    best: dict[str, Any],
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {
+        "stage": "pretrain",
+        "method": "method.md 6",
+        "variant": cfg.variant,
+        "epochs_done": epochs_done,
+        "epochs_planned": cfg.epochs,
+        "seed": cfg.seed,
+        "tasks": [
+            {"spec": db.spec, "types": [t.name for t in db.tasks], "images": db.n_images}
+            for db in databases
+        ],
+        "config": cfg.to_dict(),
+        "selection": "best-val" if cfg.keep_best_val else "final",
+        "val": None,
+    }
+    if val is not None:
+        extra["val"] = {
+            "spec": val.spec,
+            "metric_for_selection": "srcc" if cfg.keep_best_val else None,
+            "figures": [
+                {"epoch": h["epoch"], "srcc": h.get("val_srcc"), "plcc": h.get("val_plcc")}
+                for h in history
+            ],
+        }
+    if cfg.keep_best_val:
+        extra["best_epoch"] = best.get("epoch")
+        extra["best_val_srcc"] = best.get("srcc")
+        extra["epochs_in_checkpoint"] = best.get("epoch")
+    else:
+        extra["epochs_in_checkpoint"] = epochs_done
+    return extra
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_json_safe(record)) + "\n")
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+
+
+def _trim_log(path: Path, epochs_done: int) -> None:
+    """Drop log records of epochs after ``epochs_done`` (an interrupted epoch is redone)."""
+    if not path.exists():
+        return
+    keep: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("epoch", 0)) <= epochs_done:
+            keep.append(line)
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write("".join(f"{line}\n" for line in keep))
+
+
+def _get_rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(states["cuda"])
