@@ -700,7 +700,9 @@ def _iter_results(tasks: list[_Task], workers: int) -> Iterator[list[tuple[str, 
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn" if sys.platform == "win32" else "fork")
+    # fork on Linux (workers inherit the imported modules: no re-import of torch);
+    # spawn elsewhere, where fork is unavailable or unsafe.
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap_unordered(_run_task, tasks, chunksize=1)
 
