@@ -20,6 +20,7 @@ from grmpiqa.losses import quality_loss
 from grmpiqa.metatrain import (
     PretrainConfig,
     build_tasks,
+    log_path_for,
     pretrain,
     split_task,
     state_path_for,
@@ -184,7 +185,7 @@ def test_resume_gives_the_same_prompts(kadid: str, tmp_path: Path, variant: str)
     b, meta_b = read_checkpoint(split)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert meta_b["extra"]["epochs_done"] == 2
-    log = [json.loads(line) for line in Path(f"{split}.log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in log_path_for(split).read_text().splitlines()]
     assert [r["epoch"] for r in log if r.get("event") == "epoch"] == [1, 2]
     task_recs = [r for r in log if "task" in r]
     assert len(task_recs) == 6 and {"support_loss", "query_loss", "seconds"} <= set(task_recs[0])
@@ -254,7 +255,7 @@ def test_cli_missing_task_dataset_is_one_line_error(
             "--tasks",
             f"kadid:{missing}",
             "--out",
-            str(tmp_path / "p.st"),
+            str(tmp_path / "p.safetensors"),
             "--backbone",
             "test-tiny",
             "--pretrained",

@@ -68,6 +68,7 @@ __all__ = [
     "build_tasks",
     "evaluate",
     "pretrain",
+    "log_path_for",
     "state_path_for",
 ]
 
@@ -269,13 +270,13 @@ class PretrainResult:
 
 
 def state_path_for(out: str | os.PathLike[str]) -> Path:
-    """The resume sidecar of a checkpoint: ``OUT.state.pt``."""
-    return Path(f"{os.fspath(out)}.state.pt")
+    """The resume sidecar of a checkpoint: ``OUT`` with suffix ``.state.pt`` (as stage 2)."""
+    return Path(out).with_suffix(".state.pt")
 
 
 def log_path_for(out: str | os.PathLike[str]) -> Path:
-    """The default JSON-lines log of a run: ``OUT.log.jsonl``."""
-    return Path(f"{os.fspath(out)}.log.jsonl")
+    """The default JSON-lines log of a run: ``OUT`` with suffix ``.log.jsonl``."""
+    return Path(out).with_suffix(".log.jsonl")
 
 
 def _fingerprint(
@@ -414,12 +415,13 @@ def pretrain(
         task_datasets: datasets or specs with distortion types; run in this order.
         config: hyper-parameters (default :class:`PretrainConfig`).
         out: the ``.safetensors`` checkpoint, rewritten after every epoch; the resume
-            state goes to ``OUT.state.pt`` beside it.
-        resume: continue after the last completed epoch recorded in ``OUT.state.pt``
+            state goes beside it (``stage1.safetensors`` -> ``stage1.state.pt``).
+        resume: continue after the last completed epoch recorded in the state file
             (which must come from the same tasks, seed, variant and hyper-parameters;
             ``config.epochs`` may be larger). Without a state file it starts afresh.
         val: optional validation set: SRCC/PLCC logged every epoch (never a test set).
-        log: JSON-lines log (default ``OUT.log.jsonl``; appended to on resume).
+        log: JSON-lines log (default ``stage1.log.jsonl`` beside ``out``; appended to
+            on resume).
         overwrite: allow replacing the state of an earlier run without ``resume``.
         progress: tqdm bars (epochs, tasks) on stderr.
     """

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Meta-prompt pre-training (method.md 6): one task per distortion type of each "
             "--tasks dataset (kadid:, tid2013:, or a 'grmpiqa synth' folder as kadid:DIR). "
             "Only the prompts train; CLIP stays frozen. OUT (.safetensors) is rewritten after "
-            "every epoch together with OUT.state.pt, from which --resume continues."
+            "every epoch together with its resume state (stage1.safetensors -> stage1.state.pt), "
+            "from which --resume continues, and a JSON-lines log (stage1.log.jsonl)."
         ),
     )
     p.add_argument(
@@ -82,8 +83,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--vpt-tokens", type=int, default=None, help="visual prompt tokens (default 100)"
     )
-    p.add_argument("--log", default=None, metavar="FILE", help="JSON-lines log (OUT.log.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
+    p.add_argument(
+        "--log",
+        default=None,
+        metavar="FILE",
+        help="JSON-lines log (default: OUT with suffix .log.jsonl)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's state")
     p.add_argument("--no-cache", action="store_true", help="decode images again every epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -113,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         keep_best_val=args.keep_best_val,
         cache_images=not args.no_cache,
     )
+    if not str(args.out).endswith(".safetensors"):
+        raise GrmpiqaError(f"{args.out}: the output checkpoint must end in .safetensors")
     if args.keep_best_val and args.val is None:
         raise GrmpiqaError("--keep-best-val needs --val SPEC")
     # Load the data (and fail on bad specs) before building the model.
