@@ -17,10 +17,12 @@ from grmpiqa.errors import (
     GrmpiqaError,
     ImageError,
 )
+from grmpiqa.evaluation import ProtocolConfig, ProtocolResult, run_protocol
 from grmpiqa.finetune import FinetuneConfig, FinetuneResult, finetune
 from grmpiqa.gradient import quality_aware_gradient
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.metatrain import PretrainConfig, pretrain
+from grmpiqa.metrics import evaluate_predictions, krcc, plcc, plcc_logistic, rmse, srcc
 from grmpiqa.model import (
     CLIPIQA_PROMPTS,
     STAGE1_GROUPS,
@@ -46,17 +48,26 @@ __all__ = [
     "ModelConfig",
     "PreprocessConfig",
     "PretrainConfig",
+    "ProtocolConfig",
+    "ProtocolResult",
     "QualityModel",
     "__version__",
     "create_model",
     "distillation_loss",
+    "evaluate_predictions",
     "finetune",
     "import_released",
+    "krcc",
     "list_backbones",
     "load_backbone",
+    "plcc",
+    "plcc_logistic",
     "pretrain",
     "quality_aware_gradient",
     "quality_loss",
     "read_metadata",
+    "rmse",
+    "run_protocol",
     "save_checkpoint",
+    "srcc",
 ]

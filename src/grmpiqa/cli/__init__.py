@@ -17,7 +17,15 @@ from grmpiqa._version import __version__
 from grmpiqa.errors import GrmpiqaError
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("score", "import_released", "synth", "pretrain", "finetune")
+COMMANDS: tuple[str, ...] = (
+    "score",
+    "import_released",
+    "synth",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

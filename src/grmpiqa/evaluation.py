@@ -1,0 +1,612 @@
+"""The few-shot evaluation protocol (method.md 8) for GRMP-IQA and its baselines.
+
+For ``k`` in ``0..splits-1``: split ``k`` of ``seed`` (80% pool / 20% test, ``shots``
+drawn from the pool, :func:`grmpiqa.data.make_split`); a fresh model (a copy of one
+built up front); training on the shots with the method; prediction on the test set;
+metrics against the normalised labels (:mod:`grmpiqa.metrics`). The median, mean and
+std over splits summarise the run.
+
+Methods (``ProtocolConfig.method``):
+
+* ``grmp``: stage-2 fine-tuning with QGR (method.md 7) from a stage-1 checkpoint
+  (``init``). Without ``init`` the prompts start random (ablation "no meta init");
+  ``finetune.lam = 0`` removes the gradient rule (ablation "no QGR").
+* ``coop``: only the text context trains; no visual prompts, no distillation, no QGR.
+* ``clipiqa``: zero-shot antonym prompts, no training.
+* ``linear-probe``: ridge on frozen CLIP image embeddings, alpha by CV on the shots.
+
+Selection (``ProtocolConfig.selection``):
+
+* ``final`` (default): predict once, at the end of the schedule fixed in advance (the
+  plateau schedule watches a training figure, never the test set).
+* ``best-on-test``: the released code's behaviour: the test set is scored at every
+  evaluation, the plateau schedule watches that test SRCC and the best test predictions
+  are kept. Reported as ``"optimistic": true``.
+
+Example:
+    >>> from grmpiqa.evaluation import ProtocolConfig, run_protocol
+    >>> cfg = ProtocolConfig(method="clipiqa", splits=2, shots=10)
+    >>> spec = "clive:/data/ChallengeDB_release"
+    >>> result = run_protocol(spec, cfg, report_dir="rep")  # doctest: +SKIP
+    >>> result.summary["srcc"]["median"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from grmpiqa._version import __version__
+from grmpiqa.baselines import (
+    DEFAULT_ALPHAS,
+    RidgeProbe,
+    clipiqa_config,
+    coop_finetune_config,
+    coop_model_config,
+    image_features,
+)
+from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
+from grmpiqa.errors import DatasetError, GrmpiqaError
+from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
+from grmpiqa.model import DEFAULT, ModelConfig, QualityModel, create_model
+from grmpiqa.scoring import autocast
+
+if TYPE_CHECKING:
+    from grmpiqa.finetune import FinetuneConfig
+
+__all__ = [
+    "METHODS",
+    "SELECTIONS",
+    "ProtocolConfig",
+    "ProtocolResult",
+    "SplitResult",
+    "ablation_name",
+    "build_model",
+    "format_summary",
+    "run_protocol",
+]
+
+METHODS: tuple[str, ...] = ("grmp", "coop", "clipiqa", "linear-probe")
+SELECTIONS: tuple[str, ...] = ("final", "best-on-test")
+_TRAINED = ("grmp", "coop")
+# Test tensors kept in memory for best-on-test scoring up to this size; beyond it the
+# test images are decoded again at every evaluation.
+_TEST_TENSOR_BUDGET = 1 << 30
+
+
+def _default_finetune() -> FinetuneConfig:
+    from grmpiqa.finetune import FinetuneConfig
+
+    return FinetuneConfig()
+
+
+@dataclass
+class ProtocolConfig:
+    """Everything that defines a protocol run (recorded in report.json).
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        shots: training images per split (drawn from the 80% pool).
+        splits: number of random splits (method.md 8: 10).
+        seed: split seed; split ``k`` is a pure function of (dataset, seed, k), and every
+            random choice of training in split ``k`` derives from (seed, k).
+        test_fraction: share of the images (references for synthetic sets) held out.
+        selection: ``"final"`` or ``"best-on-test"`` (optimistic, released behaviour).
+        init: stage-1 checkpoint for ``grmp`` (None: random prompts, an ablation).
+        finetune: stage-2 hyper-parameters for ``grmp``/``coop`` (``coop`` overrides its
+            groups, distillation and lambda; its ``seed`` is replaced per split).
+        backbone, pretrained, device: as :func:`grmpiqa.create_model`; with ``init``
+            they default to the checkpoint's.
+        model_config: architecture of the adapted parts for ``grmp`` without ``init``
+            and for ``coop`` (e.g. fewer VPT tokens); None = the defaults.
+        logistic: ``"4"`` or ``"5"``: the logistic of PLCC (logistic) and RMSE.
+        batch_size: scoring / feature batch size.
+        precision: ``"fp32"`` or ``"bf16"`` for scoring and features (training uses
+            ``finetune.precision``).
+        probe_alphas, probe_folds: linear-probe ridge strengths and CV folds.
+    """
+
+    method: str = "grmp"
+    shots: int = 50
+    splits: int = 10
+    seed: int = 0
+    test_fraction: float = 0.2
+    selection: str = "final"
+    init: str | None = None
+    finetune: FinetuneConfig | None = None
+    backbone: str | None = None
+    pretrained: Any = DEFAULT
+    device: str = "cpu"
+    model_config: ModelConfig | None = None
+    logistic: str = "4"
+    batch_size: int = 32
+    precision: str = "fp32"
+    probe_alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    probe_folds: int = 5
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise GrmpiqaError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.selection not in SELECTIONS:
+            raise GrmpiqaError(
+                f"unknown selection {self.selection!r}; use one of {', '.join(SELECTIONS)}"
+            )
+        if self.splits < 1:
+            raise GrmpiqaError(f"splits must be at least 1, got {self.splits}")
+        if self.shots < 2:
+            raise GrmpiqaError(f"shots must be at least 2, got {self.shots}")
+        if self.seed < 0:
+            raise GrmpiqaError(f"seed must be non-negative, got {self.seed}")
+        if str(self.logistic) not in ("4", "5"):
+            raise GrmpiqaError(f"logistic must be 4 or 5, got {self.logistic!r}")
+        self.logistic = str(self.logistic)
+        if self.init is not None and self.method != "grmp":
+            raise GrmpiqaError(f"--init is a stage-1 checkpoint for method grmp, not {self.method}")
+        if self.selection == "best-on-test" and self.method not in _TRAINED:
+            raise GrmpiqaError(
+                f"--selection best-on-test needs a trained method (grmp, coop), not {self.method}"
+            )
+        if self.finetune is None and self.method in _TRAINED:
+            self.finetune = _default_finetune()
+        if (
+            self.finetune is not None
+            and self.selection == "final"
+            and "test" in str(self.finetune.monitor)
+        ):
+            raise GrmpiqaError(
+                f"monitor {self.finetune.monitor!r} watches the test set; that is "
+                "--selection best-on-test (optimistic)"
+            )
+
+
+def ablation_name(config: ProtocolConfig) -> str | None:
+    """The GRMP ablation a config runs: "no meta init", "no QGR", both, or None."""
+    if config.method != "grmp":
+        return None
+    parts = []
+    if config.init is None:
+        parts.append("no meta init")
+    if config.finetune is not None and float(config.finetune.lam) == 0.0:
+        parts.append("no QGR")
+    return ", ".join(parts) or None
+
+
+def split_seed(seed: int, index: int) -> int:
+    """The training seed of split ``index``: a hash of (seed, index), < 2**31."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] % (2**31))
+
+
+@dataclass
+class SplitResult:
+    """One split's outcome.
+
+    Attributes:
+        index: split number ``k``.
+        metrics: :data:`grmpiqa.metrics.METRICS` on the test set.
+        seconds: wall time of the split (model copy, training, prediction).
+        n_train, n_test: numbers of shots and test images.
+        test_indices: dataset indices of the test images, in prediction order.
+        predictions: the method's score for each test image.
+        history: the fine-tuning history (one dict per evaluation); empty if untrained.
+        info: method details (epochs, stopped, best_epoch, ridge alpha, ...).
+    """
+
+    index: int
+    metrics: dict[str, float]
+    seconds: float
+    n_train: int
+    n_test: int
+    test_indices: list[int]
+    predictions: list[float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary_dict(self) -> dict[str, Any]:
+        """The per-split entry of report.json: metrics, seconds and scalar details."""
+        d: dict[str, Any] = {"index": self.index, **self.metrics, "seconds": self.seconds}
+        d["n_train"], d["n_test"] = self.n_train, self.n_test
+        for k, v in self.info.items():
+            if isinstance(v, str | int | float | bool) or v is None:
+                d[k] = v
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SplitResult:
+        m = {
+            k: (math.nan if d["metrics"].get(k) is None else float(d["metrics"][k]))
+            for k in METRICS
+        }
+        return cls(
+            index=int(d["index"]),
+            metrics=m,
+            seconds=float(d["seconds"]),
+            n_train=int(d["n_train"]),
+            n_test=int(d["n_test"]),
+            test_indices=[int(i) for i in d["test_indices"]],
+            predictions=[math.nan if p is None else float(p) for p in d["predictions"]],
+            history=list(d.get("history", [])),
+            info=dict(d.get("info", {})),
+        )
+
+
+@dataclass
+class ProtocolResult:
+    """The outcome of :func:`run_protocol`: config record, splits, summary."""
+
+    config: dict[str, Any]
+    dataset: Dataset
+    splits: list[SplitResult]
+    summary: dict[str, dict[str, float | int]]
+    warnings: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def build_model(config: ProtocolConfig) -> QualityModel:
+    """The base model of a method (copied afresh for every split)."""
+    m = config.method
+    kw: dict[str, Any] = {"device": config.device, "seed": config.seed}
+    if m == "grmp" and config.init is not None:
+        return create_model(config.backbone, config.pretrained, checkpoint=config.init, **kw)
+    if m == "clipiqa":
+        cfg = clipiqa_config()
+    elif m in ("coop", "linear-probe"):
+        cfg = coop_model_config(config.model_config)
+    else:
+        cfg = config.model_config or ModelConfig()
+    return create_model(config.backbone, config.pretrained, config=cfg, **kw)
+
+
+def _config_record(config: ProtocolConfig, dataset: Dataset, model: QualityModel) -> dict[str, Any]:
+    ft = config.finetune
+    if config.method == "coop" and ft is not None:
+        ft = coop_finetune_config(ft)
+    ft_dict = None
+    if ft is not None:
+        ft_dict = {k: v for k, v in ft.to_dict().items() if k != "seed"}
+        if config.selection == "best-on-test":
+            ft_dict["monitor"] = "test_srcc"
+    init_meta = None
+    if config.init is not None:
+        from grmpiqa.checkpoint import read_metadata
+
+        meta = read_metadata(config.init)
+        init_meta = {
+            "path": str(config.init),
+            "created": meta.get("created"),
+            "extra": meta.get("extra"),
+        }
+    pre = model.backbone_pretrained
+    return {
+        "method": config.method,
+        "ablation": ablation_name(config),
+        "dataset": dataset.spec,
+        "n_images": len(dataset),
+        "shots": config.shots,
+        "splits": config.splits,
+        "seed": config.seed,
+        "test_fraction": config.test_fraction,
+        "selection": config.selection,
+        "optimistic": config.selection == "best-on-test",
+        "init": init_meta,
+        "finetune": ft_dict,
+        "logistic": config.logistic,
+        "batch_size": config.batch_size,
+        "precision": config.precision,
+        "linear_probe": {"alphas": list(config.probe_alphas), "folds": config.probe_folds}
+        if config.method == "linear-probe"
+        else None,
+        "backbone": model.backbone_name,
+        "pretrained": pre,
+        "random_backbone": pre.get("kind") == "random",
+        "backbone_description": model.describe(),
+        "model_config": model.config.to_dict(),
+        "preprocess": model.preprocess.to_dict(),
+        "device": str(config.device),
+        "grmpiqa_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _fingerprint(record: dict[str, Any]) -> str:
+    keep = {k: v for k, v in record.items() if k not in ("device", "batch_size", "python")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- prediction ---------------------------------------------------------------------------
+
+
+class _TestScorer:
+    """Scores the test images with the eval transform; tensors cached when they fit."""
+
+    def __init__(self, model: QualityModel, test: Dataset, batch_size: int, precision: str) -> None:
+        self.paths = test.paths
+        self.batch_size = batch_size
+        self.precision = precision
+        crop = model.preprocess.crop
+        self.x: torch.Tensor | None = None
+        if len(test) * 3 * crop * crop * 4 <= _TEST_TENSOR_BUDGET:
+            tf = model.preprocess.eval_transform()
+            self.x = torch.stack([tf(it.load()) for it in test]) if len(test) else None
+
+    @torch.inference_mode()
+    def __call__(self, model: QualityModel) -> np.ndarray:
+        if self.x is None:
+            s = model.score(self.paths, batch_size=self.batch_size, precision=self.precision)
+            return s.double().numpy()
+        was_training = model.training
+        model.eval()
+        out = []
+        try:
+            for i in range(0, len(self.x), self.batch_size):
+                xb = self.x[i : i + self.batch_size].to(model.device)
+                with autocast(model.device, self.precision):
+                    logits = model(xb)
+                out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out).double().numpy()
+
+
+# --- one split ----------------------------------------------------------------------------
+
+
+def _run_split(
+    base: QualityModel,
+    dataset: Dataset,
+    split: Split,
+    config: ProtocolConfig,
+    index: int,
+    progress: bool,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+) -> SplitResult:
+    t0 = time.perf_counter()
+    train = split.train(dataset)
+    test = split.test_set(dataset)
+    seed = split_seed(config.seed, index)
+    info: dict[str, Any] = {"train_seed": seed}
+    history: list[dict[str, Any]] = []
+    precision = config.precision
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if config.method == "clipiqa":
+            pred = (
+                base.score(test.paths, batch_size=config.batch_size, precision=precision)
+                .double()
+                .numpy()
+            )
+        elif config.method == "linear-probe":
+            f_train = image_features(base, train.paths, config.batch_size, precision=precision)
+            f_test = image_features(base, test.paths, config.batch_size, precision=precision)
+            probe = RidgeProbe.fit(
+                f_train, train.labels, config.probe_alphas, config.probe_folds, seed
+            )
+            pred = probe.predict(f_test)
+            info.update(
+                alpha=probe.alpha, alphas=probe.alphas, cv_mse=probe.cv_mse, folds=probe.folds
+            )
+        else:
+            pred, history, train_info = _train_and_predict(
+                base, train, test, config, seed, progress, checkpoint, resume
+            )
+            info.update(train_info)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = evaluate_predictions(pred, test.labels, config.logistic)
+    info["metric_warnings"] = [str(w.message) for w in caught]
+    return SplitResult(
+        index=index,
+        metrics=metrics,
+        seconds=time.perf_counter() - t0,
+        n_train=len(train),
+        n_test=len(test),
+        test_indices=list(split.test),
+        predictions=[float(p) for p in pred],
+        history=history,
+        info=info,
+    )
+
+
+def _train_and_predict(
+    base: QualityModel,
+    train: Dataset,
+    test: Dataset,
+    config: ProtocolConfig,
+    seed: int,
+    progress: bool,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+    from grmpiqa.finetune import finetune
+
+    assert config.finetune is not None
+    ft = replace(config.finetune, seed=seed)
+    if config.method == "coop":
+        ft = coop_finetune_config(ft)
+    model = copy.deepcopy(base)
+    scorer = _TestScorer(model, test, config.batch_size, config.precision)
+    best: dict[str, Any] = {"srcc": -math.inf, "pred": None, "epoch": None}
+    on_eval: Callable[[int, QualityModel], dict[str, float]] | None = None
+    if config.selection == "best-on-test":
+        ft = replace(ft, monitor="test_srcc")
+        labels = test.labels
+
+        def on_eval(epoch: int, m: QualityModel) -> dict[str, float]:
+            p = scorer(m)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s = srcc(p, labels)
+            if math.isfinite(s) and s > best["srcc"]:
+                best.update(srcc=s, pred=p, epoch=epoch)
+            return {"test_srcc": s}
+
+    result = finetune(
+        model, train, ft, on_eval=on_eval, progress=progress, out=checkpoint, resume=resume
+    )
+    info: dict[str, Any] = {
+        "epochs": int(result.epochs),
+        "stopped": str(result.stopped),
+        "train_seconds": float(result.seconds),
+    }
+    final = scorer(model)
+    if checkpoint is not None:
+        info["checkpoint"] = checkpoint.name
+    if config.selection == "best-on-test" and best["pred"] is not None:
+        pred = best["pred"]
+        info["best_epoch"] = best["epoch"]
+        info["final_test_srcc"] = float(srcc(final, test.labels))
+    else:
+        pred = final
+    return np.asarray(pred, dtype=np.float64), list(result.history), info
+
+
+# --- the protocol -------------------------------------------------------------------------
+
+
+def _split_file(report_dir: Path, index: int) -> Path:
+    return report_dir / "splits" / f"split_{index}.json"
+
+
+def _load_finished(path: Path, fingerprint: str, split: Split) -> SplitResult | None:
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise GrmpiqaError(
+            f"{path}: unreadable split record ({err}); delete it to rerun the split"
+        ) from None
+    if d.get("fingerprint") != fingerprint:
+        raise GrmpiqaError(
+            f"{path}: written by a run with a different configuration; use another --report "
+            "folder or drop --resume"
+        )
+    res = SplitResult.from_dict(d["result"])
+    if res.test_indices != list(split.test):
+        raise GrmpiqaError(
+            f"{path}: its test set differs from split {split.index}; the dataset changed"
+        )
+    return res
+
+
+def run_protocol(
+    data: Dataset | str,
+    config: ProtocolConfig | None = None,
+    *,
+    report_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model: QualityModel | None = None,
+    keep_checkpoints: bool = False,
+) -> ProtocolResult:
+    """Run the 10-split few-shot protocol (method.md 8); write a report if asked.
+
+    Args:
+        data: a dataset or a ``KIND:PATH`` spec (labels required).
+        config: the run (default :class:`ProtocolConfig`: grmp, 50 shots, 10 splits).
+        report_dir: write report.json, report.md, predictions.csv, figures and
+            ``splits/split_K.json`` (each split as soon as it finishes) there.
+        resume: reuse the finished ``splits/split_K.json`` of an interrupted run with the
+            same configuration (needs ``report_dir``).
+        progress: tqdm bars on stderr.
+        model: the base model to copy for every split, instead of building it from the
+            config (its backbone identity is recorded as usual).
+        keep_checkpoints: trained methods: write each split's final model to
+            ``report_dir/splits/split_K.safetensors`` (loadable by ``grmpiqa score
+            --checkpoint``; with ``resume`` an interrupted split continues from its
+            ``.state.pt``). Off by default: a ViT-B/16 split checkpoint is ~170 MB.
+
+    Raises:
+        DatasetError: unlabelled data, or too few images for the shots.
+        GrmpiqaError: bad options, or a resume record from another configuration.
+    """
+    config = config or ProtocolConfig()
+    dataset = load_dataset(data) if isinstance(data, str) else data
+    if not dataset.has_labels:
+        raise DatasetError(f"{dataset.spec}: the protocol needs labelled images (MOS)")
+    if resume and report_dir is None:
+        raise GrmpiqaError("resume needs a report folder (--report DIR)")
+    if keep_checkpoints and report_dir is None:
+        raise GrmpiqaError("keeping split checkpoints needs a report folder (--report DIR)")
+    splits = make_splits(dataset, config.seed, config.splits, config.shots, config.test_fraction)
+    base = model if model is not None else build_model(config)
+    record = _config_record(config, dataset, base)
+    fingerprint = _fingerprint(record)
+    record["fingerprint"] = fingerprint
+    out = Path(report_dir) if report_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_splits(dataset, splits, out / "splits.csv")
+    from grmpiqa.report import write_json, write_report
+
+    results: list[SplitResult] = []
+    notes: list[str] = []
+    if record["random_backbone"]:
+        notes.append(f"RANDOM backbone ({record['backbone_description']}): numbers are meaningless")
+    if record["optimistic"]:
+        notes.append("best-on-test selection: the test set chose the reported epoch (OPTIMISTIC)")
+    bar = tqdm(
+        splits, desc=f"{config.method} splits", unit="split", disable=not progress, file=sys.stderr
+    )
+    for k, split in enumerate(bar):
+        res = None
+        if out is not None and resume:
+            res = _load_finished(_split_file(out, k), fingerprint, split)
+        if res is None:
+            ckpt = None
+            if out is not None and keep_checkpoints and config.method in _TRAINED:
+                ckpt = out / "splits" / f"split_{k}.safetensors"
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+            res = _run_split(base, dataset, split, config, k, progress, ckpt, resume)
+            if out is not None:
+                write_json(
+                    _split_file(out, k), {"fingerprint": fingerprint, "result": res.to_dict()}
+                )
+        for w in res.info.get("metric_warnings", []):
+            notes.append(f"split {k}: {w}")
+        results.append(res)
+        bar.set_postfix(srcc=f"{res.metrics['srcc']:.3f}")
+    summary = summarize_metrics([{**r.metrics, "seconds": r.seconds} for r in results])
+    result = ProtocolResult(record, dataset, results, summary, notes)
+    if out is not None:
+        write_report(result, out)
+    return result
+
+
+def format_summary(result: ProtocolResult, keys: Sequence[str] = METRICS) -> str:
+    """A few lines for the terminal: median and mean ± std of each metric."""
+    cfg = result.config
+    head = f"{cfg['method']} on {cfg['dataset']}: {len(result.splits)} splits, {cfg['shots']} shots"
+    if cfg.get("ablation"):
+        head += f" (ablation: {cfg['ablation']})"
+    if cfg.get("optimistic"):
+        head += " [best-on-test: OPTIMISTIC]"
+    if cfg.get("random_backbone"):
+        head += " [RANDOM backbone]"
+    lines = [head]
+    for k in keys:
+        s = result.summary[k]
+        lines.append(f"  {k:<14} median {s['median']:.4f}  mean {s['mean']:.4f} ± {s['std']:.4f}")
+    return "\n".join(lines)

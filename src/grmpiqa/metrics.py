@@ -1,0 +1,256 @@
+"""Correlation and error metrics of the evaluation protocol (method.md 8).
+
+All functions take predictions and ground truth as 1-D array-likes of equal length and
+return a Python float. Ground truth is normally the *normalised label* (MOS min-max
+normalised to [0, 1], higher is better, method.md 5): SRCC, KRCC and PLCC are invariant
+to that affine map (and its sign flip makes lower-is-better scales agree in sign), and
+RMSE is then in label units.
+
+* ``srcc``: Spearman rank correlation (``scipy.stats.spearmanr``).
+* ``krcc``: Kendall rank correlation, tau-b (``scipy.stats.kendalltau``).
+* ``plcc``: Pearson correlation of the raw predictions (what the released code reports).
+* ``plcc_logistic``: Pearson correlation after a monotonic logistic mapping of the
+  predictions onto the ground truth, fitted with ``scipy.optimize.curve_fit`` (the usual
+  IQA practice, VQEG). ``logistic="4"`` (default) is the 4-parameter logistic
+  ``b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|))``; ``logistic="5"`` is the 5-parameter
+  one of Sheikh et al. (2006), ``b1 * (0.5 - 1 / (1 + exp(b2 (x - b3)))) + b4 x + b5``.
+* ``rmse``: root-mean-square error between the *logistic-mapped* predictions and the
+  ground truth (in label units, [0, 1] for normalised labels), the same fit as
+  ``plcc_logistic``. Raw scores in (0, 1) are not calibrated to any label scale, so an
+  RMSE of raw scores would measure calibration, not quality prediction.
+
+Degenerate input never crashes: a constant vector, fewer than 3 finite pairs, or a
+logistic fit that does not converge gives ``nan`` and a :class:`MetricWarning`
+(a ``UserWarning``). Non-finite pairs are dropped with a warning.
+
+Example:
+    >>> m = evaluate_predictions([0.1, 0.4, 0.35, 0.9, 0.6, 0.2], [0, 5, 3, 10, 7, 1])
+    >>> round(m["srcc"], 6), round(m["krcc"], 6)
+    (1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import optimize, stats
+
+__all__ = [
+    "LOGISTIC_MODELS",
+    "METRICS",
+    "MetricWarning",
+    "evaluate_predictions",
+    "fit_logistic",
+    "krcc",
+    "plcc",
+    "plcc_logistic",
+    "rmse",
+    "srcc",
+    "summarize",
+    "summarize_metrics",
+]
+
+#: Metric names in report order.
+METRICS: tuple[str, ...] = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
+#: Logistic models accepted by :func:`fit_logistic`.
+LOGISTIC_MODELS: tuple[str, ...] = ("4", "5")
+
+ArrayLike = Sequence[float] | np.ndarray | Any
+
+
+class MetricWarning(UserWarning):
+    """A metric could not be computed (constant input, failed fit) and is NaN."""
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, MetricWarning, stacklevel=4)
+
+
+def _pairs(
+    pred: ArrayLike, target: ArrayLike, name: str, minimum: int = 3
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Finite (pred, target) pairs as float64 arrays, or None (after a warning)."""
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"{name}: predictions ({p.size}) and targets ({t.size}) differ in length")
+    ok = np.isfinite(p) & np.isfinite(t)
+    if not ok.all():
+        _warn(f"{name}: dropped {int((~ok).sum())} non-finite prediction/target pairs")
+        p, t = p[ok], t[ok]
+    if p.size < minimum:
+        _warn(f"{name}: {p.size} valid pairs (need at least {minimum}); returning NaN")
+        return None
+    if np.ptp(p) == 0.0:
+        _warn(f"{name}: predictions are constant; returning NaN")
+        return None
+    if np.ptp(t) == 0.0:
+        _warn(f"{name}: targets are constant; returning NaN")
+        return None
+    return p, t
+
+
+def _corr(kind: str, p: np.ndarray, t: np.ndarray) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "srcc":
+            return float(stats.spearmanr(p, t)[0])
+        if kind == "krcc":
+            return float(stats.kendalltau(p, t)[0])
+        return float(stats.pearsonr(p, t)[0])
+
+
+def srcc(pred: ArrayLike, target: ArrayLike) -> float:
+    """Spearman rank-order correlation coefficient."""
+    pt = _pairs(pred, target, "srcc")
+    return math.nan if pt is None else _corr("srcc", *pt)
+
+
+def krcc(pred: ArrayLike, target: ArrayLike) -> float:
+    """Kendall rank-order correlation coefficient (tau-b)."""
+    pt = _pairs(pred, target, "krcc")
+    return math.nan if pt is None else _corr("krcc", *pt)
+
+
+def plcc(pred: ArrayLike, target: ArrayLike) -> float:
+    """Pearson linear correlation of the raw predictions (the released code's PLCC)."""
+    pt = _pairs(pred, target, "plcc")
+    return math.nan if pt is None else _corr("plcc", *pt)
+
+
+# --- logistic mapping ---------------------------------------------------------------------
+
+
+def _logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    z = np.clip(-(x - b3) / (abs(b4) + 1e-12), -500.0, 500.0)
+    return b2 + (b1 - b2) / (1.0 + np.exp(z))
+
+
+def _logistic5(x: np.ndarray, b1: float, b2: float, b3: float, b4: float, b5: float) -> np.ndarray:
+    z = np.clip(b2 * (x - b3), -500.0, 500.0)
+    return b1 * (0.5 - 1.0 / (1.0 + np.exp(z))) + b4 * x + b5
+
+
+def fit_logistic(
+    pred: ArrayLike, target: ArrayLike, logistic: str = "4"
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Fit the ``logistic``-parameter map predictions -> targets; None (+ warning) on failure.
+
+    Initial guesses follow the VQEG practice: the targets' range for the asymptotes, the
+    predictions' mean for the midpoint and their std for the slope.
+    """
+    logistic = str(logistic)
+    if logistic not in LOGISTIC_MODELS:
+        raise ValueError(f"unknown logistic model {logistic!r}; use one of {LOGISTIC_MODELS}")
+    pt = _pairs(pred, target, f"{logistic}-parameter logistic fit", minimum=int(logistic) + 1)
+    if pt is None:
+        return None
+    p, t = pt
+    sign = 1.0 if stats.spearmanr(p, t)[0] >= 0 else -1.0
+    std = float(np.std(p)) or 1.0
+    func: Callable[..., np.ndarray]
+    if logistic == "4":
+        func = _logistic4
+        hi, lo = (t.max(), t.min()) if sign > 0 else (t.min(), t.max())
+        p0: list[float] = [hi, lo, float(np.mean(p)), std]
+    else:
+        func = _logistic5
+        p0 = [sign * float(np.ptp(t)), 1.0 / std, float(np.mean(p)), 0.0, float(np.mean(t))]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            params, _ = optimize.curve_fit(func, p, t, p0=p0, maxfev=20000)
+    except (RuntimeError, ValueError, optimize.OptimizeWarning, FloatingPointError) as err:
+        _warn(f"{logistic}-parameter logistic fit failed ({err}); returning NaN")
+        return None
+    if not np.all(np.isfinite(params)):
+        _warn(f"{logistic}-parameter logistic fit gave non-finite parameters; returning NaN")
+        return None
+
+    def mapped(x: np.ndarray) -> np.ndarray:
+        return np.asarray(func(np.asarray(x, dtype=np.float64), *params), dtype=np.float64)
+
+    return mapped
+
+
+def _mapped_pairs(
+    pred: ArrayLike, target: ArrayLike, logistic: str, name: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    pt = _pairs(pred, target, name)
+    if pt is None:
+        return None
+    f = fit_logistic(pt[0], pt[1], logistic)
+    if f is None:
+        return None
+    m = f(pt[0])
+    if not np.all(np.isfinite(m)) or np.ptp(m) == 0.0:
+        _warn(f"{name}: the {logistic}-parameter logistic mapping is degenerate; returning NaN")
+        return None
+    return m, pt[1]
+
+
+def plcc_logistic(pred: ArrayLike, target: ArrayLike, logistic: str = "4") -> float:
+    """Pearson correlation after the fitted ``logistic``-parameter mapping."""
+    mt = _mapped_pairs(pred, target, logistic, "plcc_logistic")
+    if mt is None:
+        return math.nan
+    return float(np.corrcoef(mt[0], mt[1])[0, 1])
+
+
+def rmse(pred: ArrayLike, target: ArrayLike, logistic: str = "4") -> float:
+    """RMSE between the logistic-mapped predictions and the targets (target units)."""
+    mt = _mapped_pairs(pred, target, logistic, "rmse")
+    if mt is None:
+        return math.nan
+    return float(np.sqrt(np.mean((mt[0] - mt[1]) ** 2)))
+
+
+def evaluate_predictions(
+    pred: ArrayLike, target: ArrayLike, logistic: str = "4"
+) -> dict[str, float]:
+    """All of :data:`METRICS` for one set of predictions (one logistic fit shared).
+
+    ``target`` should be the normalised labels in [0, 1] (higher is better), so that RMSE
+    is in label units; any affine rescaling of MOS gives the same correlations. Degenerate
+    input gives one :class:`MetricWarning` and NaN for every metric it makes undefined.
+    """
+    out = dict.fromkeys(METRICS, math.nan)
+    pt = _pairs(pred, target, "metrics")
+    if pt is None:
+        return out
+    for k in ("srcc", "plcc", "krcc"):
+        out[k] = _corr(k, *pt)
+    mt = _mapped_pairs(pt[0], pt[1], logistic, "plcc_logistic/rmse")
+    if mt is not None:
+        out["plcc_logistic"] = float(np.corrcoef(mt[0], mt[1])[0, 1])
+        out["rmse"] = float(np.sqrt(np.mean((mt[0] - mt[1]) ** 2)))
+    return out
+
+
+def summarize(values: Iterable[float]) -> dict[str, float | int]:
+    """``median``, ``mean``, ``std`` (population, ddof 0) over the finite values, and ``n``.
+
+    NaN entries (a split whose metric was undefined) are left out and counted out of
+    ``n``; with no finite value every statistic is NaN.
+    """
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"median": math.nan, "mean": math.nan, "std": math.nan, "n": 0}
+    return {
+        "median": float(np.median(v)),
+        "mean": float(np.mean(v)),
+        "std": float(np.std(v)),
+        "n": int(v.size),
+    }
+
+
+def summarize_metrics(
+    per_split: Sequence[dict[str, float]], keys: Sequence[str] = (*METRICS, "seconds")
+) -> dict[str, dict[str, float | int]]:
+    """:func:`summarize` of each key over a list of per-split metric dicts."""
+    return {k: summarize(s[k] for s in per_split if k in s) for k in keys}

@@ -1,0 +1,69 @@
+"""``grmpiqa demo`` in its quick mode: the whole pipeline, offline, on test-tiny."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import grmpiqa
+from grmpiqa.cli import main
+from grmpiqa.demo import demo_images, plan_for
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sample_photos_ship_with_scikit_image(tmp_path):
+    tasks, target = demo_images(tmp_path, side=64)
+    names_t = sorted(p.stem for p in tasks.iterdir())
+    names_g = sorted(p.stem for p in target.iterdir())
+    assert len(names_t) >= 4 and len(names_g) >= 4
+    assert not set(names_t) & set(names_g)  # task and target contents never overlap
+    with grmpiqa.images.load_image(next(target.iterdir())) as im:
+        assert max(im.size) == 64 and im.mode == "RGB"
+
+
+def test_plans_fit_the_protocol():
+    for quick in (True, False):
+        for tiny in (True, False):
+            p = plan_for(quick, tiny)
+            # target set: 4 contents x types x levels; the pool (3 contents) holds the shots
+            assert p.shots <= 3 * len(p.target_types) * p.levels
+            assert p.splits >= 2
+
+
+def test_demo_quick_offline_falls_back_to_tiny(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRMPIQA_OFFLINE", "1")  # no network: the real weights are missing
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--quick", "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0
+    assert "NO PRETRAINED CLIP WEIGHTS" in cap.err and "MEANINGLESS" in cap.err
+    demo = json.loads((out / "demo.json").read_text())
+    assert demo["random_backbone"] is True and demo["quick"] is True
+    assert demo["backbone"].startswith("test-tiny (RANDOM weights")
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["config"]["method"] == "grmp" and report["random_backbone"] is True
+    assert report["config"]["init"]["path"].endswith("stage1.safetensors")
+    assert len(report["splits"]) == 2
+    assert (out / "report" / "scatter.png").is_file() and (out / "report" / "curves.png").is_file()
+    # stage 1 wrote a loadable checkpoint, stage 2 a scorer for `grmpiqa score`
+    meta = grmpiqa.read_metadata(out / "stage1.safetensors")
+    assert meta["backbone"]["name"] == "test-tiny"
+    ckpt = out / demo["checkpoint"]
+    model = grmpiqa.create_model(checkpoint=ckpt)
+    with open(out / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == report["splits"][0]["n_test"] > 0
+    s = model.score([out / "target" / "images" / rows[0]["image"]])
+    assert float(rows[0]["score"]) == pytest.approx(float(s[0]), abs=1e-5)
+    assert "scores of a content never seen in training" in cap.out
+    assert "grmp on kadid:" in cap.out

@@ -1,0 +1,340 @@
+"""The few-shot protocol end to end (method.md 8) on the tiny random backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLIVE_ROOT, TINY_CONFIG, make_image, needs_clive
+from PIL import Image
+
+import grmpiqa
+from grmpiqa.checkpoint import save_checkpoint
+from grmpiqa.cli import main
+from grmpiqa.data import load_dataset
+from grmpiqa.data.synth import synthesize
+from grmpiqa.errors import DatasetError, GrmpiqaError
+from grmpiqa.evaluation import ProtocolConfig, ablation_name, run_protocol
+from grmpiqa.finetune import FinetuneConfig
+from grmpiqa.metrics import METRICS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a loaded
+    machine oversubscribed threads make it several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST_FT = FinetuneConfig(max_epochs=2, eval_every=1, cache_augmentations=1)
+TINY = {"backbone": "test-tiny", "pretrained": None, "model_config": TINY_CONFIG}
+
+
+@pytest.fixture(scope="module")
+def synth_spec(tmp_path_factory) -> str:
+    """4 references x 2 distortion types x 5 levels = 40 synthetic images."""
+    root = tmp_path_factory.mktemp("evalsynth")
+    for i in range(4):
+        make_image(root / "pristine" / f"p{i}.png", size=(72, 64), seed=10 + i)
+    synthesize(
+        root / "pristine", root / "kadid", types=["gaussian_blur", "white_noise"], progress=False
+    )
+    return f"kadid:{root / 'kadid'}"
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tmp_path_factory) -> Path:
+    """A stage-1-style checkpoint (prompts of a tiny model) to start grmp from."""
+    model = grmpiqa.create_model("test-tiny", pretrained=None, config=TINY_CONFIG, seed=3)
+    return save_checkpoint(model, tmp_path_factory.mktemp("init") / "stage1.safetensors")
+
+
+def _cfg(method: str = "grmp", **kw) -> ProtocolConfig:
+    ft = kw.pop("finetune", FAST_FT if method in ("grmp", "coop") else None)
+    base = dict(method=method, shots=8, splits=2, seed=0, finetune=ft, **TINY)
+    base.update(kw)
+    return ProtocolConfig(**base)
+
+
+def _numbers(report: dict) -> list:
+    return [
+        {k: v for k, v in s.items() if k not in ("seconds", "train_seconds")}
+        for s in report["splits"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def grmp_run(synth_spec, stage1_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rep") / "grmp"
+    cfg = _cfg(init=str(stage1_ckpt))
+    result = run_protocol(synth_spec, cfg, report_dir=out, progress=False)
+    return result, out
+
+
+def test_report_schema_files_and_figures(grmp_run):
+    result, out = grmp_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "grmpiqa-report/1"
+    cfg = report["config"]
+    assert cfg["method"] == "grmp" and cfg["ablation"] is None
+    assert cfg["random_backbone"] is True and report["random_backbone"] is True
+    assert cfg["selection"] == "final" and report["optimistic"] is False
+    assert cfg["shots"] == 8 and cfg["splits"] == 2 and cfg["finetune"]["lam"] == 5.0
+    assert cfg["init"]["path"].endswith("stage1.safetensors")
+    assert cfg["pretrained"] == {"kind": "random", "seed": 0}
+    assert len(report["splits"]) == 2
+    for k, s in enumerate(report["splits"]):
+        assert s["index"] == k and s["n_train"] == 8 and s["seconds"] > 0
+        for m in METRICS:
+            assert s[m] is None or -1.0 <= s[m] <= 1.0 or m == "rmse"
+        assert s["epochs"] == 2
+    for m in (*METRICS, "seconds"):
+        assert set(report["summary"][m]) == {"median", "mean", "std", "n"}
+    assert report["metric_definitions"]["plcc_logistic"].startswith("Pearson correlation after")
+    # figures: valid PNGs
+    for name in ("scatter.png", "curves.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC
+        with Image.open(out / name) as im:
+            im.verify()
+    # predictions.csv: one row per test image per split, predictions match the result
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["split", "path", "mos", "label", "prediction"]
+    assert len(rows) == sum(s.n_test for s in result.splits)
+    first = [float(r["prediction"]) for r in rows if r["split"] == "0"]
+    assert first == pytest.approx(result.splits[0].predictions)
+    assert all(0.0 < p < 1.0 for p in first)
+    # test and shots are disjoint references (synthetic sets split by content)
+    ds = result.dataset
+    test_refs = {ds[i].ref for i in result.splits[0].test_indices}
+    assert Path(rows[0]["path"]).is_file() and len(test_refs) == 1
+    md = (out / "report.md").read_text()
+    assert "RANDOM BACKBONE" in md and "| SRCC |" in md and "scatter.png" in md
+    assert (out / "splits" / "split_1.json").is_file() and (out / "splits.csv").is_file()
+    # the history feeds the curves: one row per evaluation with losses and train SRCC
+    h = result.splits[0].history
+    assert [r["epoch"] for r in h] == [1, 2] and "loss_q" in h[0] and "train_srcc" in h[0]
+
+
+def test_same_seed_same_numbers(grmp_run, synth_spec, stage1_ckpt, tmp_path):
+    _, out = grmp_run
+    again = run_protocol(
+        synth_spec, _cfg(init=str(stage1_ckpt)), report_dir=tmp_path, progress=False
+    )
+    first = json.loads((out / "report.json").read_text())
+    second = json.loads((tmp_path / "report.json").read_text())
+    assert _numbers(first) == _numbers(second)
+    assert first["config"]["fingerprint"] == second["config"]["fingerprint"]
+    assert (out / "predictions.csv").read_text() == (tmp_path / "predictions.csv").read_text()
+    assert again.splits[1].predictions == pytest.approx(
+        json.loads((out / "splits" / "split_1.json").read_text())["result"]["predictions"], abs=0
+    )
+
+
+def test_resume_skips_finished_splits_and_checks_config(
+    grmp_run, synth_spec, stage1_ckpt, monkeypatch
+):
+    result, out = grmp_run
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished split was trained again")
+
+    monkeypatch.setattr(sys.modules["grmpiqa.finetune"], "finetune", no_training)
+    resumed = run_protocol(
+        synth_spec, _cfg(init=str(stage1_ckpt)), report_dir=out, resume=True, progress=False
+    )
+    assert [s.metrics for s in resumed.splits] == [s.metrics for s in result.splits]
+    with pytest.raises(GrmpiqaError, match="different configuration"):
+        run_protocol(
+            synth_spec,
+            _cfg(init=str(stage1_ckpt), seed=0, logistic="5"),
+            report_dir=out,
+            resume=True,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "ablation"),
+    [
+        ("clipiqa", {}, None),
+        ("linear-probe", {}, None),
+        ("coop", {}, None),
+        ("grmp", {}, "no meta init"),
+        ("grmp", {"lam0": True}, "no meta init, no QGR"),
+    ],
+)
+def test_each_method_and_ablation_runs(synth_spec, method, extra, ablation):
+    kw = {"splits": 1}
+    if extra.get("lam0"):
+        kw["finetune"] = replace(FAST_FT, lam=0.0)
+    cfg = _cfg(method, **kw)
+    assert ablation_name(cfg) == ablation
+    r = run_protocol(synth_spec, cfg, progress=False)
+    assert r.config["method"] == method and r.config["ablation"] == ablation
+    s = r.splits[0]
+    assert len(s.predictions) == s.n_test > 0
+    assert all(math.isfinite(p) for p in s.predictions)
+    assert math.isfinite(s.metrics["srcc"])
+    if method == "coop":
+        assert r.config["finetune"]["groups"] == ["text_context"]
+        assert r.config["finetune"]["distill"] is False and r.config["finetune"]["lam"] == 0.0
+        assert r.config["model_config"]["visual_prompts"] is False
+    if method == "clipiqa":
+        assert r.config["model_config"]["hand_prompts"] == list(grmpiqa.CLIPIQA_PROMPTS)
+        assert s.history == [] and r.config["finetune"] is None
+    if method == "linear-probe":
+        assert s.info["alpha"] in s.info["alphas"] and len(s.info["cv_mse"]) == 13
+
+
+def test_ablation_no_qgr_with_init(stage1_ckpt):
+    cfg = _cfg(init=str(stage1_ckpt), finetune=replace(FAST_FT, lam=0.0))
+    assert ablation_name(cfg) == "no QGR"
+
+
+def test_best_on_test_is_labelled_optimistic(synth_spec, tmp_path):
+    cfg = _cfg("coop", splits=1, selection="best-on-test", finetune=replace(FAST_FT, max_epochs=3))
+    r = run_protocol(synth_spec, cfg, report_dir=tmp_path, progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["optimistic"] is True and report["selection"] == "best-on-test"
+    assert report["config"]["finetune"]["monitor"] == "test_srcc"
+    assert "OPTIMISTIC" in (tmp_path / "report.md").read_text()
+    s = r.splits[0]
+    assert s.info["best_epoch"] in (1, 2, 3)
+    tested = [h["test_srcc"] for h in s.history]
+    assert len(tested) == 3
+    # the kept predictions are those of the best test SRCC seen
+    assert s.metrics["srcc"] == pytest.approx(max(t for t in tested if math.isfinite(t)))
+
+
+def test_constant_predictions_give_nan_not_crash(synth_spec, tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(
+        "grmpiqa.baselines.RidgeProbe.predict", lambda self, f: np.full(len(f), 0.5)
+    )
+    r = run_protocol(
+        synth_spec, _cfg("linear-probe", splits=1), report_dir=tmp_path, progress=False
+    )
+    assert all(math.isnan(v) for v in r.splits[0].metrics.values())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["splits"][0]["srcc"] is None and report["summary"]["srcc"]["n"] == 0
+    assert any("constant" in w for w in report["warnings"])
+    assert "NaN" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_inputs_are_one_line_errors(synth_spec):
+    with pytest.raises(DatasetError, match="shots requested but the pool"):
+        run_protocol(synth_spec, _cfg("clipiqa", shots=500), progress=False)
+    with pytest.raises(GrmpiqaError, match="unknown method"):
+        ProtocolConfig(method="magic")
+    with pytest.raises(GrmpiqaError, match="best-on-test needs a trained method"):
+        ProtocolConfig(method="clipiqa", selection="best-on-test")
+    with pytest.raises(GrmpiqaError, match="watches the test set"):
+        ProtocolConfig(method="coop", finetune=replace(FAST_FT, monitor="test_srcc"))
+    with pytest.raises(GrmpiqaError, match="--init"):
+        ProtocolConfig(method="coop", init="x.safetensors")
+
+
+def test_cli_evaluate_end_to_end(synth_spec, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            synth_spec,
+            "--method",
+            "grmp",
+            "--splits",
+            "2",
+            "--shots",
+            "8",
+            "--max-epochs",
+            "2",
+            "--eval-every",
+            "1",
+            "--cache-augmentations",
+            "1",
+            "--lambda",
+            "0",
+            "--vpt-tokens",
+            "4",
+            "--backbone",
+            "test-tiny",
+            "--pretrained",
+            "random",
+            "--report",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "grmp on kadid:" in captured.out and "srcc" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["ablation"] == "no meta init, no QGR"
+    assert report["config"]["model_config"]["vpt_tokens"] == 4
+    assert report["config"]["finetune"]["max_epochs"] == 2
+    assert len(report["splits"]) == 2
+    assert "RANDOM" in captured.err
+
+
+def test_cli_errors_are_one_line(synth_spec, tmp_path, capsys):
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            synth_spec,
+            "--method",
+            "clipiqa",
+            "--shots",
+            "999",
+            "--backbone",
+            "test-tiny",
+            "--pretrained",
+            "random",
+            "--report",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("grmpiqa: error: ") and "999 shots" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            synth_spec,
+            "--init",
+            str(tmp_path / "nope.safetensors"),
+            "--report",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 1 and "not found" in capsys.readouterr().err
+
+
+@needs_clive
+def test_clive_two_splits(tmp_path):
+    spec = f"clive:{CLIVE_ROOT}"
+    ds = load_dataset(spec)
+    cfg = _cfg("grmp", shots=10, finetune=replace(FAST_FT, max_epochs=1))
+    r = run_protocol(ds, cfg, report_dir=tmp_path, progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["dataset"] == ds.spec and report["config"]["n_images"] == len(ds)
+    assert [s["n_test"] for s in report["splits"]] == [round(0.2 * len(ds))] * 2
+    assert all(math.isfinite(s.metrics["srcc"]) for s in r.splits)
+    assert (tmp_path / "scatter.png").read_bytes()[:8] == PNG_MAGIC
