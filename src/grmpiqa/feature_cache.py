@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -46,6 +47,9 @@ __all__ = [
     "encode_frozen",
     "epoch_generator",
     "frozen_image_blocks",
+    "hard_prompt_features",
+    "quality_text_features",
+    "text_features",
 ]
 
 
@@ -86,9 +90,88 @@ class ImageTower:
             pooled = pooled @ self.vit.proj
         return pooled
 
-    def features_from_hidden(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """L2-normalised image embedding from the hidden state entering block ``start``."""
-        return l2_normalize(self.head(self.blocks(hidden, start)))
+    @property
+    def cls_only_ok(self) -> bool:
+        """Whether only the CLS token of the last block's output is used (CLIP ViTs)."""
+        v = self.vit
+        block = v.transformer.resblocks[-1] if self.n_blocks else None
+        return (
+            getattr(v, "pool_type", "tok") == "tok"
+            and getattr(v, "attn_pool", None) is None
+            and getattr(v.transformer, "batch_first", True)
+            and isinstance(block, ResidualAttentionBlock)
+            and not hasattr(block, "ln_1_kv")
+        )
+
+    def features_from_hidden(
+        self, hidden: torch.Tensor, start: int, cls_only: bool = True
+    ) -> torch.Tensor:
+        """L2-normalised image embedding from the hidden state entering block ``start``.
+
+        ``cls_only``: run the last block for the CLS query only (its other outputs are
+        never used: the head pools the CLS token) - the same result up to rounding, at
+        about a sixth of that block's cost.
+        """
+        last = self.n_blocks - 1
+        if not (cls_only and self.cls_only_ok and start <= last):
+            return l2_normalize(self.head(self.blocks(hidden, start)))
+        x = self.blocks(hidden, start, last)
+        vpt = self.model.visual
+        if vpt is not None and 1 <= last <= vpt.deep_layers:
+            deep = vpt._prompt(vpt.deep_prompt_embeddings[last - 1 : last], x.shape[0]).to(x.dtype)
+            x = torch.cat([x[:, :1], deep, x[:, 1 + vpt.num_tokens :]], dim=1)
+        return l2_normalize(self.head(_cls_block(self.vit.transformer.resblocks[last], x)))
+
+
+def _cls_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``ResidualAttentionBlock`` evaluated for the first token only.
+
+    Keys and values come from every token, the query, residual and MLP from the first,
+    exactly as in the full block (batch-first input ``[B, T, W]`` -> ``[B, 1, W]``).
+    """
+    y = block.ln_1(x)
+    a = block.attention(q_x=y[:, :1], k_x=y, v_x=y)
+    h = x[:, :1] + block.ls_1(a)
+    return h + block.ls_2(block.mlp(block.ln_2(h)))
+
+
+def text_features(
+    model: QualityModel, embeddings: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Unnormalised text features, running the causal text tower only up to the last EOT.
+
+    Equal (up to rounding) to ``model.text_encoder(embeddings, tokens)``: with the causal
+    mask, positions after the pooled EOT token cannot influence it. Falls back to the
+    full tower for non-causal or non-EOT-pooled towers.
+    """
+    c = model.clip
+    if getattr(c, "attn_mask", None) is None or getattr(c, "text_pool_type", "") != "argmax":
+        return model.text_encoder(embeddings, tokens)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    x = embeddings[:, :n] + c.positional_embedding[:n].to(embeddings.dtype)
+    x = c.transformer(x, attn_mask=c.attn_mask[:n, :n])
+    x = c.ln_final(x)
+    x = text_global_pool(x, tokens[:, :n], c.text_pool_type, getattr(c, "text_eos_id", None))
+    proj = c.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return x
+
+
+def quality_text_features(model: QualityModel) -> torch.Tensor:
+    """``model.quality_text_features()`` computed with the truncated text tower."""
+    if model.prompt_learner is not None:
+        tokens = model.prompt_learner.tokens
+        emb = model.prompt_learner()
+    else:
+        tokens = model.hand_tokens
+        emb = model.text_encoder.embed(tokens)
+    return l2_normalize(text_features(model, emb, tokens))
+
+
+def hard_prompt_features(model: QualityModel, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` of tokenized hard prompts, with the truncated text tower."""
+    return l2_normalize(text_features(model, model.text_encoder.embed(tokens), tokens))
 
 
 def frozen_image_blocks(model: QualityModel) -> int | None:
@@ -104,7 +187,9 @@ def frozen_image_blocks(model: QualityModel) -> int | None:
     for t in (vit.class_embedding, vit.positional_embedding):
         if t.requires_grad:
             return None
-    if any(p.requires_grad for m in embed_parts if isinstance(m, nn.Module) for p in m.parameters()):
+    if any(
+        p.requires_grad for m in embed_parts if isinstance(m, nn.Module) for p in m.parameters()
+    ):
         return None
     for i, block in enumerate(vit.transformer.resblocks):
         if any(p.requires_grad for p in block.parameters()):
@@ -176,9 +261,7 @@ class FrozenFeatureCache:
         """Bank view used at (1-based) ``epoch``."""
         return (epoch - 1) % self.augmentations
 
-    def batch(
-        self, indices: Sequence[int], view: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def batch(self, indices: Sequence[int], view: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden ``[B, T, W]``, teacher logits ``[B, S]`` or None) of one view of some images."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         h = self.hidden[idx, view]
@@ -186,9 +269,13 @@ class FrozenFeatureCache:
         return h, t
 
 
-def bank_view(model: QualityModel, image: Image.Image, seed: int, index: int, view: int) -> torch.Tensor:
+def bank_view(
+    model: QualityModel, image: Image.Image, seed: int, index: int, view: int
+) -> torch.Tensor:
     """View ``view`` of training image ``index`` of the bank (the train transform)."""
-    tf = ResizeCropNormalize(model.preprocess, train=True, generator=bank_generator(seed, index, view))
+    tf = ResizeCropNormalize(
+        model.preprocess, train=True, generator=bank_generator(seed, index, view)
+    )
     return tf(image)
 
 

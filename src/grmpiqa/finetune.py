@@ -25,7 +25,8 @@ are computed once for a bank of augmented views (:mod:`grmpiqa.feature_cache`);
 Example:
     >>> from grmpiqa import create_model, finetune, FinetuneConfig  # doctest: +SKIP
     >>> model = create_model(checkpoint="meta.safetensors")  # doctest: +SKIP
-    >>> result = finetune(model, shots, FinetuneConfig(max_epochs=100), out="ft.safetensors")  # doctest: +SKIP
+    >>> cfg = FinetuneConfig(max_epochs=100)
+    >>> result = finetune(model, shots, cfg, out="ft.safetensors")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -37,14 +38,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,8 +58,10 @@ from grmpiqa.feature_cache import (
     build_feature_cache,
     epoch_generator,
     frozen_image_blocks,
+    hard_prompt_features,
+    quality_text_features,
 )
-from grmpiqa.gradient import gradient_cosine, set_quality_aware_grads
+from grmpiqa.gradient import set_quality_aware_grads
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import STAGE2_GROUPS, QualityModel
 from grmpiqa.prompts import l2_normalize
@@ -167,7 +169,9 @@ class FinetuneConfig:
         if self.batch_size is not None and self.batch_size < 1:
             problems.append(f"batch size must be >= 1, not {self.batch_size}")
         if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+            problems.append(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
         if self.cache_augmentations < 1:
             problems.append(f"cache_augmentations must be >= 1, not {self.cache_augmentations}")
         if not self.temperature > 0:
@@ -233,6 +237,7 @@ class SemanticTeacher(nn.Module):
         self.visual = visual.eval()
         for p in self.visual.parameters():
             p.requires_grad_(False)
+        self.text_features: torch.Tensor
         self.register_buffer("text_features", text_features.detach().float())
         self.logit_scale = float(logit_scale)
 
@@ -249,7 +254,9 @@ def _has_base_weights(model: QualityModel) -> bool:
     return not any(k.startswith("clip.") for k in model.adapted_keys)
 
 
-def build_teacher(model: QualityModel, scene_prompts: Sequence[str] = SCENE_PROMPTS) -> SemanticTeacher:
+def build_teacher(
+    model: QualityModel, scene_prompts: Sequence[str] = SCENE_PROMPTS
+) -> SemanticTeacher:
     """The semantic teacher for ``model``: same backbone and weights, no prompts.
 
     While ``model``'s CLIP still has its base weights (a stage-1 checkpoint only holds
@@ -280,7 +287,9 @@ def build_teacher(model: QualityModel, scene_prompts: Sequence[str] = SCENE_PROM
             text = model.text_encoder.encode_tokens(tokens)
         else:
             text = clip.encode_text(tokens)
-    return SemanticTeacher(visual, l2_normalize(text.float()), float(model.logit_scale)).to(model.device)
+    return SemanticTeacher(visual, l2_normalize(text.float()), float(model.logit_scale)).to(
+        model.device
+    )
 
 
 # -- schedule --------------------------------------------------------------------------
@@ -348,11 +357,15 @@ class Stage2Step:
         config: FinetuneConfig,
         teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
         start_block: int | None = None,
+        fast: bool | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.teacher = teacher
         self.start_block = start_block
+        #: exact shortcuts of the cached path: CLS-only last image block, text tower
+        #: truncated after the EOT token (same results up to rounding)
+        self.fast = start_block is not None if fast is None else fast
         self.tower = ImageTower(model)
         named = model.trainable_parameters()
         self.names = list(named)
@@ -365,9 +378,21 @@ class Stage2Step:
         if hidden is not None:
             if self.start_block is None:
                 raise ValueError("no start_block: this step has no cache")
-            return self.tower.features_from_hidden(hidden, self.start_block)
+            return self.tower.features_from_hidden(hidden, self.start_block, cls_only=self.fast)
         assert pixels is not None
         return self.model.encode_image(pixels)
+
+    def quality_text(self) -> torch.Tensor:
+        """The student's normalised ``[t_hq, t_lq]``."""
+        if self.fast:
+            return quality_text_features(self.model)
+        return self.model.quality_text_features()
+
+    def scene_text(self) -> torch.Tensor:
+        """The student's normalised scene-prompt features (partly trainable text tower)."""
+        if self.fast:
+            return hard_prompt_features(self.model, self.scene_tokens)
+        return l2_normalize(self.model.text_encoder.encode_tokens(self.scene_tokens))
 
     def losses(
         self,
@@ -381,17 +406,18 @@ class Stage2Step:
         model, cfg = self.model, self.config
         with autocast(model.device, cfg.precision):
             img = self.image_features(pixels, None if hidden is None else hidden.to(model.device))
-            logits = model.logits_from_features(img, model.quality_text_features())
+            logits = model.logits_from_features(img, self.quality_text())
             lq = quality_loss(logits, labels.to(model.device))
             ls = None
             if cfg.distill:
                 if teacher_logits is None:
                     if self.teacher is None or pixels is None:
-                        raise ValueError("distillation needs teacher logits or a teacher and pixels")
+                        raise ValueError(
+                            "distillation needs teacher logits or a teacher and pixels"
+                        )
                     with torch.no_grad():
                         teacher_logits = self.teacher(pixels)
-                scene = l2_normalize(model.text_encoder.encode_tokens(self.scene_tokens))
-                u = model.logits_from_features(img, scene)
+                u = model.logits_from_features(img, self.scene_text())
                 ls = distillation_loss(u, teacher_logits.to(model.device), cfg.temperature)
         return lq, ls, logits
 
@@ -400,24 +426,38 @@ class Stage2Step:
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None] | None]:
         """g_q and g_s per trainable tensor (None where a loss does not reach a tensor)."""
         two = ls is not None and self.config.lam != 0
-        gq = list(torch.autograd.grad(lq, self.params, retain_graph=two, allow_unused=True))
+        gq: list[torch.Tensor | None] = list(
+            torch.autograd.grad(lq, self.params, retain_graph=two, allow_unused=True)
+        )
         if not two:
             return gq, None
         assert ls is not None
-        gs = list(torch.autograd.grad(ls, self.params, allow_unused=True))
+        gs: list[torch.Tensor | None] = list(
+            torch.autograd.grad(ls, self.params, allow_unused=True)
+        )
         return gq, gs
 
     def step(
-        self, optimizer: torch.optim.Optimizer, lq: torch.Tensor, ls: torch.Tensor | None
+        self,
+        optimizer: torch.optim.Optimizer,
+        lq: torch.Tensor,
+        ls: torch.Tensor | None,
+        *,
+        cosine: bool = False,
     ) -> StepStats:
-        """Apply the gradient rule (method.md 7) and one optimiser step."""
+        """Apply the gradient rule (method.md 7) and one optimiser step.
+
+        ``cosine``: also measure the cosine between g_q and g_s (a diagnostic).
+        """
         gq, gs = self.gradients(lq, ls)
-        projected = set_quality_aware_grads(self.params, gq, gs, self.config.lam)
-        cos = gradient_cosine(gq, gs) if gs is not None else float("nan")
+        rule = set_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return StepStats(
-            float(lq.detach()), float(ls.detach()) if ls is not None else float("nan"), projected, cos
+            float(lq.detach()),
+            float(ls.detach()) if ls is not None else float("nan"),
+            rule.projected,
+            rule.cosine,
         )
 
 
@@ -425,6 +465,8 @@ class Stage2Step:
 
 
 def _correlations(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    from scipy import stats
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(target) == 0:
@@ -518,7 +560,9 @@ def finetune(
 
     # The teacher and the cache need the model as it was *before* fine-tuning.
     base_weights = _has_base_weights(model)
-    teacher: SemanticTeacher | None = build_teacher(model, config.scene_prompts) if config.distill else None
+    teacher: SemanticTeacher | None = (
+        build_teacher(model, config.scene_prompts) if config.distill else None
+    )
     model.set_trainable(config.groups)
     start_block = frozen_image_blocks(model) if config.cache else None
     if config.cache and start_block is None:
@@ -553,7 +597,9 @@ def finetune(
         val_hidden = _val_cache(model, val, start_block, config)
 
     step = Stage2Step(model, config, teacher, start_block)
-    optimizer = torch.optim.SGD(step.params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.0)
+    optimizer = torch.optim.SGD(
+        step.params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.0
+    )
     schedule = PlateauSchedule(config.lr, config.patience, config.lr_decay, config.min_lr)
     history: list[dict[str, Any]] = []
     epoch0, seconds0, stopped = 0, 0.0, ""
@@ -570,7 +616,11 @@ def finetune(
     window: list[StepStats] = []
     last_eval = epoch0 if history else 0
     bar = tqdm(
-        total=config.max_epochs, initial=epoch0, unit="epoch", desc="fine-tuning", disable=not progress
+        total=config.max_epochs,
+        initial=epoch0,
+        unit="epoch",
+        desc="fine-tuning",
+        disable=not progress,
     )
     epoch = epoch0
     try:
@@ -603,14 +653,24 @@ def finetune(
                             ]
                         ).to(device)
                         lq, ls, _ = step.losses(y, pixels=x)
-                    window.append(step.step(optimizer, lq, ls))
+                    evaluated = epoch % config.eval_every == 0 or epoch == config.max_epochs
+                    window.append(step.step(optimizer, lq, ls, cosine=evaluated))
             bar.update(1)
             bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{window[-1].loss_q:.4f}")
             final = epoch == config.max_epochs
             if epoch % config.eval_every == 0 or final:
                 row = _evaluate(
-                    model, step, config, epoch, schedule.lr, window, cache, eval_pixels,
-                    train, val, val_hidden,
+                    model,
+                    step,
+                    config,
+                    epoch,
+                    schedule.lr,
+                    window,
+                    cache,
+                    eval_pixels,
+                    train,
+                    val,
+                    val_hidden,
                 )
                 if on_eval is not None:
                     model.eval()
@@ -626,8 +686,19 @@ def finetune(
                 history.append(row)
                 last_eval = epoch
                 if out is not None:
-                    _save(out, model, config, epoch, schedule, history, optimizer, train,
-                          stopped or ("max_epochs" if final else ""), row["seconds"], extra)
+                    _save(
+                        out,
+                        model,
+                        config,
+                        epoch,
+                        schedule,
+                        history,
+                        optimizer,
+                        train,
+                        stopped or ("max_epochs" if final else ""),
+                        row["seconds"],
+                        extra,
+                    )
     finally:
         bar.close()
         model.eval()
@@ -635,7 +706,9 @@ def finetune(
         stopped = "max_epochs"
     seconds = seconds0 + time.perf_counter() - t_start
     if out is not None and last_eval != epoch:
-        _save(out, model, config, epoch, schedule, history, optimizer, train, stopped, seconds, extra)
+        _save(
+            out, model, config, epoch, schedule, history, optimizer, train, stopped, seconds, extra
+        )
     return FinetuneResult(
         history=history,
         epochs=epoch,
@@ -671,7 +744,9 @@ def _val_cache(
     total = 0
     store = torch.bfloat16 if config.precision == "bf16" else torch.float32
     for s in range(0, len(val), config.eval_batch_size):
-        x = torch.stack([tf(val.load(i)) for i in range(s, min(len(val), s + config.eval_batch_size))])
+        x = torch.stack(
+            [tf(val.load(i)) for i in range(s, min(len(val), s + config.eval_batch_size))]
+        )
         h = encode_frozen(model, x, start_block, config.precision).to(store)
         total += h.numel() * h.element_size()
         if total > _VAL_CACHE_BYTES:
@@ -685,16 +760,20 @@ def _predict_hidden(step: Stage2Step, hidden: torch.Tensor, config: FinetuneConf
     model = step.model
     out = []
     with autocast(model.device, config.precision):
-        text = model.quality_text_features()
+        text = step.quality_text()
         for s in range(0, hidden.shape[0], config.eval_batch_size):
-            img = step.image_features(hidden=hidden[s : s + config.eval_batch_size].to(model.device))
+            img = step.image_features(
+                hidden=hidden[s : s + config.eval_batch_size].to(model.device)
+            )
             logits = model.logits_from_features(img, text)
             out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
     return torch.cat(out).numpy()
 
 
 @torch.no_grad()
-def _predict_pixels(model: QualityModel, pixels: torch.Tensor, config: FinetuneConfig) -> np.ndarray:
+def _predict_pixels(
+    model: QualityModel, pixels: torch.Tensor, config: FinetuneConfig
+) -> np.ndarray:
     out = []
     with autocast(model.device, config.precision):
         for s in range(0, pixels.shape[0], config.eval_batch_size):
@@ -737,7 +816,9 @@ def _evaluate(
         if val_hidden is not None:
             vpred = _predict_hidden(step, val_hidden, config)
         else:
-            vpred = model.score(val.paths, config.eval_batch_size, precision=config.precision).numpy()
+            vpred = model.score(
+                val.paths, config.eval_batch_size, precision=config.precision
+            ).numpy()
         row["val_srcc"], row["val_plcc"] = _correlations(vpred, val.labels)
     return row
 
@@ -822,7 +903,9 @@ def _load_state(
     with torch.no_grad():
         for n, t in tensors.items():
             if named[n].shape != t.shape:
-                raise GrmpiqaError(f"{path}: tensor {n} has shape {tuple(t.shape)}, model {tuple(named[n].shape)}")
+                raise GrmpiqaError(
+                    f"{path}: tensor {n} has shape {tuple(t.shape)}, model {tuple(named[n].shape)}"
+                )
             named[n].copy_(t.to(named[n].dtype))
     optimizer.load_state_dict(state["optimizer"])
     for k, v in state["schedule"].items():

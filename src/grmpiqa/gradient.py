@@ -19,10 +19,11 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["gradient_cosine", "quality_aware_gradient", "set_quality_aware_grads"]
+__all__ = ["RuleStats", "quality_aware_gradient", "set_quality_aware_grads"]
 
 
 def quality_aware_gradient(
@@ -40,20 +41,49 @@ def quality_aware_gradient(
         ``g_quality`` itself when ``g_semantic`` is None or ``<g_q, g_s> <= 0``, else
         ``g_q - lam * <g_q, g_s> / ||g_s||^2 * g_s`` (a new tensor).
     """
+    return _rule(g_quality, g_semantic, lam)[0]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a, b>`` over all elements, accumulated in at least fp32, without temporaries."""
+    a1, b1 = a.reshape(-1), b.reshape(-1)
+    if a1.dtype not in (torch.float32, torch.float64):
+        a1, b1 = a1.float(), b1.float()
+    return torch.dot(a1, b1)
+
+
+def _rule(
+    g_quality: torch.Tensor, g_semantic: torch.Tensor | None, lam: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rule output, ``<g_q, g_s>`` or None)."""
     if g_semantic is None:
-        return g_quality
+        return g_quality, None
     if g_semantic.shape != g_quality.shape:
         raise ValueError(
             f"gradient shapes differ: quality {tuple(g_quality.shape)}, "
             f"semantic {tuple(g_semantic.shape)}"
         )
-    gq = g_quality.float()
-    gs = g_semantic.float()
-    dot = torch.sum(gq * gs)
+    dot = _dot(g_quality, g_semantic)
     if not bool(dot > 0):  # also when g_s == 0 (then <g_q, g_s> = 0)
-        return g_quality
-    coef = lam * dot / torch.sum(gs * gs)
-    return (gq - coef * gs).to(g_quality.dtype)
+        return g_quality, dot
+    coef = (lam * dot / _dot(g_semantic, g_semantic)).to(g_quality.dtype)
+    return torch.addcmul(g_quality, g_semantic, coef, value=-1.0), dot
+
+
+@dataclass
+class RuleStats:
+    """What one application of the rule did, summed over tensors.
+
+    Attributes:
+        projected: tensors whose gradient was changed (``<g_q, g_s> > 0``).
+        tensors: tensors with a quality gradient.
+        cosine: cosine between the whole g_q and g_s (over tensors that have both);
+            the released code logs this angle. NaN when not computed.
+    """
+
+    projected: int = 0
+    tensors: int = 0
+    cosine: float = float("nan")
 
 
 def set_quality_aware_grads(
@@ -61,45 +91,45 @@ def set_quality_aware_grads(
     grads_quality: Sequence[torch.Tensor | None],
     grads_semantic: Sequence[torch.Tensor | None] | None,
     lam: float,
-) -> int:
-    """Set ``p.grad`` of every parameter to the rule's output; return how many were projected.
+    *,
+    cosine: bool = False,
+) -> RuleStats:
+    """Set ``p.grad`` of every parameter to the rule's output (method.md 7).
 
     ``grads_semantic`` (or an entry of it) may be None: that tensor keeps ``g_q``.
     A parameter without quality gradient (None) gets ``p.grad = None`` and is skipped
-    by the optimiser, as in the released code.
+    by the optimiser, as in the released code. ``cosine`` also measures the cosine
+    between g_q and g_s (a diagnostic; costs two more dot products per tensor).
     """
     if len(grads_quality) != len(params) or (
         grads_semantic is not None and len(grads_semantic) != len(params)
     ):
         raise ValueError("one quality (and semantic) gradient per parameter is needed")
-    projected = 0
+    stats = RuleStats()
+    dots: list[torch.Tensor] = []
+    qq: list[torch.Tensor] = []
+    ss: list[torch.Tensor] = []
     for i, p in enumerate(params):
         gq = grads_quality[i]
         if gq is None:
             p.grad = None
             continue
+        stats.tensors += 1
         gs = None if grads_semantic is None else grads_semantic[i]
-        g = quality_aware_gradient(gq, gs, lam) if lam != 0 else gq
+        if lam == 0 and not cosine:
+            g, dot = gq, None
+        else:
+            g, dot = _rule(gq, gs, lam) if lam != 0 else (gq, None if gs is None else _dot(gq, gs))
         if g is not gq:
-            projected += 1
-        p.grad = g.detach().clone() if g is gq else g.detach()
-    return projected
-
-
-def gradient_cosine(
-    grads_a: Sequence[torch.Tensor | None], grads_b: Sequence[torch.Tensor | None]
-) -> float:
-    """Cosine between two gradients over all tensors both have (a diagnostic, as logged
-    by the released code); NaN when either is zero."""
-    dot = torch.zeros((), dtype=torch.float64)
-    na = torch.zeros((), dtype=torch.float64)
-    nb = torch.zeros((), dtype=torch.float64)
-    for a, b in zip(grads_a, grads_b, strict=True):
-        if a is None or b is None:
-            continue
-        a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
-        dot += torch.sum(a64 * b64)
-        na += torch.sum(a64 * a64)
-        nb += torch.sum(b64 * b64)
-    denom = float(torch.sqrt(na * nb))
-    return float(dot) / denom if denom > 0 else float("nan")
+            stats.projected += 1
+        if cosine and gs is not None and dot is not None:
+            dots.append(dot)
+            qq.append(_dot(gq, gq))
+            ss.append(_dot(gs, gs))
+        p.grad = g.detach()
+    if dots:
+        denom = float(torch.stack(qq).double().sum() * torch.stack(ss).double().sum()) ** 0.5
+        stats.cosine = (
+            float(torch.stack(dots).double().sum()) / denom if denom > 0 else float("nan")
+        )
+    return stats

@@ -31,17 +31,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="stage-1 checkpoint from `grmpiqa pretrain` (default: randomly initialised "
         "prompts on the --backbone, the 'no meta init' ablation)",
     )
-    p.add_argument("--shots", type=int, default=50, help="training images drawn from the pool (default 50)")
+    p.add_argument(
+        "--shots", type=int, default=50, help="training images drawn from the pool (default 50)"
+    )
     p.add_argument("--split-seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--split-index", type=int, default=0, help="split index (default 0)")
     p.add_argument(
-        "--lambda", dest="lam", type=float, default=5.0, help="QGR lambda (default 5; 0 = plain fine-tuning)"
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=5.0,
+        help="QGR lambda (default 5; 0 = plain fine-tuning)",
     )
     p.add_argument("--no-distill", action="store_true", help="no teacher and no L_s at all")
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)")
+    p.add_argument(
+        "--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)"
+    )
     p.add_argument("--max-epochs", type=int, default=2000, help="epoch limit (default 2000)")
-    p.add_argument("--eval-every", type=int, default=5, help="epochs between evaluations (default 5)")
+    p.add_argument(
+        "--eval-every", type=int, default=5, help="epochs between evaluations (default 5)"
+    )
     p.add_argument(
         "--batch-size", type=int, default=None, help="shots per step (default: all in one batch)"
     )
