@@ -37,7 +37,7 @@ def test_plans_fit_the_protocol():
             p = plan_for(quick, tiny)
             # target set: 4 contents x types x levels; the pool (3 contents) holds the shots
             assert p.shots <= 3 * len(p.target_types) * p.levels
-            assert p.splits >= 2
+            assert p.splits >= 1 and p.max_epochs >= 2
 
 
 def test_demo_quick_offline_falls_back_to_tiny(tmp_path, monkeypatch, capsys):

@@ -91,7 +91,7 @@ def test_report_schema_files_and_figures(grmp_run):
     assert cfg["selection"] == "final" and report["optimistic"] is False
     assert cfg["shots"] == 8 and cfg["splits"] == 2 and cfg["finetune"]["lam"] == 5.0
     assert cfg["init"]["path"].endswith("stage1.safetensors")
-    assert cfg["pretrained"] == {"kind": "random", "seed": 0}
+    assert cfg["pretrained"] == {"kind": "random", "seed": 3}  # the --init checkpoint's
     assert len(report["splits"]) == 2
     for k, s in enumerate(report["splits"]):
         assert s["index"] == k and s["n_train"] == 8 and s["seconds"] > 0

@@ -267,7 +267,10 @@ def build_model(config: ProtocolConfig) -> QualityModel:
     m = config.method
     kw: dict[str, Any] = {"device": config.device, "seed": config.seed}
     if m == "grmp" and config.init is not None:
-        return create_model(config.backbone, config.pretrained, checkpoint=config.init, **kw)
+        # the checkpoint records its backbone (and a random backbone's seed)
+        return create_model(
+            config.backbone, config.pretrained, checkpoint=config.init, device=config.device
+        )
     if m == "clipiqa":
         cfg = clipiqa_config()
     elif m in ("coop", "linear-probe"):

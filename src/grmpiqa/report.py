@@ -235,27 +235,29 @@ def write_curves(splits: Sequence[SplitResult], path: Path) -> Path:
     """Training loss (left) and SRCC figures (right) against the epoch, one line per split."""
     fig = _figure(10, 4)
     ax_l, ax_r = fig.subplots(1, 2)
-    for s in splits:
+    styles = ["-", "--", ":", "-."]
+    for n, s in enumerate(splits):
         h = [r for r in s.history if isinstance(r.get("epoch"), int | float)]
-        if not h:
-            continue
-        keys = sorted(
-            {k for r in h for k, v in r.items() if isinstance(v, int | float) and k != "epoch"}
-        )
-        for k in keys:
-            pts = [
-                (r["epoch"], r[k])
-                for r in h
-                if isinstance(r.get(k), int | float) and math.isfinite(r[k])
-            ]
-            if not pts:
-                continue
-            x, y = zip(*pts, strict=True)
-            if "loss" in k:
-                ax_l.plot(x, y, lw=1, label=f"{k} (split {s.index})")
-            elif "srcc" in k or "plcc" in k:
-                style = "--" if k.startswith("test") else "-"
-                ax_r.plot(x, y, style, lw=1, label=f"{k} (split {s.index})")
+        numeric = {k for r in h for k, v in r.items() if isinstance(v, int | float)}
+        losses = sorted(k for k in numeric if "loss" in k)
+        corrs = sorted(k for k in numeric if "srcc" in k or "plcc" in k)
+        for ax, keys in ((ax_l, losses), (ax_r, corrs)):
+            for m, k in enumerate(keys):
+                pts = [
+                    (r["epoch"], r[k])
+                    for r in h
+                    if isinstance(r.get(k), int | float) and math.isfinite(r[k])
+                ]
+                if pts:
+                    x, y = zip(*pts, strict=True)
+                    ax.plot(
+                        x,
+                        y,
+                        styles[m % 4],
+                        color=f"C{n % 10}",
+                        lw=1,
+                        label=f"{k} (split {s.index})",
+                    )
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("loss")
     ax_l.set_title("training loss")

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "tiny RANDOM backbone 'test-tiny' (announced loudly; its numbers are meaningless).",
     )
     p.add_argument("--out", default="grmpiqa-demo", help="output folder (default grmpiqa-demo)")
-    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (tiny budgets)")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run of a few seconds (tiny budgets)"
+    )
     p.add_argument(
         "--pristine",
         default=None,
