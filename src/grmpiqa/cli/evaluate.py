@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "evaluate",
         help="run the few-shot protocol (10 random splits) and write a report",
-        description="For each of --splits random splits (80%% pool / 20%% test, --shots drawn "
+        description="For each of --splits random splits (80% pool / 20% test, --shots drawn "
         "from the pool), train the method on the shots and score the test set; write "
         "DIR/report.json (config, per-split SRCC/PLCC/PLCC-logistic/KRCC/RMSE/seconds, "
         "median/mean/std), report.md, predictions.csv, scatter.png and curves.png. "
