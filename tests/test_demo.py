@@ -41,7 +41,10 @@ def test_plans_fit_the_protocol():
 
 
 def test_demo_quick_offline_falls_back_to_tiny(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GRMPIQA_OFFLINE", "1")  # no network: the real weights are missing
+    # no network and no cached weights (even where they are cached): the real backbone
+    # is unavailable, so the demo must fall back to test-tiny
+    monkeypatch.setenv("GRMPIQA_OFFLINE", "1")
+    monkeypatch.setattr("grmpiqa.backbone._cached_tag_file", lambda *a, **k: None)
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--quick", "--no-progress"])
     cap = capsys.readouterr()
