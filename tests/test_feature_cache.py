@@ -130,18 +130,25 @@ def test_bf16_cache_is_stored_in_bf16():
     torch.testing.assert_close(cache.hidden.float(), full.hidden, rtol=0.05, atol=0.1)
 
 
-def test_exact_shortcuts_cls_only_last_block_and_truncated_text():
-    model = stage2_model()
+@pytest.mark.parametrize("deep_layers", [None, 1])
+def test_fast_path_equals_the_plain_blocks_and_text_tower(deep_layers):
+    """Compact hidden states, CLS-only last block, direct attention, truncated text."""
+    cfg = grmpiqa.ModelConfig(vpt_tokens=4, finetune_blocks=2, vpt_deep_layers=deep_layers)
+    model = grmpiqa.create_model("test-tiny", pretrained=None, config=cfg)
     tower = ImageTower(model)
-    assert tower.cls_only_ok
+    assert tower.fast_ok(1)
+    # VPT-deep in every block: prompt rows are dropped from the cache (49 patches + CLS)
+    assert tower.is_compact(1) == (deep_layers is None)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     model.eval()
     with torch.no_grad():
-        h = encode_frozen(model, x, 1)
-        full = tower.features_from_hidden(h, 1, cls_only=False)
-        fast = tower.features_from_hidden(h, 1, cls_only=True)
-        torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
-        torch.testing.assert_close(full, model.encode_image(x), rtol=0, atol=1e-6)
+        for start in (1, 3):
+            h = encode_frozen(model, x, start)
+            assert h.shape[1] == (50 if deep_layers is None else 54)
+            plain = tower.features_from_hidden(h, start, fast=False)
+            fast = tower.features_from_hidden(h, start, fast=True)
+            torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
+            torch.testing.assert_close(plain, model.encode_image(x), rtol=0, atol=1e-6)
         torch.testing.assert_close(
             quality_text_features(model), model.quality_text_features(), rtol=0, atol=1e-6
         )
@@ -149,11 +156,14 @@ def test_exact_shortcuts_cls_only_last_block_and_truncated_text():
         torch.testing.assert_close(
             hard_prompt_features(model, tokens), model.encode_text(SCENE_PROMPTS), rtol=0, atol=1e-6
         )
-    plain = stage2_model(visual_prompts=False)
+    plain_model = stage2_model(visual_prompts=False)
     with torch.no_grad():
-        h = encode_frozen(plain, x, 3)
+        h = encode_frozen(plain_model, x, 3)
         torch.testing.assert_close(
-            ImageTower(plain).features_from_hidden(h, 3), plain.encode_image(x), rtol=0, atol=1e-6
+            ImageTower(plain_model).features_from_hidden(h, 3),
+            plain_model.encode_image(x),
+            rtol=0,
+            atol=1e-6,
         )
 
 

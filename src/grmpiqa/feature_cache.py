@@ -2,22 +2,25 @@
 
 Stage 2 (method.md 7) trains the last ``finetune_blocks`` (4) image blocks, ``ln_post``,
 the text context and the last text blocks; the visual prompts and the image tower up to
-block 7 are frozen. So for a fixed input view the hidden state after the last frozen
-block never changes, and neither do the frozen teacher's scene logits. This module
-computes them once, for a fixed *bank* of ``K`` augmented views per training image
-(default 8, drawn with a seeded generator) plus the deterministic eval view; epoch ``e``
-then uses view ``(e - 1) mod K`` of every image and runs only blocks 8..11 and the head.
+block 7 are frozen. So for a fixed input view the hidden state entering block 8 never
+changes, and neither do the frozen teacher's scene logits. This module computes them
+once, for a fixed *bank* of ``K`` augmented views per training image (default 8, drawn
+with a seeded generator) plus the deterministic eval view; epoch ``e`` then uses view
+``(e - 1) mod K`` of every image and runs only blocks 8..11 and the head, on a fast path
+(:class:`ImageTower`) that skips rows whose output is discarded.
 
 Exactness: the cached and uncached paths give the same losses and gradients for the same
-view provided the frozen layers run without prompt dropout. The released code applies
-dropout (p = 0.1) to *every* projected visual prompt in train mode; the cached path
-computes the frozen part in eval mode (no dropout on the prompts of blocks 0..7) and keeps
-dropout on the prompts inserted before the trained blocks. That, and the finite bank of
-views instead of a fresh random crop every epoch, are the cache's deviations from the
-released path (``FinetuneConfig(cache=False)`` / ``--no-cache`` keeps it exactly).
+view (up to float rounding; tested to 1e-5 in fp32) provided the frozen layers run
+without prompt dropout. The released code applies dropout (p = 0.1) to *every* projected
+visual prompt in train mode; the cached path computes the frozen part in eval mode (no
+dropout on the prompts of blocks 0..7) and keeps dropout on the prompts inserted before
+the trained blocks. That, and the finite bank of views instead of a fresh random crop
+every epoch, are the cache's deviations from the released path
+(``FinetuneConfig(cache=False)`` / ``--no-cache`` keeps it exactly).
 
-Memory: ``N * K * T * W`` values; ViT-B/16 with 100 prompt tokens has T = 297, W = 768,
-i.e. 0.9 MB per view in fp32: 50 shots x 8 views = 365 MB (half in bf16, used when
+Memory: ``N * K`` hidden states of ``T * W`` values, where the prompt rows are not
+stored (every trained block replaces them): ViT-B/16 has T = 197, W = 768, i.e. 0.6 MB
+per view in fp32; 50 shots x (8 + 1 eval) views = 272 MB (half in bf16, used when
 fine-tuning in bf16).
 """
 
@@ -32,6 +35,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from grmpiqa.model import QualityModel
@@ -59,6 +63,19 @@ class ImageTower:
     With visual prompts it delegates to :class:`~grmpiqa.prompts.VisualPromptedEncoder`;
     without, it splits open_clip's ``VisionTransformer`` the same way, so
     ``head(blocks(embed(x)))`` equals the unnormalised image embedding either way.
+
+    It also runs the trained tail of the tower on a *fast path* that gives the same
+    result up to floating-point rounding while skipping work whose output is discarded
+    (method.md 4: deep prompts replace the prompt positions before every block, and the
+    head pools the CLS token):
+
+    * the output rows at the prompt positions of every block but the last are replaced
+      by the next block's prompts, so those rows are only used as keys and values: their
+      queries, attention output, MLP (and the cached hidden state's prompt rows) are
+      skipped ("compact" hidden states of the CLS and patch tokens only);
+    * of the last block only the CLS row is computed;
+    * attention is computed directly with ``scaled_dot_product_attention`` on the
+      block's own weights (no packed-projection copies).
     """
 
     def __init__(self, model: QualityModel) -> None:
@@ -90,48 +107,121 @@ class ImageTower:
             pooled = pooled @ self.vit.proj
         return pooled
 
-    @property
-    def cls_only_ok(self) -> bool:
-        """Whether only the CLS token of the last block's output is used (CLIP ViTs)."""
+    # -- the fast path -------------------------------------------------------------
+
+    def fast_ok(self, start: int) -> bool:
+        """Whether blocks ``start..`` can run on the fast path (CLIP ViTs: CLS pooling,
+        standard residual blocks, batch-first, no attention dropout)."""
         v = self.vit
-        block = v.transformer.resblocks[-1] if self.n_blocks else None
-        return (
-            getattr(v, "pool_type", "tok") == "tok"
+        if not (
+            start < self.n_blocks
+            and getattr(v, "pool_type", "tok") == "tok"
             and getattr(v, "attn_pool", None) is None
             and getattr(v.transformer, "batch_first", True)
-            and isinstance(block, ResidualAttentionBlock)
-            and not hasattr(block, "ln_1_kv")
+        ):
+            return False
+        for block in list(v.transformer.resblocks)[start:]:
+            a = getattr(block, "attn", None)
+            if not (
+                isinstance(block, ResidualAttentionBlock)
+                and not hasattr(block, "ln_1_kv")
+                and isinstance(a, nn.MultiheadAttention)
+                and a._qkv_same_embed_dim
+                and a.in_proj_weight is not None
+                and a.bias_k is None
+                and not a.add_zero_attn
+                and a.dropout == 0.0
+            ):
+                return False
+        return True
+
+    def is_compact(self, start: int) -> bool:
+        """Whether the hidden state entering block ``start`` is stored without its prompt
+        rows: every block from ``start`` on replaces the prompts (VPT-deep)."""
+        vpt = self.model.visual
+        return (
+            vpt is not None
+            and vpt.num_tokens > 0
+            and 1 <= start
+            and self.n_blocks - 1 <= vpt.deep_layers
+            and self.fast_ok(start)
         )
 
+    def compact(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Drop the prompt rows of a full hidden state (when :meth:`is_compact`)."""
+        if not self.is_compact(start):
+            return hidden
+        assert self.model.visual is not None
+        p = self.model.visual.num_tokens
+        return torch.cat([hidden[:, :1], hidden[:, 1 + p :]], dim=1)
+
+    def expand(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """A full hidden state from a compact one (prompt rows zero: block ``start``
+        replaces them anyway)."""
+        if not self.is_compact(start):
+            return hidden
+        assert self.model.visual is not None
+        p = self.model.visual.num_tokens
+        zeros = hidden.new_zeros(hidden.shape[0], p, hidden.shape[2])
+        return torch.cat([hidden[:, :1], zeros, hidden[:, 1:]], dim=1)
+
     def features_from_hidden(
-        self, hidden: torch.Tensor, start: int, cls_only: bool = True
+        self, hidden: torch.Tensor, start: int, fast: bool = True
     ) -> torch.Tensor:
         """L2-normalised image embedding from the hidden state entering block ``start``.
 
-        ``cls_only``: run the last block for the CLS query only (its other outputs are
-        never used: the head pools the CLS token) - the same result up to rounding, at
-        about a sixth of that block's cost.
+        ``hidden`` is in the layout :func:`encode_frozen` returns (compact when
+        :meth:`is_compact`). ``fast`` selects the fast path (see the class docstring);
+        ``fast=False`` runs the blocks exactly as the uncached model does.
         """
+        if not (fast and self.fast_ok(start)):
+            return l2_normalize(self.head(self.blocks(self.expand(hidden, start), start)))
         last = self.n_blocks - 1
-        if not (cls_only and self.cls_only_ok and start <= last):
-            return l2_normalize(self.head(self.blocks(hidden, start)))
-        x = self.blocks(hidden, start, last)
+        blocks = self.vit.transformer.resblocks
         vpt = self.model.visual
+        if self.is_compact(start):
+            assert vpt is not None
+            r = hidden
+            for i in range(start, self.n_blocks):
+                prompts = vpt._prompt(vpt.deep_prompt_embeddings[i - 1 : i], r.shape[0])
+                x = torch.cat([r, prompts.to(r.dtype)], dim=1)  # keys: order-free
+                r = _block_rows(blocks[i], x, 1 if i == last else r.shape[1])
+            return l2_normalize(self.head(r))
+        x = self.blocks(hidden, start, last) if start < last else hidden
         if vpt is not None and 1 <= last <= vpt.deep_layers:
-            deep = vpt._prompt(vpt.deep_prompt_embeddings[last - 1 : last], x.shape[0]).to(x.dtype)
-            x = torch.cat([x[:, :1], deep, x[:, 1 + vpt.num_tokens :]], dim=1)
-        return l2_normalize(self.head(_cls_block(self.vit.transformer.resblocks[last], x)))
+            deep = vpt._prompt(vpt.deep_prompt_embeddings[last - 1 : last], x.shape[0])
+            x = torch.cat([x[:, :1], deep.to(x.dtype), x[:, 1 + vpt.num_tokens :]], dim=1)
+        return l2_normalize(self.head(_block_rows(blocks[last], x, 1)))
 
 
-def _cls_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
-    """open_clip's ``ResidualAttentionBlock`` evaluated for the first token only.
+def _attention(
+    attn: nn.MultiheadAttention, q_in: torch.Tensor, kv_in: torch.Tensor
+) -> torch.Tensor:
+    """``nn.MultiheadAttention(q_in, kv_in, kv_in)`` (batch-first, no mask) computed
+    directly: queries ``[B, R, W]`` against keys/values ``[B, T, W]``."""
+    b, r, w = q_in.shape
+    t = kv_in.shape[1]
+    h = attn.num_heads
+    d = w // h
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    bq = bkv = None
+    if bias is not None:
+        bq, bkv = bias[:w], bias[w:]
+    q = F.linear(q_in, weight[:w], bq).view(b, r, h, d).transpose(1, 2)
+    kv = F.linear(kv_in, weight[w:], bkv).view(b, t, 2, h, d).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, r, w)
+    return F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
 
-    Keys and values come from every token, the query, residual and MLP from the first,
-    exactly as in the full block (batch-first input ``[B, T, W]`` -> ``[B, 1, W]``).
+
+def _block_rows(block: ResidualAttentionBlock, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """open_clip's ``ResidualAttentionBlock`` for the first ``rows`` tokens only.
+
+    Keys and values come from every token; the queries, residual and MLP from the
+    first ``rows``, exactly as in the full block (``[B, T, W]`` -> ``[B, rows, W]``).
     """
     y = block.ln_1(x)
-    a = block.attention(q_x=y[:, :1], k_x=y, v_x=y)
-    h = x[:, :1] + block.ls_1(a)
+    h = x[:, :rows] + block.ls_1(_attention(block.attn, y[:, :rows], y))
     return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 
@@ -214,8 +304,12 @@ def encode_frozen(
     start_block: int,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Hidden state entering block ``start_block`` for preprocessed ``images`` (eval mode,
-    i.e. no prompt dropout)."""
+    """Hidden state entering block ``start_block`` for preprocessed ``images``.
+
+    Computed in eval mode (no prompt dropout), in the layout
+    :meth:`ImageTower.features_from_hidden` takes: without the prompt rows when
+    :meth:`ImageTower.is_compact`, since block ``start_block`` replaces them.
+    """
     tower = ImageTower(model)
     was = model.training
     model.eval()
@@ -224,7 +318,7 @@ def encode_frozen(
             h = tower.blocks(tower.embed(images.to(model.device)), 0, start_block)
     finally:
         model.train(was)
-    return h
+    return tower.compact(h, start_block)
 
 
 @dataclass

@@ -38,7 +38,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,9 @@ class FinetuneResult:
         seconds: wall time of training (all sessions of a resumed run).
         stopped: ``"min_lr"`` or ``"max_epochs"``.
         cache_build_s: time spent building the frozen-feature cache (this session).
+        final_lr: the learning rate at the end (after the last decay).
+        epoch_seconds: wall time of each training epoch of this session, evaluations
+            excluded (the evaluation time is ``eval_seconds`` in the history rows).
     """
 
     history: list[dict[str, Any]]
@@ -221,6 +224,7 @@ class FinetuneResult:
     stopped: str
     cache_build_s: float = 0.0
     final_lr: float = float("nan")
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 # -- teacher ---------------------------------------------------------------------------
@@ -378,7 +382,7 @@ class Stage2Step:
         if hidden is not None:
             if self.start_block is None:
                 raise ValueError("no start_block: this step has no cache")
-            return self.tower.features_from_hidden(hidden, self.start_block, cls_only=self.fast)
+            return self.tower.features_from_hidden(hidden, self.start_block, fast=self.fast)
         assert pixels is not None
         return self.model.encode_image(pixels)
 
@@ -613,6 +617,7 @@ def finetune(
     n = len(train)
     bs = config.batch_size or n
     t_start = time.perf_counter()
+    epoch_seconds: list[float] = []
     window: list[StepStats] = []
     last_eval = epoch0 if history else 0
     bar = tqdm(
@@ -626,6 +631,7 @@ def finetune(
     try:
         while not stopped and epoch < config.max_epochs:
             epoch += 1
+            t_epoch = time.perf_counter()
             for g in optimizer.param_groups:
                 g["lr"] = schedule.lr
             model.train()
@@ -655,10 +661,12 @@ def finetune(
                         lq, ls, _ = step.losses(y, pixels=x)
                     evaluated = epoch % config.eval_every == 0 or epoch == config.max_epochs
                     window.append(step.step(optimizer, lq, ls, cosine=evaluated))
+            epoch_seconds.append(time.perf_counter() - t_epoch)
             bar.update(1)
             bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{window[-1].loss_q:.4f}")
             final = epoch == config.max_epochs
             if epoch % config.eval_every == 0 or final:
+                t_eval = time.perf_counter()
                 row = _evaluate(
                     model,
                     step,
@@ -672,6 +680,7 @@ def finetune(
                     val,
                     val_hidden,
                 )
+                row["eval_seconds"] = time.perf_counter() - t_eval
                 if on_eval is not None:
                     model.eval()
                     row.update(on_eval(epoch, model))
@@ -716,6 +725,7 @@ def finetune(
         stopped=stopped,
         cache_build_s=cache.build_seconds if cache is not None else 0.0,
         final_lr=schedule.lr,
+        epoch_seconds=epoch_seconds,
     )
 
 

@@ -1,0 +1,282 @@
+"""Stage-2 fine-tuning speed: the released (uncached) path vs. the frozen-feature cache.
+
+ViT-B-16-quickgelu with RANDOM weights (speed does not depend on the values; announced
+on stderr), 50 shots (from CLIVE split seed 0 / index 0 when ../shared/data is present,
+else 50 generated 500x500 images), all shots in one batch (one step per epoch), the
+default lambda = 5 (two backward passes per step). For each precision (fp32, bf16
+autocast) and each path a *fresh subprocess* runs ``grmpiqa.finetune`` for 1 + E epochs
+with a single evaluation at the end, and reports:
+
+* ``s_per_epoch``: median wall time of epochs 2..1+E (evaluation excluded);
+* ``eval_s``: one evaluation (SRCC on the shots, eval transform); the released schedule
+  evaluates every 5 epochs, so ``s_per_epoch_with_eval = s_per_epoch + eval_s / 5``;
+* ``cache_build_s``: the one-off cache build (frozen blocks 0..7 and the teacher for K
+  views per image plus the eval view);
+* ``setup_s``: everything else before the first epoch (decoding, teacher copy);
+* ``peak_rss_mib``: the subprocess's peak resident memory.
+
+A third subprocess per precision measures ``max_abs_loss_diff`` (and the gradients'
+largest difference) between the cached and the uncached path for the same augmented
+view, prompt dropout off.
+
+Usage:
+    python benchmarks/finetune_speed.py [--epochs 2] [--precisions fp32 bf16]
+        [--shots 50] [--cache-augmentations 8] [--device cpu]
+
+The last stdout line is one JSON object: the fp32 figures at the top level
+(``naive_s_per_epoch``, ``cached_s_per_epoch``, ``speedup``, ``cache_build_s``,
+``max_abs_loss_diff``, ``precision``), every configuration under ``runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIVE = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "clive-dev" / "ChallengeDB_release"
+)
+BACKBONE = os.environ.get("GRMPIQA_BENCH_BACKBONE", "ViT-B-16-quickgelu")  # test-tiny: smoke test
+
+
+def peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def shots(n: int, workdir: Path) -> Any:
+    """The training shots: CLIVE split (seed 0, index 0), else generated images."""
+    from grmpiqa.data import load_dataset, make_split
+
+    if CLIVE.is_dir():
+        ds = load_dataset(f"clive:{CLIVE}")
+        return make_split(ds, 0, 0, n).train(ds)
+    rng = np.random.default_rng(0)
+    rows = ["path,mos"]
+    yy, xx = np.mgrid[0:500, 0:500]
+    for i in range(n):
+        base = np.stack([xx / 2, yy / 2, (xx + yy) / 4], -1) + rng.normal(0, 10 + i, (500, 500, 3))
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(workdir / f"g{i}.png")
+        rows.append(f"g{i}.png,{100 - i}")
+    (workdir / "labels.csv").write_text("\n".join(rows) + "\n")
+    return load_dataset(f"csv:{workdir / 'labels.csv'}")
+
+
+def child_train(args: argparse.Namespace) -> dict[str, Any]:
+    import grmpiqa
+    from grmpiqa.finetune import FinetuneConfig, finetune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train = shots(args.shots, Path(tmp))
+        t0 = time.perf_counter()
+        model = grmpiqa.create_model(BACKBONE, pretrained=None, device=args.device, seed=0)
+        config = FinetuneConfig(
+            max_epochs=1 + args.epochs,
+            eval_every=1 + args.epochs,
+            precision=args.precision,
+            cache=args.child == "cached",
+            cache_augmentations=args.cache_augmentations,
+        )
+        result = finetune(model, train, config, progress=False)
+        total = time.perf_counter() - t0
+    epochs = result.epoch_seconds
+    timed = epochs[1:] or epochs
+    eval_s = float(result.history[-1]["eval_seconds"])
+    s_per_epoch = statistics.median(timed)
+    return {
+        "path": args.child,
+        "precision": args.precision,
+        "s_per_epoch": s_per_epoch,
+        "epoch_seconds": epochs,
+        "eval_s": eval_s,
+        "s_per_epoch_with_eval": s_per_epoch + eval_s / 5,
+        "cache_build_s": result.cache_build_s,
+        "setup_s": total - sum(epochs) - eval_s - result.cache_build_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "loss_q": result.history[-1]["loss_q"],
+    }
+
+
+def child_lossdiff(args: argparse.Namespace) -> dict[str, Any]:
+    import grmpiqa
+    from grmpiqa.feature_cache import bank_view, build_feature_cache, frozen_image_blocks
+    from grmpiqa.finetune import FinetuneConfig, Stage2Step, build_teacher
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train = shots(args.shots, Path(tmp))
+        model = grmpiqa.create_model(BACKBONE, pretrained=None, device=args.device, seed=0)
+        c = model.preprocess
+        resample = Image.Resampling.BICUBIC
+        images = [it.load().resize((c.resize, c.resize), resample) for it in train]
+    config = FinetuneConfig(precision=args.precision)
+    teacher = build_teacher(model, config.scene_prompts)
+    model.set_trainable(config.groups)
+    start = frozen_image_blocks(model)
+    assert start is not None and model.visual is not None
+    model.visual.prompt_dropout.p = 0.0  # the cache's exactness condition
+    model.train()
+    cache = build_feature_cache(
+        model,
+        images,
+        start_block=start,
+        augmentations=1,
+        seed=0,
+        teacher=teacher,
+        precision=args.precision,
+    )
+    y = torch.tensor(train.labels, dtype=torch.float32)
+    x = torch.stack([bank_view(model, im, 0, i, 0) for i, im in enumerate(images)])
+    naive = Stage2Step(model, config, teacher, None)
+    fast = Stage2Step(model, config, None, start)
+    lq1, ls1, _ = naive.losses(y, pixels=x.to(model.device))
+    g1q, g1s = naive.gradients(lq1, ls1)
+    h, t = cache.batch(range(len(images)), 0)
+    lq2, ls2, _ = fast.losses(y, hidden=h, teacher_logits=t)
+    g2q, g2s = fast.gradients(lq2, ls2)
+    assert ls1 is not None and ls2 is not None and g1s is not None and g2s is not None
+    gdiff, gmax = 0.0, 0.0
+    for a, b in zip([*g1q, *g1s], [*g2q, *g2s], strict=True):
+        if a is not None and b is not None:
+            gdiff = max(gdiff, float((a - b).abs().max()))
+            gmax = max(gmax, float(a.abs().max()))
+    return {
+        "precision": args.precision,
+        "loss_q": float(lq1.detach()),
+        "loss_s": float(ls1.detach()),
+        "max_abs_loss_diff": max(
+            abs(float(lq1.detach()) - float(lq2.detach())),
+            abs(float(ls1.detach()) - float(ls2.detach())),
+        ),
+        "max_abs_grad_diff": gdiff,
+        "max_abs_grad": gmax,
+    }
+
+
+def run_child(kind: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--precision",
+        precision,
+        "--epochs",
+        str(args.epochs),
+        "--shots",
+        str(args.shots),
+        "--cache-augmentations",
+        str(args.cache_augmentations),
+        "--device",
+        args.device,
+    ]
+    print(f"# running {kind} {precision} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after a warm-up epoch")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--shots", type=int, default=50)
+    p.add_argument("--cache-augmentations", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--child", choices=["naive", "cached", "lossdiff"], help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child == "lossdiff":
+        print(json.dumps(child_lossdiff(args)))
+        return
+    if args.child:
+        print(json.dumps(child_train(args)))
+        return
+
+    load_before = os.getloadavg()
+    runs: dict[str, dict[str, Any]] = {}
+    for prec in args.precisions:
+        naive = run_child("naive", prec, args)
+        cached = run_child("cached", prec, args)
+        diff = run_child("lossdiff", prec, args)
+        runs[prec] = {
+            "naive": naive,
+            "cached": cached,
+            "speedup": naive["s_per_epoch"] / cached["s_per_epoch"],
+            "speedup_with_eval": naive["s_per_epoch_with_eval"] / cached["s_per_epoch_with_eval"],
+            **{k: diff[k] for k in ("max_abs_loss_diff", "max_abs_grad_diff", "max_abs_grad")},
+        }
+    print(
+        f"# {BACKBONE} (RANDOM weights), {args.shots} shots, one step per epoch, lambda 5, "
+        f"{'CLIVE' if CLIVE.is_dir() else 'generated'} images, device {args.device}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    hdr = (
+        f"{'precision':9} {'path':7} {'s/epoch':>8} {'+eval/5':>8} {'eval s':>7} "
+        f"{'cache s':>8} {'setup s':>8} {'peak MiB':>9}"
+    )
+    print(hdr)
+    for prec, r in runs.items():
+        for kind in ("naive", "cached"):
+            c = r[kind]
+            print(
+                f"{prec:9} {kind:7} {c['s_per_epoch']:8.2f} {c['s_per_epoch_with_eval']:8.2f} "
+                f"{c['eval_s']:7.2f} {c['cache_build_s']:8.1f} {c['setup_s']:8.1f} "
+                f"{c['peak_rss_mib']:9.0f}"
+            )
+        print(
+            f"{prec:9} speedup {r['speedup']:.2f}x (with eval {r['speedup_with_eval']:.2f}x), "
+            f"max |loss diff| {r['max_abs_loss_diff']:.2e}, max |grad diff| "
+            f"{r['max_abs_grad_diff']:.2e} (largest grad {r['max_abs_grad']:.2e})"
+        )
+    head = args.precisions[0]
+    h = runs[head]
+    summary = {
+        "benchmark": "finetune_speed",
+        "backbone": BACKBONE,
+        "weights": "random",
+        "shots": args.shots,
+        "data": "clive" if CLIVE.is_dir() else "generated",
+        "device": args.device,
+        "precision": head,
+        "naive_s_per_epoch": h["naive"]["s_per_epoch"],
+        "cached_s_per_epoch": h["cached"]["s_per_epoch"],
+        "speedup": h["speedup"],
+        "speedup_with_eval": h["speedup_with_eval"],
+        "cache_build_s": h["cached"]["cache_build_s"],
+        "max_abs_loss_diff": h["max_abs_loss_diff"],
+        "cache_augmentations": args.cache_augmentations,
+        "epochs_timed": args.epochs,
+        "runs": runs,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
