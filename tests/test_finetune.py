@@ -161,6 +161,20 @@ def test_plain_finetuning_and_no_teacher(shots):
     assert model.trainable_parameters().keys() == {"prompt_learner.ctx"}
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_bf16_autocast_trains(shots, cache):
+    config = FinetuneConfig(
+        precision="bf16", cache=cache, max_epochs=2, eval_every=2, cache_augmentations=1, lr=0.05
+    )
+    model = tiny_model()
+    before = model.prompt_learner.ctx.detach().clone()
+    r = finetune(model, shots, config, progress=False)
+    row = r.history[-1]
+    assert math.isfinite(row["loss_q"]) and math.isfinite(row["loss_s"])
+    assert model.prompt_learner.ctx.dtype == torch.float32  # parameters stay fp32
+    assert not torch.equal(model.prompt_learner.ctx.detach(), before)
+
+
 def test_validation_set_is_monitored_by_default(shots):
     config = FinetuneConfig(max_epochs=2, eval_every=1, cache_augmentations=1)
     r = finetune(

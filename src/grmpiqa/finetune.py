@@ -563,7 +563,6 @@ def finetune(
         monitor = "val_srcc"
 
     # The teacher and the cache need the model as it was *before* fine-tuning.
-    base_weights = _has_base_weights(model)
     teacher: SemanticTeacher | None = (
         build_teacher(model, config.scene_prompts) if config.distill else None
     )
@@ -575,7 +574,6 @@ def finetune(
             "the frozen-feature cache",
             file=sys.stderr,
         )
-    del base_weights
 
     images = _load_resized(model, train)
     labels_all = torch.tensor(train.labels, dtype=torch.float32)

@@ -6,10 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.cli.common import (
+    add_backbone_args,
+    add_finetune_args,
+    finetune_config_from_args,
+    model_from_args,
+)
 from grmpiqa.data import load_dataset, make_split, write_splits
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.scoring import PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,42 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--split-seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--split-index", type=int, default=0, help="split index (default 0)")
+    add_finetune_args(p)
     p.add_argument(
-        "--lambda",
-        dest="lam",
-        type=float,
-        default=5.0,
-        help="QGR lambda (default 5; 0 = plain fine-tuning)",
-    )
-    p.add_argument("--no-distill", action="store_true", help="no teacher and no L_s at all")
-    p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
-    p.add_argument(
-        "--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)"
-    )
-    p.add_argument("--max-epochs", type=int, default=2000, help="epoch limit (default 2000)")
-    p.add_argument(
-        "--eval-every", type=int, default=5, help="epochs between evaluations (default 5)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="shots per step (default: all in one batch)"
-    )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast")
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="run the exact released path (no frozen-feature cache; prompt dropout in all layers)",
-    )
-    p.add_argument(
-        "--cache-augmentations",
-        type=int,
-        default=8,
-        metavar="K",
-        help="augmented views per image in the cache's bank (default 8)",
+        "--val",
+        default=None,
+        metavar="SPEC",
+        help="a separate rated validation set; its SRCC becomes the default monitor",
     )
     p.add_argument(
         "--monitor",
         default="train_srcc",
-        help="figure the lr schedule watches (default train_srcc: SRCC on the shots)",
+        help="figure the lr schedule watches (default: SRCC on the shots, or on --val)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -80,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.finetune import FinetuneConfig, finetune
+    from grmpiqa.finetune import finetune
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -90,22 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise GrmpiqaError(f"{args.data}: fine-tuning needs rated images")
     split = make_split(dataset, args.split_seed, args.split_index, args.shots)
     train = split.train(dataset)
-    seed = args.seed if args.seed is not None else 0
-    config = FinetuneConfig(
-        lam=args.lam,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        max_epochs=args.max_epochs,
-        eval_every=args.eval_every,
-        batch_size=args.batch_size,
-        distill=not args.no_distill,
-        precision=args.precision,
-        cache=not args.no_cache,
-        cache_augmentations=args.cache_augmentations,
-        seed=seed,
-        monitor=args.monitor,
-    )
-    config.validate()
+    config = finetune_config_from_args(args, monitor=args.monitor)
+    val = load_dataset(args.val) if args.val else None
     model = model_from_args(args, checkpoint=args.init)
     progress = not args.no_progress
     if progress:
@@ -120,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {
         "init": str(args.init) if args.init else None,
         "data": dataset.spec,
+        "val": val.spec if val is not None else None,
         "split": {
             "column": split.column,
             "seed": split.seed,
@@ -131,7 +97,14 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     result = finetune(
-        model, train, config, out=out, resume=args.resume, progress=progress, extra=extra
+        model,
+        train,
+        config,
+        val=val,
+        out=out,
+        resume=args.resume,
+        progress=progress,
+        extra=extra,
     )
     last = result.history[-1] if result.history else {}
     srcc = last.get("train_srcc")
