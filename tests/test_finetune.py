@@ -208,15 +208,13 @@ def test_resume_continues_exactly(shots, tmp_path, cache):
     lines = log_path(out).read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [2, 4]
     # a finished run resumes to itself; other settings are refused
+    third = tiny_model()
     rc = finetune(
-        tiny_model(),
-        shots,
-        FinetuneConfig(max_epochs=4, **kw),
-        out=out,
-        resume=True,
-        progress=False,
+        third, shots, FinetuneConfig(max_epochs=4, **kw), out=out, resume=True, progress=False
     )
-    assert rc.epochs == 4
+    assert rc.epochs == 4 and rc.stopped == "max_epochs" and len(rc.history) == 2
+    for (n, p), (_, q) in zip(second.named_parameters(), third.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
     with pytest.raises(GrmpiqaError, match="lam"):
         finetune(
             tiny_model(),

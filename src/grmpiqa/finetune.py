@@ -562,6 +562,21 @@ def finetune(
     if monitor == "train_srcc" and val is not None:
         monitor = "val_srcc"
 
+    state: dict[str, Any] | None = None
+    if resume and out is not None and state_path(out).is_file():
+        state = _read_state(state_path(out), config, train)
+        if state["stopped"]:  # nothing left to do: restore the final weights
+            model.set_trainable(config.groups)
+            _apply_tensors(state_path(out), state, model)
+            model.eval()
+            return FinetuneResult(
+                history=list(state["history"]),
+                epochs=int(state["epoch"]),
+                seconds=float(state["seconds"]),
+                stopped=str(state["stopped"]),
+                final_lr=float(state["schedule"]["lr"]),
+            )
+
     # The teacher and the cache need the model as it was *before* fine-tuning.
     teacher: SemanticTeacher | None = (
         build_teacher(model, config.scene_prompts) if config.distill else None
@@ -605,10 +620,13 @@ def finetune(
     schedule = PlateauSchedule(config.lr, config.patience, config.lr_decay, config.min_lr)
     history: list[dict[str, Any]] = []
     epoch0, seconds0, stopped = 0, 0.0, ""
-    if resume and out is not None and state_path(out).is_file():
-        epoch0, seconds0, stopped = _load_state(
-            state_path(out), model, step, optimizer, schedule, history, config, train
-        )
+    if state is not None and out is not None:
+        _apply_tensors(state_path(out), state, model)
+        optimizer.load_state_dict(state["optimizer"])
+        for k, v in state["schedule"].items():
+            setattr(schedule, k, v)
+        history.extend(state["history"])
+        epoch0, seconds0, stopped = int(state["epoch"]), float(state["seconds"]), ""
         if progress:
             print(f"grmpiqa: resuming {out} after epoch {epoch0}", file=sys.stderr)
 
@@ -878,16 +896,8 @@ def _save(
             fh.write(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n")
 
 
-def _load_state(
-    path: Path,
-    model: QualityModel,
-    step: Stage2Step,
-    optimizer: torch.optim.Optimizer,
-    schedule: PlateauSchedule,
-    history: list[dict[str, Any]],
-    config: FinetuneConfig,
-    train: Dataset,
-) -> tuple[int, float, str]:
+def _read_state(path: Path, config: FinetuneConfig, train: Dataset) -> dict[str, Any]:
+    """The resume state at ``path``, checked against the settings and training images."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
@@ -904,10 +914,16 @@ def _load_state(
             )
     if state["train_names"] != train.names:
         raise GrmpiqaError(f"{path}: written for other training images than {train.spec}")
+    if state.get("stopped") == "max_epochs" and config.max_epochs > state["epoch"]:
+        state["stopped"] = ""
+    return dict(state)
+
+
+def _apply_tensors(path: Path, state: dict[str, Any], model: QualityModel) -> None:
     tensors = state["tensors"]
-    if set(tensors) != set(step.names):
-        raise GrmpiqaError(f"{path}: trainable tensors differ from this model's")
     named = model.trainable_parameters()
+    if set(tensors) != set(named):
+        raise GrmpiqaError(f"{path}: trainable tensors differ from this model's")
     with torch.no_grad():
         for n, t in tensors.items():
             if named[n].shape != t.shape:
@@ -915,11 +931,3 @@ def _load_state(
                     f"{path}: tensor {n} has shape {tuple(t.shape)}, model {tuple(named[n].shape)}"
                 )
             named[n].copy_(t.to(named[n].dtype))
-    optimizer.load_state_dict(state["optimizer"])
-    for k, v in state["schedule"].items():
-        setattr(schedule, k, v)
-    history.extend(state["history"])
-    stopped = state.get("stopped", "")
-    if stopped == "max_epochs" and config.max_epochs > state["epoch"]:
-        stopped = ""
-    return int(state["epoch"]), float(state["seconds"]), stopped
