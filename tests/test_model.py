@@ -98,3 +98,19 @@ def test_random_backbone_is_announced_every_time(capsys):
     grmpiqa.create_model("test-tiny", pretrained=None)
     err = capsys.readouterr().err
     assert err.count("RANDOM weights") == 2
+
+
+def test_bf16_scores_within_0_01_of_fp32(tiny_model):
+    x = torch.rand(6, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    fp32 = tiny_model.score(x, precision="fp32")
+    bf16 = tiny_model.score(x, precision="bf16")
+    assert bf16.dtype == torch.float32
+    assert float((fp32 - bf16).abs().max()) < 0.01
+    assert not torch.equal(fp32, bf16)  # autocast really ran in bf16
+
+
+def test_dataloader_workers_do_not_change_scores(tiny_model, tmp_path):
+    paths = [make_image(tmp_path / f"{i}.png", seed=i) for i in range(5)]
+    in_process = tiny_model.score(paths, batch_size=2, num_workers=0)
+    workers = tiny_model.score(paths, batch_size=2, num_workers=2)
+    torch.testing.assert_close(in_process, workers, rtol=0, atol=0)
