@@ -247,7 +247,17 @@ class SemanticTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        v = l2_normalize(self.visual(images))
+        vit: Any = self.visual
+        if hasattr(vit, "_embeds") and hasattr(vit, "_pool") and not vit.output_tokens:
+            # open_clip's forward with an fp32 residual stream (faster under bf16
+            # autocast on CPU; identical in fp32)
+            x = vit.transformer(vit._embeds(images).float())
+            feats, _ = vit._pool(x)
+            if vit.proj is not None:
+                feats = feats @ vit.proj
+        else:
+            feats = vit(images)
+        v = l2_normalize(feats)
         return self.logit_scale * v @ self.text_features.t().to(v.dtype)
 
     def train(self, mode: bool = True) -> SemanticTeacher:  # always eval
