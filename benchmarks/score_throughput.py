@@ -17,6 +17,7 @@ The last stdout line is one JSON object (the bf16 batch-32 case plus the extras)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -28,7 +29,9 @@ import torch
 import grmpiqa
 from grmpiqa.scoring import autocast, score_inputs, text_features
 
-CLIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clive-dev" / "ChallengeDB_release"
+CLIVE = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "clive-dev" / "ChallengeDB_release"
+)
 
 
 def reset_peak() -> None:
@@ -63,7 +66,9 @@ def time_fn(fn, x: torch.Tensor, iters: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for end to end")
@@ -82,19 +87,23 @@ def main() -> None:
 
     results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu={os.cpu_count()}")
-    print(f"{'precision':>9} {'batch':>5} {'plain img/s':>12} {'prompted img/s':>15} {'ratio':>6} "
-          f"{'plain MiB':>10} {'prompted MiB':>13}")
+    print(
+        f"{'precision':>9} {'batch':>5} {'plain img/s':>12} {'prompted img/s':>15} {'ratio':>6} "
+        f"{'plain MiB':>10} {'prompted MiB':>13}"
+    )
     for precision in ("fp32", "bf16"):
         text = text_features(model, precision)
 
-        def prompted(x: torch.Tensor, precision: str = precision, text: torch.Tensor = text) -> torch.Tensor:
+        def prompted(
+            x: torch.Tensor, precision: str = precision, text: torch.Tensor = text
+        ) -> torch.Tensor:
             with autocast(model.device, precision):
                 return model.logits_from_features(model.encode_image(x), text)
 
         for bs in args.batch_sizes:
             x = torch.randn(bs, 3, 224, 224)
             iters = max(1, args.iters if bs >= 8 else args.iters * 4)
-            p_ips, p_mem = time_fn(lambda t: plain(t, precision), x, iters)
+            p_ips, p_mem = time_fn(functools.partial(plain, precision=precision), x, iters)
             q_ips, q_mem = time_fn(prompted, x, iters)
             row = {
                 "precision": precision,
@@ -106,8 +115,11 @@ def main() -> None:
                 "prompted_peak_mib": round(q_mem),
             }
             results.append(row)
-            print(f"{precision:>9} {bs:>5} {p_ips:>12.2f} {q_ips:>15.2f} {q_ips / p_ips:>6.3f} "
-                  f"{p_mem:>10.0f} {q_mem:>13.0f}", flush=True)
+            print(
+                f"{precision:>9} {bs:>5} {p_ips:>12.2f} {q_ips:>15.2f} {q_ips / p_ips:>6.3f} "
+                f"{p_mem:>10.0f} {q_mem:>13.0f}",
+                flush=True,
+            )
 
     pick = next(
         (r for r in results if r["precision"] == "bf16" and r["batch_size"] == 32), results[-1]
@@ -119,11 +131,15 @@ def main() -> None:
         paths = sorted(p for p in (CLIVE / "Images").glob("*") if p.is_file())[: args.e2e_images]
         bs = 32
         for precision in ("bf16",):
-            pre = torch.stack([model.preprocess.eval_transform()(grmpiqa.images.load_image(p)) for p in paths])
+            pre = torch.stack(
+                [model.preprocess.eval_transform()(grmpiqa.images.load_image(p)) for p in paths]
+            )
             text = text_features(model, precision)
 
             @torch.inference_mode()
-            def model_only(x: torch.Tensor, precision: str = precision, text: torch.Tensor = text) -> None:
+            def model_only(
+                x: torch.Tensor, precision: str = precision, text: torch.Tensor = text
+            ) -> None:
                 for i in range(0, len(x), bs):
                     with autocast(model.device, precision):
                         model.logits_from_features(model.encode_image(x[i : i + bs]), text)
@@ -135,11 +151,17 @@ def main() -> None:
             t0 = time.perf_counter()
             model.score(paths, batch_size=bs, precision=precision, num_workers=args.workers)
             e2e = len(paths) / (time.perf_counter() - t0)
-            print(f"end to end ({precision}, batch {bs}, {args.workers} workers, {len(paths)} CLIVE images): "
-                  f"{e2e:.2f} img/s vs model only {mo:.2f} img/s (ratio {e2e / mo:.3f})")
+            print(
+                f"end to end ({precision}, batch {bs}, {args.workers} workers, "
+                f"{len(paths)} CLIVE images): "
+                f"{e2e:.2f} img/s vs model only {mo:.2f} img/s (ratio {e2e / mo:.3f})"
+            )
             summary.update(
-                e2e_img_s=round(e2e, 2), model_only_img_s=round(mo, 2), e2e_ratio=round(e2e / mo, 3),
-                e2e_workers=args.workers, e2e_images=len(paths),
+                e2e_img_s=round(e2e, 2),
+                model_only_img_s=round(mo, 2),
+                e2e_ratio=round(e2e / mo, 3),
+                e2e_workers=args.workers,
+                e2e_images=len(paths),
             )
         sub = paths[:64]
         s32 = score_inputs(model, sub, batch_size=bs, precision="fp32")
