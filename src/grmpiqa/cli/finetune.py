@@ -59,11 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.finetune import finetune
+    from grmpiqa.finetune import finetune, log_path, state_path
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise GrmpiqaError(f"{out}: the output checkpoint must end in .safetensors")
+    if out in (state_path(out), log_path(out), out.with_suffix(".splits.csv")):
+        raise GrmpiqaError(
+            f"{out}: clashes with the run's own state/log file names; use .safetensors"
+        )
     dataset = load_dataset(args.data)
     if not dataset.has_labels:
         raise GrmpiqaError(f"{args.data}: fine-tuning needs rated images")
