@@ -59,13 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.finetune import finetune, log_path, state_path
+    from grmpiqa.finetune import finetune
 
     out = Path(args.out)
-    if out in (state_path(out), log_path(out), out.with_suffix(".splits.csv")):
-        raise GrmpiqaError(
-            f"{out}: clashes with the run's own state/log file names; use .safetensors"
-        )
     dataset = load_dataset(args.data)
     if not dataset.has_labels:
         raise GrmpiqaError(f"{args.data}: fine-tuning needs rated images")

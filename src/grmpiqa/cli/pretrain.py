@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 from grmpiqa.cli.common import add_backbone_args, model_from_args
 from grmpiqa.errors import GrmpiqaError
@@ -100,13 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     from grmpiqa.data import load_dataset
-    from grmpiqa.metatrain import (
-        PretrainConfig,
-        build_tasks,
-        log_path_for,
-        pretrain,
-        state_path_for,
-    )
+    from grmpiqa.metatrain import PretrainConfig, build_tasks, pretrain
     from grmpiqa.model import ModelConfig
 
     cfg = PretrainConfig(
@@ -126,11 +119,6 @@ def run(args: argparse.Namespace) -> int:
         keep_best_val=args.keep_best_val,
         cache_images=not args.no_cache,
     )
-    out = Path(args.out)
-    if out in (state_path_for(out), log_path_for(out)):
-        raise GrmpiqaError(
-            f"{out}: clashes with the run's own state/log file names; use .safetensors"
-        )
     if args.keep_best_val and args.val is None:
         raise GrmpiqaError("--keep-best-val needs --val SPEC")
     # Load the data (and fail on bad specs) before building the model.
