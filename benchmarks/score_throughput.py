@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 import grmpiqa
-from grmpiqa.scoring import autocast, score_inputs, text_features
+from grmpiqa.precision import autocast
+from grmpiqa.scoring import score_inputs, text_features
 
 CLIVE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "clive-dev" / "ChallengeDB_release"

@@ -83,7 +83,7 @@ def image_features(
     probe builds its model without).
     """
     from grmpiqa.images import load_image
-    from grmpiqa.scoring import autocast
+    from grmpiqa.precision import autocast
 
     transform = model.preprocess.eval_transform()
     items = list(paths)

@@ -64,7 +64,7 @@ from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
 from grmpiqa.errors import DatasetError, GrmpiqaError
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import DEFAULT, ModelConfig, QualityModel, create_model
-from grmpiqa.scoring import autocast
+from grmpiqa.precision import autocast
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig

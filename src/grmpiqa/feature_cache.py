@@ -39,8 +39,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from grmpiqa.model import QualityModel
+from grmpiqa.precision import autocast
 from grmpiqa.prompts import l2_normalize
-from grmpiqa.scoring import autocast
 from grmpiqa.transforms import ResizeCropNormalize
 
 __all__ = [

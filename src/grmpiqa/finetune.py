@@ -64,8 +64,8 @@ from grmpiqa.feature_cache import (
 from grmpiqa.gradient import set_quality_aware_grads
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import STAGE2_GROUPS, QualityModel
+from grmpiqa.precision import PRECISIONS, autocast
 from grmpiqa.prompts import l2_normalize
-from grmpiqa.scoring import PRECISIONS, autocast
 from grmpiqa.transforms import ResizeCropNormalize, _pil_resample
 from grmpiqa.utils import atomic_open, atomic_path
 

@@ -55,7 +55,7 @@ from grmpiqa.data import Dataset, Item, load_dataset
 from grmpiqa.errors import CheckpointError, DatasetError, GrmpiqaError
 from grmpiqa.losses import quality_loss
 from grmpiqa.model import STAGE1_GROUPS, QualityModel
-from grmpiqa.scoring import PRECISIONS, autocast
+from grmpiqa.precision import PRECISIONS, autocast
 from grmpiqa.transforms import stage1_query_transform, stage1_support_transform, stats_for
 from grmpiqa.utils import atomic_open, atomic_path
 

@@ -6,7 +6,6 @@ on its own and the model runs in eval mode, so scores do not depend on batch siz
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,21 +18,10 @@ from tqdm.auto import tqdm
 
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
+from grmpiqa.precision import autocast
 
 if TYPE_CHECKING:
     from grmpiqa.model import QualityModel
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CPU or CUDA, or a no-op for fp32."""
-    if precision not in PRECISIONS:
-        raise GrmpiqaError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
 
 class ImageListDataset(Dataset[tuple[int, torch.Tensor | None, str | None]]):
     """Images (paths or PIL) -> ``(index, tensor or None, error or None)``."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from grmpiqa._version import __version__
 from grmpiqa.errors import GrmpiqaError
+from grmpiqa.log import install_cli_handler
 
 # Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_cli_handler()
     try:
         return int(args.func(args) or 0)
     except GrmpiqaError as err:

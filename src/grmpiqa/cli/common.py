@@ -71,7 +71,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     """The stage-2 settings (method.md 7) as flags: every :class:`FinetuneConfig` field
     a user sets (``--lambda``, ``--lr``, ``--max-epochs``, ...); read them back with
     :func:`finetune_config_from_args`."""
-    from grmpiqa.scoring import PRECISIONS
+    from grmpiqa.precision import PRECISIONS
 
     g = parser.add_argument_group("fine-tuning (stage 2)")
     g.add_argument(

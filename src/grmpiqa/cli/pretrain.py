@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from grmpiqa.cli.common import add_backbone_args, model_from_args
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.scoring import PRECISIONS
+from grmpiqa.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

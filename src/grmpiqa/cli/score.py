@@ -14,7 +14,8 @@ from pathlib import Path
 from grmpiqa.cli.common import add_backbone_args, model_from_args
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS, is_image_file
-from grmpiqa.scoring import PRECISIONS, iter_scores
+from grmpiqa.precision import PRECISIONS
+from grmpiqa.scoring import iter_scores
 from grmpiqa.utils import atomic_open
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst", ".list")
