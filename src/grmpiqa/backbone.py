@@ -95,6 +95,25 @@ class Backbone:
         return self.name
 
 
+def default_pretrained(name: str) -> str | None:
+    """The weights used when none are named: ``openai`` where open_clip knows that tag for
+    ``name``, else its only tag, else ``None`` (random weights, announced) for
+    architectures without pretrained tags such as ``test-tiny``."""
+    if name.startswith(LOCAL_DIR_PREFIX):
+        return None
+    tags = [str(t) for t in open_clip.list_pretrained_tags_by_model(name)]
+    if DEFAULT_PRETRAINED in tags or not tags and name == DEFAULT_BACKBONE:
+        return DEFAULT_PRETRAINED
+    if len(tags) == 1:
+        return tags[0]
+    if not tags:
+        return None
+    raise BackboneError(
+        f"{name} has several pretrained tags ({', '.join(tags)}); choose one with "
+        "--pretrained TAG, pass a weights file, or --pretrained random"
+    )
+
+
 def announce_random(name: str, seed: int) -> None:
     """Say on stderr, every time, that a backbone has random weights."""
     print(

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
+from grmpiqa.backbone import DEFAULT_BACKBONE, Backbone, default_pretrained, load_backbone
 from grmpiqa.errors import CheckpointError
 from grmpiqa.prompts import TextEncoder, TextPromptLearner, VisualPromptedEncoder, l2_normalize
 from grmpiqa.transforms import PreprocessConfig
@@ -343,7 +343,7 @@ def create_model(
                     "machine; pass the same weights with --pretrained FILE"
                 )
         else:
-            pretrained = DEFAULT_PRETRAINED
+            pretrained = default_pretrained(name)
     if config is None:
         config = (
             ModelConfig.from_dict(meta["model_config"]) if "model_config" in meta else ModelConfig()

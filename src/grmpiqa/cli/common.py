@@ -25,7 +25,8 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True
         "--pretrained",
         default=None,
         help=f"open_clip tag, a weights file (OpenAI .pt, open_clip .pt/.bin/.safetensors), or "
-        f"'random' for random weights (default: the checkpoint's, else {DEFAULT_PRETRAINED})",
+        f"'random' for random weights (default: the checkpoint's, else {DEFAULT_PRETRAINED}; "
+        "random, announced, for architectures without pretrained tags such as test-tiny)",
     )
     g.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
