@@ -62,10 +62,12 @@ from grmpiqa.feature_cache import (
     quality_text_features,
 )
 from grmpiqa.gradient import set_quality_aware_grads
+from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import STAGE2_GROUPS, QualityModel
 from grmpiqa.precision import PRECISIONS, autocast
 from grmpiqa.prompts import l2_normalize
+from grmpiqa.scale import LabelScale, fit_score_scale, label_scale_of
 from grmpiqa.transforms import ResizeCropNormalize, _pil_resample
 from grmpiqa.utils import atomic_open, atomic_path
 
@@ -640,6 +642,7 @@ def finetune(
         if progress:
             print(f"grmpiqa: resuming {out} after epoch {epoch0}", file=sys.stderr)
 
+    label_scale = _label_scale(train)
     n = len(train)
     bs = config.batch_size or n
     t_start = time.perf_counter()
@@ -693,7 +696,7 @@ def finetune(
             final = epoch == config.max_epochs
             if epoch % config.eval_every == 0 or final:
                 t_eval = time.perf_counter()
-                row = _evaluate(
+                row, shot_pred = _evaluate(
                     model,
                     step,
                     config,
@@ -732,7 +735,7 @@ def finetune(
                         train,
                         stopped or ("max_epochs" if final else ""),
                         row["seconds"],
-                        extra,
+                        _with_scale(extra, label_scale, shot_pred, train),
                     )
     finally:
         bar.close()
@@ -741,6 +744,9 @@ def finetune(
         stopped = "max_epochs"
     seconds = seconds0 + time.perf_counter() - t_start
     if out is not None and last_eval != epoch:
+        model.eval()
+        shot_pred = _shot_predictions(model, step, config, cache, eval_pixels)
+        extra = _with_scale(extra, label_scale, shot_pred, train)
         _save(
             out, model, config, epoch, schedule, history, optimizer, train, stopped, seconds, extra
         )
@@ -830,13 +836,10 @@ def _evaluate(
     train: Dataset,
     val: Dataset | None,
     val_hidden: torch.Tensor | None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The evaluation row, and the shots' eval-view predictions it was computed from."""
     model.eval()
-    if cache is not None:
-        pred = _predict_hidden(step, cache.eval_hidden, config)
-    else:
-        assert eval_pixels is not None
-        pred = _predict_pixels(model, eval_pixels, config)
+    pred = _shot_predictions(model, step, config, cache, eval_pixels)
     srcc, plcc = _correlations(pred, train.labels)
     row: dict[str, Any] = {
         "epoch": epoch,
@@ -856,7 +859,44 @@ def _evaluate(
                 val.paths, config.eval_batch_size, precision=config.precision
             ).numpy()
         row["val_srcc"], row["val_plcc"] = _correlations(vpred, val.labels)
-    return row
+    return row, pred
+
+
+def _shot_predictions(
+    model: QualityModel,
+    step: Stage2Step,
+    config: FinetuneConfig,
+    cache: FrozenFeatureCache | None,
+    eval_pixels: torch.Tensor | None,
+) -> np.ndarray:
+    """p(high quality) of every shot's eval view (model in eval mode)."""
+    if cache is not None:
+        return _predict_hidden(step, cache.eval_hidden, config)
+    assert eval_pixels is not None
+    return _predict_pixels(model, eval_pixels, config)
+
+
+def _label_scale(train: Dataset) -> LabelScale | None:
+    """The shots' label scale, or None (with a warning) when it cannot be told."""
+    try:
+        return label_scale_of(train)
+    except GrmpiqaError as err:
+        get_logger("finetune").warning("no MOS scale recorded in the checkpoint: %s", err)
+        return None
+
+
+def _with_scale(
+    extra: dict[str, Any] | None,
+    label_scale: LabelScale | None,
+    shot_pred: np.ndarray,
+    train: Dataset,
+) -> dict[str, Any] | None:
+    """``extra`` plus the ``scale`` record: the p -> MOS map fitted on this model's
+    predictions of the shots (:mod:`grmpiqa.scale`)."""
+    if label_scale is None:
+        return extra
+    fitted = fit_score_scale(shot_pred, train.mos, label_scale)
+    return {**(extra or {}), "scale": fitted.to_dict()}
 
 
 # -- persistence -----------------------------------------------------------------------

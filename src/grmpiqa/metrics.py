@@ -45,7 +45,9 @@ __all__ = [
     "MetricWarning",
     "evaluate_predictions",
     "fit_logistic",
+    "fit_logistic_params",
     "krcc",
+    "logistic_curve",
     "plcc",
     "plcc_logistic",
     "rmse",
@@ -135,10 +137,14 @@ def _logistic5(x: np.ndarray, b1: float, b2: float, b3: float, b4: float, b5: fl
     return b1 * (0.5 - 1.0 / (1.0 + np.exp(z))) + b4 * x + b5
 
 
-def fit_logistic(
+_LOGISTIC_FUNCS: dict[str, Callable[..., np.ndarray]] = {"4": _logistic4, "5": _logistic5}
+
+
+def fit_logistic_params(
     pred: ArrayLike, target: ArrayLike, logistic: str = "4"
-) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Fit the ``logistic``-parameter map predictions -> targets; None (+ warning) on failure.
+) -> np.ndarray | None:
+    """The fitted parameters of the ``logistic``-parameter map predictions -> targets
+    (evaluate them with :func:`logistic_curve`); None (+ warning) on failure.
 
     Initial guesses follow the VQEG practice: the targets' range for the asymptotes, the
     predictions' mean for the midpoint and their std for the slope.
@@ -152,13 +158,11 @@ def fit_logistic(
     p, t = pt
     sign = 1.0 if stats.spearmanr(p, t)[0] >= 0 else -1.0
     std = float(np.std(p)) or 1.0
-    func: Callable[..., np.ndarray]
+    func = _LOGISTIC_FUNCS[logistic]
     if logistic == "4":
-        func = _logistic4
         hi, lo = (t.max(), t.min()) if sign > 0 else (t.min(), t.max())
         p0: list[float] = [hi, lo, float(np.mean(p)), std]
     else:
-        func = _logistic5
         p0 = [sign * float(np.ptp(t)), 1.0 / std, float(np.mean(p)), 0.0, float(np.mean(t))]
     try:
         with warnings.catch_warnings():
@@ -170,9 +174,30 @@ def fit_logistic(
     if not np.all(np.isfinite(params)):
         _warn(f"{logistic}-parameter logistic fit gave non-finite parameters; returning NaN")
         return None
+    return np.asarray(params, dtype=np.float64)
+
+
+def logistic_curve(
+    x: ArrayLike, params: Sequence[float] | np.ndarray, logistic: str = "4"
+) -> np.ndarray:
+    """The ``logistic``-parameter curve with ``params`` (from :func:`fit_logistic_params`)."""
+    func = _LOGISTIC_FUNCS[str(logistic)]
+    return np.asarray(func(np.asarray(x, dtype=np.float64), *params), dtype=np.float64)
+
+
+def fit_logistic(
+    pred: ArrayLike, target: ArrayLike, logistic: str = "4"
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Fit the ``logistic``-parameter map predictions -> targets; None (+ warning) on failure.
+
+    See :func:`fit_logistic_params` for the fit.
+    """
+    params = fit_logistic_params(pred, target, logistic)
+    if params is None:
+        return None
 
     def mapped(x: np.ndarray) -> np.ndarray:
-        return np.asarray(func(np.asarray(x, dtype=np.float64), *params), dtype=np.float64)
+        return logistic_curve(x, params, logistic)
 
     return mapped
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -27,6 +27,10 @@ from grmpiqa.backbone import DEFAULT_BACKBONE, Backbone, default_pretrained, loa
 from grmpiqa.errors import CheckpointError
 from grmpiqa.prompts import TextEncoder, TextPromptLearner, VisualPromptedEncoder, l2_normalize
 from grmpiqa.transforms import PreprocessConfig
+
+if TYPE_CHECKING:
+    from grmpiqa.explain import QualityMap
+    from grmpiqa.scale import ScoreScale
 
 #: Parameter groups trained in stage 1 (meta-prompt pre-training, method.md 6).
 STAGE1_GROUPS: tuple[str, ...] = ("text_context", "visual_prompts")
@@ -149,6 +153,8 @@ class QualityModel(nn.Module):
         self.register_buffer("logit_scale", torch.tensor(backbone.logit_scale), persistent=False)
         #: state-dict keys that differ from the base CLIP (saved in checkpoints)
         self.adapted_keys: set[str] = set(self.parameter_names(("text_context", "visual_prompts")))
+        #: the label scale and p -> MOS map a fine-tuning run recorded (``scale="mos"``)
+        self.score_scale: ScoreScale | None = None
         self.set_trainable(())
 
     # -- encoders ---------------------------------------------------------------------
@@ -195,16 +201,22 @@ class QualityModel(nn.Module):
         precision: str = "fp32",
         num_workers: int = 0,
         progress: bool = False,
+        scale: str = "prob",
     ) -> torch.Tensor:
         """Quality scores in (0, 1), higher is better, as a 1-D float tensor on the CPU.
 
         ``inputs``: image paths, PIL images, or a float tensor ``[N, 3, H, W]`` in
         [0, 1] (preprocessed with the model's eval transform). Scores do not depend on
         ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
+        ``scale="mos"`` maps them to the label scale recorded by fine-tuning
+        (:mod:`grmpiqa.scale`; float64); a model without one raises GrmpiqaError.
         """
+        from grmpiqa.scale import apply_scale, check_scale, require_score_scale
         from grmpiqa.scoring import score_inputs
 
-        return score_inputs(
+        if check_scale(scale) == "mos":
+            require_score_scale(self)
+        scores = score_inputs(
             self,
             inputs,
             batch_size=batch_size,
@@ -212,6 +224,15 @@ class QualityModel(nn.Module):
             num_workers=num_workers,
             progress=progress,
         )
+        return apply_scale(self, scores, scale)
+
+    def quality_map(
+        self, image: str | os.PathLike[str] | Image.Image, *, precision: str = "fp32"
+    ) -> QualityMap:
+        """Map of local quality of one image from its patch tokens (:mod:`grmpiqa.explain`)."""
+        from grmpiqa.explain import quality_maps
+
+        return quality_maps(self, [image], precision=precision)[0]
 
     # -- parameter groups -------------------------------------------------------------
 
@@ -319,6 +340,7 @@ def create_model(
         torch.Size([2])
     """
     from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
+    from grmpiqa.scale import scale_from_metadata
 
     tensors: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
@@ -372,4 +394,5 @@ def create_model(
                 file=sys.stderr,
             )
         apply_checkpoint(model, tensors, meta, source=str(checkpoint))
+        model.score_scale = scale_from_metadata(meta)
     return model.to(device).eval()

@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (pixels)"
     )
+    p.add_argument(
+        "--scale",
+        choices=("prob", "mos"),
+        default="prob",
+        help="prob: p(high quality) in (0, 1) (default); mos: the label scale the checkpoint's "
+        "fine-tuning recorded (e.g. CLIVE MOS 0-100)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
@@ -135,6 +142,13 @@ def run(args: argparse.Namespace) -> int:
         out_format = suffix[1:]
     paths = collect_paths(args.paths)
     model = model_from_args(args, checkpoint=args.checkpoint)
+    to_mos = None
+    if args.scale == "mos":
+        from grmpiqa.scale import require_score_scale
+
+        mos_scale = require_score_scale(model, args.checkpoint or model.describe())
+        to_mos = mos_scale.to_mos
+        print(f"grmpiqa: scores on the scale {mos_scale.describe()}", file=sys.stderr)
     workers = args.workers
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
@@ -153,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     ):
         if batch.errors and not args.skip_bad:
             raise ImageError(batch.errors[0][1])
-        for i, s in zip(batch.indices, batch.scores.tolist(), strict=True):
+        values = batch.scores.tolist() if to_mos is None else to_mos(batch.scores.numpy()).tolist()
+        for i, s in zip(batch.indices, values, strict=True):
             scores[i] = s
         for i, msg in batch.errors:
             errors[i] = msg
