@@ -24,5 +24,13 @@ class ImageError(GrmpiqaError):
     """An image file could not be read or is unsuitable (corrupt, too large, ...)."""
 
 
+class NotAnImageError(ImageError):
+    """The data is not in any image format Pillow recognises."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than the limit (refused before decoding)."""
+
+
 class DatasetError(GrmpiqaError):
     """A dataset spec, label file or its contents are invalid."""

@@ -7,6 +7,7 @@ pixels are decoded.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from grmpiqa.errors import ImageError
+from grmpiqa.errors import ImageError, ImageTooLargeError, NotAnImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = frozenset(
@@ -31,28 +32,44 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     """Decode ``path`` fully into an RGB image; raise :class:`ImageError` naming the file."""
     path = Path(path)
     try:
+        return _decode(path, str(path), max_pixels)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+
+
+def load_image_bytes(
+    data: bytes, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode image bytes (an upload) like :func:`load_image`; errors name ``name``."""
+    if not data:
+        raise NotAnImageError(f"{name}: empty file, not an image")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise ImageError(
-                        f"{path}: image too large ({w}x{h} = {w * h} pixels > limit {max_pixels})"
+                    raise ImageTooLargeError(
+                        f"{name}: image too large ({w}x{h} = {w * h} pixels > limit {max_pixels})"
                     )
                 img.load()
                 return to_rgb(img)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (unrecognised format)") from None
+        raise NotAnImageError(f"{name}: not an image file (unrecognised format)") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{path}: image too large ({err})") from None
+        raise ImageTooLargeError(f"{name}: image too large ({err})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{path}: cannot decode image ({err})") from None
+        raise ImageError(f"{name}: cannot decode image ({err})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

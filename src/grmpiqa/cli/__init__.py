@@ -26,6 +26,8 @@ COMMANDS: tuple[str, ...] = (
     "finetune",
     "evaluate",
     "demo",
+    "explain",
+    "serve",
 )
 
 

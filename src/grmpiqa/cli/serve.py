@@ -1,0 +1,128 @@
+"""``grmpiqa serve``: the HTTP scoring service and its web page (docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.errors import GrmpiqaError
+from grmpiqa.precision import PRECISIONS
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="HTTP scoring service (POST /v1/score) and a web page at /",
+        description="Serve quality scores over HTTP: POST /v1/score (multipart 'image' files "
+        "or JSON base64), GET /v1/health, /v1/models, /metrics (Prometheus), and a web page "
+        "at /. Requests from many clients are scored together in micro-batches. Needs "
+        "pip install 'grmpiqa[serve]'.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="CKPT",
+        help="grmpiqa checkpoint to serve; repeat for several (requests pick one with "
+        "?checkpoint=NAME, NAME = file name without .safetensors; the first is the default)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    p.add_argument("--max-batch", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a batch waits for more images (default 10)",
+    )
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16 or auto")
+    add_backbone_args(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads decoding uploads (default: min(4, CPUs))",
+    )
+    p.add_argument(
+        "--max-body-mb", type=float, default=32.0, help="larger request bodies get 413 (default 32)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=50_000_000,
+        help="larger images are refused (413 when no image of the request is readable)",
+    )
+    p.add_argument(
+        "--max-images", type=int, default=64, help="images per request at most (default 64)"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn log level (default info)",
+    )
+    p.set_defaults(func=run)
+
+
+def _names(paths: list[str]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        stem = Path(p).name
+        for suffix in (".safetensors",):
+            if stem.endswith(suffix) and len(stem) > len(suffix):
+                stem = stem[: -len(suffix)]
+        base, n = stem, 2
+        while stem in names:
+            stem, n = f"{base}-{n}", n + 1
+        names.append(stem)
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from grmpiqa.serve.app import ServeConfig, create_app
+        from grmpiqa.serve.engine import ScoringEngine
+    except ImportError as err:
+        from grmpiqa.serve import SERVE_EXTRA_HINT
+
+        raise GrmpiqaError(f"{SERVE_EXTRA_HINT} ({err})") from None
+    if not 0 <= args.port <= 65535:
+        raise GrmpiqaError(f"--port {args.port}: must be 0..65535")
+    workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
+    config = ServeConfig(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_body_mb=args.max_body_mb,
+        max_pixels=args.max_pixels,
+        max_images=args.max_images,
+        workers=workers,
+    )
+    config.validate()
+    engines = []
+    if args.checkpoint:
+        for path, name in zip(args.checkpoint, _names(args.checkpoint), strict=True):
+            model = model_from_args(args, checkpoint=path)
+            engines.append(ScoringEngine(model, name, args.precision, checkpoint=path))
+    else:
+        model = model_from_args(args)
+        engines.append(ScoringEngine(model, model.backbone_name, args.precision))
+    for e in engines:
+        scale = f", scale {e.scale.label.describe()}" if e.scale is not None else ""
+        print(f"grmpiqa: model {e.name!r}: {e.model.describe()}{scale}", file=sys.stderr)
+    app = create_app(engines, config)
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(uv_config)
+    server.run()
+    return 0

@@ -1,0 +1,148 @@
+"""Micro-batching: images from many concurrent requests scored together.
+
+One worker thread per model owns it. Requests put their preprocessed images on a queue;
+the worker takes the first waiting image, then keeps collecting until it has
+``max_batch`` images or ``max_wait_ms`` have passed since that first image, scores the
+stack in one forward pass, and resolves each image's future. A batch that fails fails
+only its own images; the worker carries on. :meth:`MicroBatcher.close` lets every
+queued image finish before the thread ends (graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grmpiqa.explain import QualityMap
+from grmpiqa.log import get_logger
+from grmpiqa.serve.engine import ScoringEngine
+
+log = get_logger("serve")
+
+
+@dataclass
+class Scored:
+    """What the batcher returns for one image."""
+
+    score: float
+    map: QualityMap | None = None
+
+
+@dataclass
+class _Job:
+    pixels: torch.Tensor
+    want_map: bool
+    future: Future[Scored] = field(default_factory=Future)
+
+
+_STOP = object()
+
+#: ``on_batch(engine_name, batch_size, seconds)``, called after every batch.
+BatchHook = Callable[[str, int, float], None]
+
+
+class BatcherClosed(RuntimeError):
+    """The service is shutting down and takes no new images."""
+
+
+class MicroBatcher:
+    """Collects images into batches of up to ``max_batch`` within ``max_wait_ms``."""
+
+    def __init__(
+        self,
+        engine: ScoringEngine,
+        max_batch: int = 32,
+        max_wait_ms: float = 10.0,
+        on_batch: BatchHook | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"grmpiqa-batcher-{engine.name}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Images waiting for a batch."""
+        return self._queue.qsize()
+
+    def submit(self, pixels: list[torch.Tensor], want_map: bool = False) -> list[Future[Scored]]:
+        """Queue preprocessed images; one future per image, in order."""
+        jobs = [_Job(p, want_map) for p in pixels]
+        with self._lock:
+            if self._closed:
+                raise BatcherClosed("the service is shutting down")
+            for j in jobs:
+                self._queue.put(j)
+        return [j.future for j in jobs]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new images, finish every queued one, stop the worker."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = (
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._process(batch)
+        # close() queues _STOP after the last accepted job, so nothing is left behind.
+
+    def _process(self, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        try:
+            pixels = torch.stack([j.pixels for j in batch])
+            scores = self.engine.score(pixels).tolist()
+            maps: dict[int, QualityMap] = {}
+            want = [i for i, j in enumerate(batch) if j.want_map]
+            if want:
+                for i, qm in zip(want, self.engine.maps(pixels[want]), strict=True):
+                    maps[i] = qm
+        except Exception as err:  # noqa: BLE001 - a failed batch fails its images only
+            log.error("scoring a batch of %d images failed: %s", len(batch), err)
+            for j in batch:
+                j.future.set_exception(err)
+            return
+        for i, (j, s) in enumerate(zip(batch, scores, strict=True)):
+            j.future.set_result(Scored(float(s), maps.get(i)))
+        if self.on_batch is not None:
+            self.on_batch(self.engine.name, len(batch), time.perf_counter() - t0)

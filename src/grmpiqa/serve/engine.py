@@ -1,0 +1,117 @@
+"""The one adapter between the service and the scoring engine.
+
+Everything the service asks of a model goes through :class:`ScoringEngine`: the eval
+transform of one image, the batched score of a stack of preprocessed images (the same
+computation as ``grmpiqa score``: every image preprocessed on its own, model in eval
+mode, so scores do not depend on how requests are batched), quality maps, the MOS map,
+and the model card. When the scoring engine moves, only this module changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from grmpiqa._version import __version__
+from grmpiqa.explain import QualityMap, grid_shape, maps_from_pixels
+from grmpiqa.model import QualityModel
+from grmpiqa.precision import check_precision
+from grmpiqa.scale import ScoreScale
+from grmpiqa.scoring import _score_tensor, text_features
+
+
+class ScoringEngine:
+    """One loaded model (a checkpoint, or the bare backbone), ready to score batches.
+
+    Args:
+        model: the model (put in eval mode; never trained here).
+        name: the name requests select it by (``?checkpoint=NAME``).
+        precision: ``fp32``, ``bf16`` or ``auto`` (as ``grmpiqa score --precision``).
+        checkpoint: the checkpoint file it came from (only its name and digest are shown).
+    """
+
+    def __init__(
+        self,
+        model: QualityModel,
+        name: str,
+        precision: str = "fp32",
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.precision = check_precision(precision)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self._transform = model.preprocess.eval_transform()
+        self._text = text_features(model, self.precision)
+        self._digest = _sha256(self.checkpoint) if self.checkpoint is not None else None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.model.backbone_pretrained.get("kind") == "random"
+
+    @property
+    def scale(self) -> ScoreScale | None:
+        return self.model.score_scale
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The eval transform of one decoded RGB image ``[3, H, W]``."""
+        return self._transform(image)
+
+    def score(self, pixels: torch.Tensor) -> torch.Tensor:
+        """p(high quality) ``[N]`` of a stack of preprocessed images."""
+        return _score_tensor(self.model, pixels, self.precision, self._text)
+
+    def maps(self, pixels: torch.Tensor) -> list[QualityMap]:
+        """Quality maps of a stack of preprocessed images."""
+        return maps_from_pixels(self.model, pixels, self.precision)
+
+    def to_mos(self, scores: list[float]) -> list[float]:
+        if self.scale is None:
+            raise ValueError(f"{self.name}: no MOS scale recorded")
+        return [float(v) for v in self.scale.to_mos(scores)]
+
+    def card(self) -> dict[str, Any]:
+        """The model card: backbone, weights identity, random or not, checkpoint, scale,
+        preprocessing, version (shown in every response)."""
+        m = self.model
+        weights = dict(m.backbone_pretrained)
+        if weights.get("kind") == "file" and "path" in weights:
+            weights["path"] = Path(str(weights["path"])).name  # no server paths in answers
+        rows, cols = grid_shape(m)
+        card: dict[str, Any] = {
+            "name": self.name,
+            "backbone": m.backbone_name,
+            "weights": weights,
+            "random_weights": self.random_weights,
+            "description": m.describe(),
+            "checkpoint": (
+                {"file": self.checkpoint.name, "sha256": self._digest}
+                if self.checkpoint is not None
+                else None
+            ),
+            "scale": self.scale.to_dict() if self.scale is not None else None,
+            "preprocess": m.preprocess.to_dict(),
+            "precision": self.precision,
+            "device": str(m.device),
+            "map_grid": [rows, cols],
+            "version": __version__,
+        }
+        if self.random_weights:
+            card["warning"] = (
+                "RANDOM backbone weights: scores carry no learned quality knowledge "
+                "(for tests and demos only)"
+            )
+        return card
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
