@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -124,5 +125,14 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(uv_config)
-    server.run()
+    stopped_by: list[int] = []
+    # uvicorn shuts down gracefully on SIGTERM (in-flight requests finish), then re-raises
+    # the signal to the handler installed before it: record it and exit 0, not -15.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped_by.append(signum))
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped_by:
+        print("grmpiqa: stopped (SIGTERM) after finishing in-flight requests", file=sys.stderr)
     return 0

@@ -73,15 +73,21 @@ class MicroBatcher:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._pending = 0
         self._thread = threading.Thread(
             target=self._run, name=f"grmpiqa-batcher-{engine.name}", daemon=True
         )
         self._thread.start()
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def pending(self) -> int:
-        """Images waiting for a batch."""
-        return self._queue.qsize()
+        """Images submitted and not yet answered (queued or in the current batch)."""
+        with self._lock:
+            return self._pending
 
     def submit(self, pixels: list[torch.Tensor], want_map: bool = False) -> list[Future[Scored]]:
         """Queue preprocessed images; one future per image, in order."""
@@ -89,6 +95,7 @@ class MicroBatcher:
         with self._lock:
             if self._closed:
                 raise BatcherClosed("the service is shutting down")
+            self._pending += len(jobs)
             for j in jobs:
                 self._queue.put(j)
         return [j.future for j in jobs]
@@ -128,6 +135,13 @@ class MicroBatcher:
         # close() queues _STOP after the last accepted job, so nothing is left behind.
 
     def _process(self, batch: list[_Job]) -> None:
+        try:
+            self._score(batch)
+        finally:
+            with self._lock:
+                self._pending -= len(batch)
+
+    def _score(self, batch: list[_Job]) -> None:
         t0 = time.perf_counter()
         try:
             pixels = torch.stack([j.pixels for j in batch])
