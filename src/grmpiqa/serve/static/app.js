@@ -103,19 +103,22 @@
       li.dataset.name = it.name;
       if (it.score !== null) li.dataset.score = String(it.score);
       const fig = document.createElement("figure");
+      const thumb = document.createElement("div");
+      thumb.className = "thumb";
       if (it.url) {
         const img = document.createElement("img");
         img.src = it.url;
         img.alt = it.name;
-        fig.appendChild(img);
+        thumb.appendChild(img);
       }
       if (it.map) {
         const cv = document.createElement("canvas");
         cv.className = "map";
         cv.setAttribute("aria-hidden", "true");
         drawMap(cv, it.map);
-        fig.appendChild(cv);
+        thumb.appendChild(cv);
       }
+      fig.appendChild(thumb);
       const cap = document.createElement("figcaption");
       const name = document.createElement("p");
       name.className = "name";
@@ -241,7 +244,7 @@
     });
     $("show-maps").addEventListener("change", (e) => {
       $("results").classList.toggle("maps-on", e.target.checked);
-      render();
+      $("legend").hidden = !(e.target.checked && state.items.length > 0);
     });
     $("csv").addEventListener("click", downloadCsv);
     $("clear").addEventListener("click", () => {
