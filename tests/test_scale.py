@@ -174,3 +174,22 @@ def test_finetune_records_the_scale_and_score_writes_mos(blur_csv, tmp_path, cap
     np.testing.assert_allclose(got, mos.numpy(), atol=1e-6)
     assert scale_from_metadata(read_metadata(out)) == loaded.score_scale
     assert not math.isnan(sum(got))
+
+
+def test_docstring_example():
+    import doctest
+
+    import grmpiqa.scale
+
+    assert doctest.testmod(grmpiqa.scale).failed == 0
+
+
+def test_a_recorded_dataset_scale_is_used_as_is(blur_csv):
+    class WithScale:
+        spec = "kadid:/x"
+        scale = {"lo": 1.0, "hi": 5.0, "higher_is_better": False}
+        mos = np.array([1.0, 2.0])
+        labels = np.array([1.0, 0.75])
+
+    s = label_scale_of(WithScale())  # type: ignore[arg-type]
+    assert (s.lo, s.hi, s.higher_is_better, s.name, s.source) == (1, 5, False, "DMOS", "kadid:/x")

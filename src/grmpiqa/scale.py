@@ -159,11 +159,14 @@ def label_scale_of(dataset: Dataset) -> LabelScale:
     """
     rec = getattr(dataset, "scale", None)
     if rec is not None:
-        get = rec.get if isinstance(rec, dict) else lambda k, d=None: getattr(rec, k, d)
+
+        def get(key: str, default: Any = None) -> Any:
+            return rec.get(key, default) if isinstance(rec, dict) else getattr(rec, key, default)
+
         hib = bool(get("higher_is_better", True))
         return LabelScale(
-            lo=float(get("lo")),
-            hi=float(get("hi")),
+            lo=float(get("lo", math.nan)),
+            hi=float(get("hi", math.nan)),
             higher_is_better=hib,
             name=str(get("name", None) or ("MOS" if hib else "DMOS")),
             source=getattr(dataset, "spec", None),

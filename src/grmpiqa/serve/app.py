@@ -275,7 +275,7 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
         results: list[dict[str, Any]] = []
         reasons: list[str] = []
         n_ok = 0
-        for i, (up, (_, err, reason)) in enumerate(zip(uploads, prepared, strict=True)):
+        for i, (up, (_, message, reason)) in enumerate(zip(uploads, prepared, strict=True)):
             row: dict[str, Any] = {"name": up.name, "score": None}
             if scale == "mos":
                 row["mos"] = None
@@ -290,8 +290,8 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
                     row["map"] = res.map.to_dict() if res.map is not None else None
             else:
                 if isinstance(res, BaseException):
-                    err, reason = f"{up.name}: scoring failed ({res})", "internal"
-                row["error"] = err
+                    message, reason = f"{up.name}: scoring failed ({res})", "internal"
+                row["error"] = message
                 reasons.append(reason)
                 service.metrics.image_errors.labels(reason).inc()
             results.append(row)
