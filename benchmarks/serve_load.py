@@ -6,8 +6,9 @@ p50/p95/p99 request latency, images lost (sent but not scored; must be 0), the l
 |service - offline| score difference, and the ratio of the service's throughput to
 offline ``grmpiqa score`` throughput (its engine, ``grmpiqa.scoring.iter_scores`` with
 the CLI's batch size and worker default, timed without process start and model load)
-on the same images in the same run. The offline figure is measured before and after
-the service phase and averaged.
+on the same images in the same run, and images per CPU-second of both (robust to a
+busy machine). The offline figure is measured before and after the service phase and
+averaged.
 
 Usage:
     python benchmarks/serve_load.py --backbone test-tiny
@@ -23,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -73,12 +75,26 @@ def plan(n_clients: int, n_requests: int, lo: int, hi: int, pool: int, seed: int
     ]
 
 
+def cpu_self_and_children() -> float:
+    """CPU seconds (user + system) of this process and its reaped children."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def offline(model: grmpiqa.QualityModel, paths: list[Path], batch: int, workers: int):
-    t0 = time.perf_counter()
+    """images/s, images per CPU-second (DataLoader workers included), scores."""
+    c0, t0 = cpu_self_and_children(), time.perf_counter()
     scores = np.full(len(paths), np.nan)
     for b in iter_scores(model, paths, batch, num_workers=workers):
         scores[b.indices] = b.scores.numpy()
-    return len(paths) / (time.perf_counter() - t0), scores
+    wall, cpu = time.perf_counter() - t0, cpu_self_and_children() - c0
+    return len(paths) / wall, len(paths) / cpu, scores
 
 
 def main() -> int:
@@ -94,6 +110,13 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--batch-size", type=int, default=32, help="offline batch size")
+    ap.add_argument(
+        "--offline-images",
+        type=int,
+        default=None,
+        help="time offline scoring on the first N images of the same list (default: all; "
+        "offline is a rate, so a prefix measures it at lower cost for big backbones)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -115,8 +138,9 @@ def main() -> int:
 
     pretrained = None if args.pretrained.lower() in ("random", "none") else args.pretrained
     model = grmpiqa.create_model(args.backbone, pretrained=pretrained)
-    off1, off_scores = offline(model, flat, args.batch_size, workers)
-    print(f"offline (before): {off1:.1f} img/s on {n_images} images", file=sys.stderr)
+    n_off = min(n_images, args.offline_images or n_images)
+    off1, off1_cpu, off_scores = offline(model, flat[:n_off], args.batch_size, workers)
+    print(f"offline (before): {off1:.2f} img/s on {n_off} images", file=sys.stderr)
     del model
 
     port = free_port()
@@ -171,11 +195,14 @@ def main() -> int:
         threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
         for t in threads:
             t.start()
+        server_cpu0, client_cpu0 = cpu_of(proc.pid), time.process_time()
         barrier.wait()
         t0 = time.perf_counter()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        server_cpu = cpu_of(proc.pid) - server_cpu0
+        client_cpu = time.process_time() - client_cpu0
         metrics = httpx.get(url + "/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -187,8 +214,8 @@ def main() -> int:
 
     torch.manual_seed(0)
     model = grmpiqa.create_model(args.backbone, pretrained=pretrained)
-    off2, _ = offline(model, flat, args.batch_size, workers)
-    print(f"offline (after): {off2:.1f} img/s", file=sys.stderr)
+    off2, off2_cpu, _ = offline(model, flat[:n_off], args.batch_size, workers)
+    print(f"offline (after): {off2:.2f} img/s", file=sys.stderr)
 
     service_tput = len(scored) / wall
     offline_tput = (off1 + off2) / 2
@@ -198,7 +225,7 @@ def main() -> int:
     for c, client_reqs in enumerate(requests):
         for r, req in enumerate(client_reqs):
             for k in range(len(req)):
-                if (c, r, k) in scored:
+                if (c, r, k) in scored and i < n_off:
                     diffs.append(abs(scored[(c, r, k)] - off_scores[i]))
                 i += 1
     lat = np.array(latencies) * 1000
@@ -215,12 +242,16 @@ def main() -> int:
         "requests": args.clients * args.requests,
         "images": n_images,
         "images_lost": lost,
+        "offline_images": n_off,
         "failed_requests": len(failures),
         "service_img_per_s": round(service_tput, 2),
         "offline_img_per_s": round(offline_tput, 2),
         "offline_before_img_per_s": round(off1, 2),
         "offline_after_img_per_s": round(off2, 2),
         "ratio_service_to_offline": round(service_tput / offline_tput, 3),
+        "service_img_per_cpu_s": round(len(scored) / server_cpu, 2),
+        "service_and_clients_img_per_cpu_s": round(len(scored) / (server_cpu + client_cpu), 2),
+        "offline_img_per_cpu_s": round((off1_cpu + off2_cpu) / 2, 2),
         "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
         "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
         "latency_ms_p99": round(float(np.percentile(lat, 99)), 1),
@@ -234,7 +265,9 @@ def main() -> int:
     print(f"{'backbone':28s} {args.backbone} ({args.pretrained})")
     for k in (
         "requests", "images", "images_lost", "service_img_per_s", "offline_img_per_s",
-        "ratio_service_to_offline", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
+        "ratio_service_to_offline", "service_img_per_cpu_s",
+        "service_and_clients_img_per_cpu_s", "offline_img_per_cpu_s", "latency_ms_p50",
+        "latency_ms_p95", "latency_ms_p99",
         "mean_batch", "max_abs_score_diff", "startup_s", "wall_s",
     ):  # fmt: skip
         print(f"{k:28s} {result[k]}")

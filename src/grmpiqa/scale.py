@@ -86,7 +86,7 @@ class LabelScale:
 
     def describe(self) -> str:
         direction = "higher is better" if self.higher_is_better else "lower is better"
-        return f"{self.name} {self.lo:g}-{self.hi:g}, {direction}"
+        return f"{self.name} {self.lo + 0.0:g}-{self.hi + 0.0:g}, {direction}"
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def label_scale_of(dataset: Dataset) -> LabelScale:
 def _tidy(v: float) -> float:
     """Round away float noise of the recovered range (100.00000000001 -> 100)."""
     r = round(float(v), 6)
-    return float(r) if abs(r - v) < 1e-7 * max(1.0, abs(v)) else float(v)
+    return (float(r) if abs(r - v) < 1e-7 * max(1.0, abs(v)) else float(v)) + 0.0  # no -0.0
 
 
 def fit_score_scale(

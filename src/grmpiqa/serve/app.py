@@ -316,7 +316,6 @@ class _Guard:
     def __init__(self, app: FastAPI, service: Service) -> None:
         self.app = app
         self.service = service
-        self.state = app.state
         self.max_bytes = int(service.config.max_body_mb * 1024 * 1024)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
