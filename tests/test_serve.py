@@ -92,7 +92,7 @@ class Server:
         return int(self.proc.returncode)
 
 
-def tiny_checkpoints(d: Path) -> tuple[Path, Path, load_dataset]:
+def tiny_checkpoints(d: Path) -> tuple[Path, Path, object]:
     """A fine-tuned test-tiny checkpoint with a MOS scale, and one without."""
     rng = np.random.default_rng(3)
     rows = ["path,mos"]
