@@ -35,8 +35,9 @@ import torch
 from PIL import Image
 
 from grmpiqa.errors import BackboneError, GrmpiqaError
+from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.images import is_image_file, load_image
-from grmpiqa.model import DEFAULT, ModelConfig, QualityModel, create_model
+from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.utils import atomic_open, atomic_path
 
 __all__ = ["DemoPlan", "DemoResult", "demo_images", "plan_for", "run_demo"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from grmpiqa.cli.common import add_backbone_args, device_arg, pretrained_arg
-from grmpiqa.model import DEFAULT
+from grmpiqa.factory import DEFAULT
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
