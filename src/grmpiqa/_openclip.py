@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 #: Lowest open_clip_torch release grmpiqa supports (declared in pyproject.toml).
-MIN_VERSION = (2, 26, 1)
+MIN_VERSION = (2, 29, 0)
 
 
 def open_clip_version() -> tuple[int, ...]:

@@ -555,7 +555,7 @@ class Stage2Step:
         """
         for name, loss in (("quality loss", lq), ("distillation loss", ls)):
             if loss is not None and not bool(torch.isfinite(loss)):
-                raise NonFiniteError(f"the {name} became {float(loss)}")
+                raise NonFiniteError(f"the {name} became {float(loss.detach())}")
         gq, gs = self.gradients(lq, ls)
         for grads in (gq, gs) if gs is not None else (gq,):
             for n, g in zip(self.names, grads, strict=True):
