@@ -294,3 +294,124 @@ def test_torch_image_dataset(tmp_path: Path) -> None:
     assert y.item() == pytest.approx(ds[5].label)
     batch = next(iter(torch.utils.data.DataLoader(tds, batch_size=2)))
     assert batch[0].shape == (2, 3, 224, 224) and batch[2].tolist() == [5, 2]
+
+
+# --- the kind registry and the MOS scale (issue 9.6, issue 13) -------------------------------
+
+
+def test_kind_registry_records() -> None:
+    from grmpiqa.data import get_kind, list_kinds
+
+    kinds = {k.name: k for k in list_kinds()}
+    assert tuple(kinds) == KINDS
+    documented = {
+        "clive": (0.0, 100.0),
+        "koniq": (1.0, 5.0),
+        "kadid": (1.0, 5.0),
+        "tid2013": (0.0, 9.0),
+        "spaq": (0.0, 100.0),
+        "agiqa3k": (0.0, 5.0),
+        "pyiqa": None,
+        "csv": None,
+    }
+    for name, rng in documented.items():
+        k = kinds[name]
+        assert k.mos_range == rng and k.higher_is_better is True and k.labelled, name
+        assert {"mos_range", "higher_is_better"} <= set(k.options)
+        record = k.as_dict()
+        assert record["name"] == name and "adapter" not in record and record["paths"]
+    assert not kinds["folder"].labelled and kinds["folder"].options == ("recursive",)
+    assert kinds["csv"].scale is None and kinds["clive"].scale is not None
+    assert (
+        "absolute_paths" in kinds["csv"].options and "absolute_paths" not in kinds["pyiqa"].options
+    )
+    assert get_kind("KADID").mos_name == "dmos"
+    with pytest.raises(DatasetError, match="unknown dataset kind 'live'"):
+        get_kind("live")
+
+
+def test_docs_list_every_kind_with_its_registered_scale() -> None:
+    from grmpiqa.data import list_kinds
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    for k in list_kinds():
+        row = next((ln for ln in docs.splitlines() if ln.startswith(f"| `{k.name}` |")), None)
+        assert row is not None, k.name
+        if k.mos_range is not None:
+            lo, hi = k.mos_range
+            assert f"{lo:g}..{hi:g}" in row, (k.name, row)
+
+
+def test_every_labelled_dataset_has_a_scale(tmp_path: Path) -> None:
+    from grmpiqa.data import Scale
+
+    specs = {
+        "clive": f"clive:{make_clive(tmp_path / 'c')}",
+        "koniq": f"koniq:{make_koniq(tmp_path / 'q')}",
+        "kadid": f"kadid:{make_kadid(tmp_path / 'k')}",
+        "tid2013": f"tid2013:{make_tid(tmp_path / 't')}",
+        "agiqa3k": f"agiqa3k:{make_agiqa(tmp_path / 'a')}",
+    }
+    expected = {
+        "clive": Scale(0, 100, True, "MOS", "documented"),
+        "koniq": Scale(1, 5, True, "MOS", "documented"),
+        "kadid": Scale(1, 5, True, "dmos", "documented"),
+        "tid2013": Scale(0, 9, True, "MOS", "documented"),
+        "agiqa3k": Scale(0, 5, True, "mos_quality", "documented"),
+    }
+    for kind, spec in specs.items():
+        ds = load_dataset(spec)
+        assert ds.scale == expected[kind], kind
+        np.testing.assert_allclose(ds.scale.to_mos(ds.labels), ds.mos, rtol=1e-12)
+        assert ds.subset([0]).scale == ds.scale and ds[1:].scale == ds.scale
+    over = load_dataset(specs["tid2013"] + "?mos_range=0,10&higher_is_better=0")
+    assert over.scale == Scale(0, 10, False, "MOS", "option")
+    np.testing.assert_allclose(over.labels, 1 - over.mos / 10)
+    assert not load_dataset(f"folder:{tmp_path / 'k' / 'images'}").scale
+
+
+def test_csv_scale_inferred_from_the_data_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from grmpiqa.data import Scale
+
+    # the CLI handler (installed by other tests) stops propagation: listen on the logger
+    log = logging.getLogger("grmpiqa.data")
+    monkeypatch.setattr(log, "propagate", False)
+    monkeypatch.setattr(log, "handlers", [caplog.handler])
+
+    lines = ["path,mos"]
+    for i, m in enumerate((12, 40, 70)):
+        _img(tmp_path / f"{i}.png", seed=i)
+        lines.append(f"{i}.png,{m}")
+    f = tmp_path / "labels.csv"
+    f.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.INFO, logger="grmpiqa.data"):
+        ds = load_dataset(f"csv:{f}")
+    assert ds.scale == Scale(12, 70, True, "mos", "data")
+    assert "inferred from the data" in ds.scale.describe()
+    assert any("no documented MOS scale" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="grmpiqa.data"):
+        fixed = load_dataset(f"csv:{f}?mos_range=0,100&higher_is_better=0")
+    assert not caplog.records
+    assert fixed.scale == Scale(0, 100, False, "mos", "option")
+    assert fixed.scale.to_mos(0.88) == pytest.approx(12.0)
+
+
+def test_scale_record_roundtrip_and_validation() -> None:
+    from grmpiqa.data import Scale
+
+    s = Scale(1, 5, False, "DMOS", "option")
+    assert Scale.from_dict(s.as_dict()) == s
+    assert s.to_label(1.0) == 1.0 and s.to_label(5.0) == 0.0 and s.to_mos(0.25) == 4.0
+    np.testing.assert_allclose(s.to_label(np.array([0.0, 3.0, 9.0])), [1.0, 0.5, 0.0])
+    for bad in ({"lo": 1, "hi": 1}, {"lo": "x", "hi": 2}, {"hi": 2}, {"lo": 0, "hi": float("nan")}):
+        with pytest.raises(DatasetError):
+            Scale.from_dict(bad)
+    with pytest.raises(DatasetError):
+        Scale.from_dict({"lo": 0, "hi": 1, "higher_is_better": "no"})
+    hand = Dataset([], "csv", "/x")
+    assert hand.scale is None

@@ -39,6 +39,7 @@ from grmpiqa.data.readers import (
     read_xlsx,
     require_dir,
     require_file,
+    show_columns,
     to_float,
     where,
 )
@@ -368,14 +369,7 @@ class _Builder:
                 raise DatasetError(
                     f"{self.label_file}: all MOS values are equal ({lo:g}); pass mos_range=LO,HI"
                 )
-            scale = Scale(lo, hi, hib, name, "data")
-            _log.info(
-                "%s: no documented MOS scale; labels use the data's range (%s); pass "
-                "mos_range=LO,HI to fix it",
-                ctx.spec,
-                scale.describe(),
-            )
-            return scale
+            return Scale(lo, hi, hib, name, "data")
         tol = 1e-6 * (scale.hi - scale.lo)
         for row, it in self.rows:
             if not scale.lo - tol <= it.mos <= scale.hi + tol:
@@ -402,6 +396,13 @@ class _Builder:
                 raise DatasetError(
                     f"{self.label_file}: no item has {column}={ctx.split!r} (empty dataset)"
                 )
+        if scale.source == "data":
+            _log.info(
+                "%s: no documented MOS scale; labels use the data's range (%s); pass "
+                "mos_range=LO,HI to fix it",
+                ctx.spec,
+                scale.describe(),
+            )
         return Dataset(
             items, ctx.kind.name, root or ctx.path, self.image_root, spec=ctx.spec, scale=scale
         )
@@ -638,7 +639,9 @@ def _pyiqa_columns(header: list[str], label_file: Path) -> tuple[str, str]:
     mos_col = next((c for c in _PYIQA_MOS_COLS if c in header), None)
     if name_col is None or mos_col is None:
         need = "img_name" if name_col is None else "mos"
-        raise DatasetError(f"{label_file}: missing column {need!r} (columns: {', '.join(header)})")
+        raise DatasetError(
+            f"{label_file}: missing column {need!r} (columns: {show_columns(header)})"
+        )
     return name_col, mos_col
 
 

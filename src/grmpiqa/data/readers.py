@@ -50,6 +50,7 @@ __all__ = [
     "read_xlsx",
     "require_dir",
     "require_file",
+    "show_columns",
     "to_float",
     "where",
 ]
@@ -92,6 +93,8 @@ def require_dir(path: Path, what: str) -> Path:
 
 def to_float(value: Any, file: Path, row: int | None, column: str) -> float:
     """A finite float from a label-file cell, or a DatasetError naming file, row, column."""
+    if isinstance(value, np.generic):
+        value = value.item()
     text = value.strip() if isinstance(value, str) else value
     if text is None or (isinstance(text, str) and text == ""):
         raise DatasetError(f"{where(file, row)}: {column} is empty")
@@ -149,7 +152,7 @@ def read_csv(
         if missing:
             raise DatasetError(
                 f"{path}: missing column {', '.join(repr(c) for c in missing)} "
-                f"(columns: {', '.join(header)})"
+                f"(columns: {show_columns(header)})"
             )
         rows: list[tuple[int, dict[str, str]]] = []
         start = reader.line_num + 1
@@ -172,11 +175,17 @@ def read_csv(
                 record[h] = ""
             rows.append((row, record))
     except csv.Error as err:
-        reason = str(err)
-        if "unexpected end of data" in reason:
+        reason = f"malformed CSV ({err})"
+        if "unexpected end of data" in str(err):
             reason = "unterminated quote (the quoted field runs to the end of the file)"
-        raise DatasetError(f"{path}, row {start}: malformed CSV ({reason})") from None
+        raise DatasetError(f"{path}, row {start}: {reason}") from None
     return header, rows
+
+
+def show_columns(header: Sequence[str], limit: int = 300) -> str:
+    """The header for a message: printable, one line, at most ``limit`` characters."""
+    text = ", ".join(h if h.isprintable() else repr(h) for h in header if h)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- spreadsheets and MATLAB files -------------------------------------------------------------
@@ -205,7 +214,7 @@ def read_xlsx(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, 
         if missing:
             raise DatasetError(
                 f"{path}: missing column {', '.join(repr(c) for c in missing)} "
-                f"(columns: {', '.join(h for h in header if h)})"
+                f"(columns: {show_columns(header)})"
             )
         rows = []
         for line, values in enumerate(it, start=2):
@@ -252,7 +261,8 @@ def mat_strings(arr: np.ndarray, path: Path) -> list[str]:
                 raise DatasetError(f"{path}, row {i + 1}: image name is not a string")
             v = v.ravel()[0]
         if not isinstance(v, str | np.str_):
-            raise DatasetError(f"{path}, row {i + 1}: image name {v!r} is not a string")
+            shown = v.item() if isinstance(v, np.generic) else v
+            raise DatasetError(f"{path}, row {i + 1}: image name {shown!r} is not a string")
         out.append(str(v).strip())
     return out
 
@@ -324,7 +334,9 @@ class ImageResolver:
             path: Path | None = self._probe(Path(key), at, name)
         else:
             key = normalize_name(text)
-            if not key or key == ".." or key.startswith("../"):
+            if not key:
+                raise DatasetError(f"{at}: image path {name!r} names the image folder, not a file")
+            if key == ".." or key.startswith("../"):
                 raise DatasetError(
                     f"{at}: image path {name!r} leaves the image folder {self.folder}"
                 )
