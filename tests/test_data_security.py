@@ -308,3 +308,13 @@ def test_mat_with_wrong_variables_or_types(tmp_path: Path) -> None:
     names = root / "Data" / "AllImages_release.mat"
     scipy.io.savemat(names, {"AllImages_release": np.arange(10.0)})
     _one_line_error(f"clive:{root}", f"{names}, row 1", "is not a string")
+
+
+def test_folder_kind_lists_regular_files_only(tmp_path: Path) -> None:
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "sub" / "b.png", seed=1)
+    os.mkfifo(tmp_path / "pipe.jpg")  # reading it would block forever
+    os.mkfifo(tmp_path / "sub" / "pipe2.png")
+    (tmp_path / "dir.png").mkdir()
+    assert load_dataset(f"folder:{tmp_path}").names == ["a.png", "sub/b.png"]
+    assert load_dataset(f"folder:{tmp_path}?recursive=0").names == ["a.png"]

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -424,6 +424,10 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _reason(err: OSError) -> str:
+    return err.strerror or type(err).__name__
+
+
 def _split_cols(header: list[str]) -> list[str]:
     return [h for h in header if "split" in h.lower()]
 
@@ -741,17 +745,25 @@ def _csv(ctx: LoadContext) -> Dataset:
 def _folder(ctx: LoadContext) -> Dataset:
     """A folder of images without labels (for scoring); sorted by relative path."""
     root = require_dir(ctx.path, "image folder")
+
+    def unreadable(err: OSError) -> NoReturn:
+        raise DatasetError(f"{err.filename}: cannot read folder ({_reason(err)})")
+
     files: list[Path] = []
-    if ctx.recursive:
-        for dirpath, dirs, names in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files.extend(Path(dirpath) / n for n in names)
-    else:
-        files = [p for p in root.iterdir() if p.is_file()]
+    try:
+        if ctx.recursive:
+            for dirpath, dirs, names in os.walk(root, onerror=unreadable):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(Path(dirpath) / n for n in names)
+        else:
+            files = list(root.iterdir())
+    except OSError as err:
+        unreadable(err)
+    # regular files only (following links): a FIFO named .jpg would block the reader
     rel = sorted(
         p.relative_to(root).as_posix()
         for p in files
-        if is_image_file(p) and not p.name.startswith(".")
+        if is_image_file(p) and not p.name.startswith(".") and _exists(p)
     )
     if not rel:
         raise DatasetError(f"{root}: no image files (empty dataset)")
