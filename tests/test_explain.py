@@ -177,9 +177,10 @@ def test_overlay_covers_only_the_crop_box(tiny_model):
 
 def test_mos_maps_with_a_recorded_scale(tmp_path):
     model = grmpiqa.create_model("test-tiny", pretrained=None, config=TINY_CONFIG)
+    from grmpiqa.metrics import MonotoneFit
     from grmpiqa.scale import LabelScale, ScoreScale
 
-    model.score_scale = ScoreScale(LabelScale(0, 100), "linear", (0.0, 100.0))
+    model.score_scale = ScoreScale(LabelScale(0, 100), MonotoneFit("linear", (100.0, 0.0)))
     qm = model.quality_map(Image.new("RGB", (50, 50), "white"))
     assert qm.mos_grid is not None and qm.mos_score == pytest.approx(100 * qm.score, rel=1e-5)
     np.testing.assert_allclose(qm.mos_grid, 100 * qm.grid, rtol=1e-5)

@@ -89,8 +89,9 @@ def test_bad_scale_records_are_refused():
         LabelScale(lo=5, hi=1)
     with pytest.raises(GrmpiqaError, match="malformed"):
         ScoreScale.from_dict({"lo": 0, "hi": 1})
-    with pytest.raises(GrmpiqaError, match="needs 4 finite"):
-        ScoreScale(CLIVE_LIKE, "logistic4", (1.0, float("nan"), 0.0, 1.0))
+    bad = {"lo": 0, "hi": 1, "map": {"kind": "logistic4", "params": [1, float("nan"), 0, 1]}}
+    with pytest.raises(GrmpiqaError, match="malformed"):
+        ScoreScale.from_dict(bad)
 
 
 def _write_csv(path: Path, rows: list[tuple[str, float]]) -> Path:

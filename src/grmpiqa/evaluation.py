@@ -43,7 +43,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +62,11 @@ from grmpiqa.baselines import (
 )
 from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
 from grmpiqa.errors import DatasetError, GrmpiqaError
+from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
-from grmpiqa.model import DEFAULT, ModelConfig, QualityModel, create_model
+from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.precision import autocast
+from grmpiqa.results import ProtocolResult, SplitResult
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -189,74 +191,6 @@ def ablation_name(config: ProtocolConfig) -> str | None:
 def split_seed(seed: int, index: int) -> int:
     """The training seed of split ``index``: a hash of (seed, index), < 2**31."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] % (2**31))
-
-
-@dataclass
-class SplitResult:
-    """One split's outcome.
-
-    Attributes:
-        index: split number ``k``.
-        metrics: :data:`grmpiqa.metrics.METRICS` on the test set.
-        seconds: wall time of the split (model copy, training, prediction).
-        n_train, n_test: numbers of shots and test images.
-        test_indices: dataset indices of the test images, in prediction order.
-        predictions: the method's score for each test image.
-        history: the fine-tuning history (one dict per evaluation); empty if untrained.
-        info: method details (epochs, stopped, best_epoch, ridge alpha, ...).
-    """
-
-    index: int
-    metrics: dict[str, float]
-    seconds: float
-    n_train: int
-    n_test: int
-    test_indices: list[int]
-    predictions: list[float]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def summary_dict(self) -> dict[str, Any]:
-        """The per-split entry of report.json: metrics, seconds and scalar details."""
-        d: dict[str, Any] = {"index": self.index, **self.metrics, "seconds": self.seconds}
-        d["n_train"], d["n_test"] = self.n_train, self.n_test
-        for k, v in self.info.items():
-            if isinstance(v, str | int | float | bool) or v is None:
-                d[k] = v
-        return d
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SplitResult:
-        m = {
-            k: (math.nan if d["metrics"].get(k) is None else float(d["metrics"][k]))
-            for k in METRICS
-        }
-        return cls(
-            index=int(d["index"]),
-            metrics=m,
-            seconds=float(d["seconds"]),
-            n_train=int(d["n_train"]),
-            n_test=int(d["n_test"]),
-            test_indices=[int(i) for i in d["test_indices"]],
-            predictions=[math.nan if p is None else float(p) for p in d["predictions"]],
-            history=list(d.get("history", [])),
-            info=dict(d.get("info", {})),
-        )
-
-
-@dataclass
-class ProtocolResult:
-    """The outcome of :func:`run_protocol`: config record, splits, summary."""
-
-    config: dict[str, Any]
-    dataset: Dataset
-    splits: list[SplitResult]
-    summary: dict[str, dict[str, float | int]]
-    warnings: list[str] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -466,7 +400,14 @@ def _train_and_predict(
             return {"test_srcc": s}
 
     result = finetune(
-        model, train, ft, on_eval=on_eval, progress=progress, out=checkpoint, resume=resume
+        model,
+        train,
+        ft,
+        on_eval=on_eval,
+        progress=progress,
+        out=checkpoint,
+        resume=resume,
+        overwrite=not resume,
     )
     info: dict[str, Any] = {
         "epochs": int(result.epochs),
@@ -539,7 +480,7 @@ def run_protocol(
         keep_checkpoints: trained methods: write each split's final model to
             ``report_dir/splits/split_K.safetensors`` (loadable by ``grmpiqa score
             --checkpoint``; with ``resume`` an interrupted split continues from its
-            ``.state.pt``). Off by default: a ViT-B/16 split checkpoint is ~170 MB.
+            ``.state.safetensors``). Off by default: a ViT-B/16 split checkpoint is ~170 MB.
 
     Raises:
         DatasetError: unlabelled data, or too few images for the shots.
@@ -561,7 +502,6 @@ def run_protocol(
     out = Path(report_dir) if report_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_splits(dataset, splits, out / "splits.csv")
     from grmpiqa.report import write_json, write_report
 
     results: list[SplitResult] = []
@@ -594,6 +534,7 @@ def run_protocol(
     summary = summarize_metrics([{**r.metrics, "seconds": r.seconds} for r in results])
     result = ProtocolResult(record, dataset, results, summary, notes)
     if out is not None:
+        write_splits(dataset, splits, out / "splits.csv")
         write_report(result, out)
     return result
 

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from grmpiqa.metrics import METRICS, fit_logistic
-from grmpiqa.utils import atomic_open, atomic_path
+from grmpiqa.metrics import METRICS, fit_monotone
+from grmpiqa.utils import atomic_open, atomic_path, json_safe
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from grmpiqa.evaluation import ProtocolResult, SplitResult
+    from grmpiqa.results import ProtocolResult, SplitResult
 
 __all__ = ["REPORT_FORMAT", "median_split", "read_report", "write_report"]
 
@@ -49,25 +49,10 @@ _METRIC_TITLES = {
 }
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None (JSON has no NaN), numpy scalars -> Python, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (NaN written as null)."""
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(_json_safe(obj), fh, indent=2, allow_nan=False)
+        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
         fh.write("\n")
     return Path(path)
 
@@ -116,9 +101,12 @@ def metric_definitions(logistic: str) -> dict[str, str]:
         "target": "normalised labels: MOS min-max normalised to [0, 1], higher is better",
         "srcc": "Spearman rank correlation of raw predictions (scipy.stats.spearmanr)",
         "plcc": "Pearson correlation of raw predictions (as the released code)",
-        "plcc_logistic": f"Pearson correlation after fitting the {fit} (scipy curve_fit)",
+        "plcc_logistic": f"Pearson correlation after fitting the {fit} (scipy curve_fit); "
+        "where that fit is degenerate (a step, as for nearly constant predictions) the raw "
+        "PLCC, said so under warnings",
         "krcc": "Kendall tau-b (scipy.stats.kendalltau)",
-        "rmse": "RMSE between logistic-mapped predictions and normalised labels",
+        "rmse": "RMSE between logistic-mapped predictions and normalised labels (a linear "
+        "map where the logistic fit is degenerate)",
         "summary": "median, mean and population std (ddof 0) over splits; NaN splits left out",
     }
 
@@ -209,16 +197,14 @@ def write_scatter(result: ProtocolResult, split: SplitResult, path: Path) -> Pat
     ax.scatter(pred, mos, s=14, alpha=0.7, edgecolors="none")
     with warnings.catch_warnings():  # a failed fit only means no curve on the plot
         warnings.simplefilter("ignore")
-        f = fit_logistic(pred, mos, result.config.get("logistic", "4")) if pred.size > 5 else None
-    if f is not None and np.ptp(pred) > 0:
+        f = fit_monotone(pred, mos, result.config.get("logistic", "4")) if pred.size > 5 else None
+    if f is not None:
         xs = np.linspace(pred.min(), pred.max(), 200)
-        ax.plot(
-            xs,
-            f(xs),
-            color="C3",
-            lw=1.5,
-            label=f"{result.config.get('logistic', '4')}-param logistic",
-        )
+        if f.kind == "linear":  # a degenerate logistic is not drawn as if it were a fit
+            label = "linear fit (logistic degenerate: raw PLCC reported)"
+        else:
+            label = f"{result.config.get('logistic', '4')}-param logistic"
+        ax.plot(xs, f(xs), color="C3", lw=1.5, label=label)
         ax.legend(loc="best", fontsize=8)
     m = split.metrics
     ax.set_xlabel("prediction")

@@ -4,7 +4,7 @@ from p(high quality) to it (method.md 5, 8).
 The model's score is ``p`` in (0, 1), higher is better. Fine-tuning records in the
 checkpoint (``extra["scale"]``) the scale its labels came on (e.g. CLIVE MOS 0-100,
 higher is better; KADID DMOS 1-5) and a map ``p -> MOS`` fitted on the shots: the
-4-parameter logistic of the evaluation protocol (:func:`grmpiqa.metrics.fit_logistic_params`),
+4-parameter logistic of the evaluation protocol (:func:`grmpiqa.metrics.fit_monotone`),
 or a linear map when that fit is degenerate. ``model.score(..., scale="mos")`` and
 ``grmpiqa score --scale mos`` apply it.
 
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from grmpiqa.errors import GrmpiqaError
-from grmpiqa.metrics import fit_logistic_params, logistic_curve
+from grmpiqa.errors import CheckpointError, GrmpiqaError
+from grmpiqa.metrics import MonotoneFit, fit_monotone
 
 if TYPE_CHECKING:
     import torch
@@ -95,52 +95,42 @@ class ScoreScale:
 
     Attributes:
         label: the target scale; mapped values are clipped to ``[label.lo, label.hi]``.
-        method: ``"logistic4"`` (params ``b1..b4`` of
-            :func:`grmpiqa.metrics.logistic_curve`) or ``"linear"`` (params ``a, b``:
-            ``a + b * p``).
-        params: the map's parameters.
+        map: the fitted :class:`~grmpiqa.metrics.MonotoneFit` (``logistic4``, or
+            ``linear`` with params ``(slope, intercept)``).
         fit: what it was fitted on: ``n`` shots, ``rmse`` on them (label units), and
             ``fallback``, the reason a linear map replaced the logistic (or None).
     """
 
     label: LabelScale
-    method: str
-    params: tuple[float, ...]
+    map: MonotoneFit
     fit: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def __post_init__(self) -> None:
-        n = {"logistic4": 4, "linear": 2}.get(self.method)
-        if n is None:
-            raise GrmpiqaError(f"score scale: unknown map {self.method!r}")
-        if len(self.params) != n or not all(math.isfinite(p) for p in self.params):
-            raise GrmpiqaError(f"score scale: {self.method} needs {n} finite parameters")
+    @property
+    def method(self) -> str:
+        return self.map.kind
+
+    @property
+    def params(self) -> tuple[float, ...]:
+        return self.map.params
 
     def to_mos(self, p: Any) -> np.ndarray:
         """Map scores ``p`` in (0, 1) to the label scale (float64 array, same shape)."""
-        x = np.asarray(p, dtype=np.float64)
-        if self.method == "logistic4":
-            y = logistic_curve(x, self.params, "4")
-        else:
-            a, b = self.params
-            y = a + b * x
-        return np.clip(y, self.label.lo, self.label.hi)
+        return np.clip(self.map(np.asarray(p, dtype=np.float64)), self.label.lo, self.label.hi)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": SCALE_FORMAT,
             **self.label.to_dict(),
-            "map": {"method": self.method, "params": [float(v) for v in self.params]},
+            "map": self.map.to_dict(),
             "fit": dict(self.fit),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScoreScale:
         try:
-            m = d["map"]
             return cls(
                 label=LabelScale.from_dict(d),
-                method=str(m["method"]),
-                params=tuple(float(v) for v in m["params"]),
+                map=MonotoneFit.from_dict(d["map"]),
                 fit=dict(d.get("fit") or {}),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -212,10 +202,11 @@ def fit_score_scale(
 ) -> ScoreScale:
     """Fit the monotone map ``p -> MOS`` on the shots' predictions and raw MOS.
 
-    The 4-parameter logistic of the evaluation protocol; a linear map when that fit
-    fails, is flat on the shots, or runs against the scale's direction. The linear map
-    is the least-squares line when it has the scale's direction, else the range map
-    ``p = 0 -> worst end, p = 1 -> best end`` (which assumes nothing about the shots).
+    :func:`grmpiqa.metrics.fit_monotone`: the 4-parameter logistic of the evaluation
+    protocol, or the least-squares line when that fit fails or is a step. A map that runs
+    against the scale's direction (or no map at all: constant predictions, fewer than 3
+    shots) is replaced by the range map ``p = 0 -> worst end, p = 1 -> best end``, which
+    assumes nothing about the shots.
     """
     p = np.asarray(pred, dtype=np.float64).reshape(-1)
     t = np.asarray(mos, dtype=np.float64).reshape(-1)
@@ -223,35 +214,23 @@ def fit_score_scale(
         raise ValueError(f"{p.size} predictions but {t.size} MOS values")
     ok = np.isfinite(p) & np.isfinite(t)
     p, t = p[ok], t[ok]
-    sign = 1.0 if label.higher_is_better else -1.0
-    n = int(p.size)
-    reason: str | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params = fit_logistic_params(p, t, "4") if n >= 5 else None
-    if params is None:
-        reason = "logistic fit failed or too few distinct shots"
+        fitted = fit_monotone(p, t, "4") if p.size >= 3 else None
+    reason = None if fitted is None else fitted.note
+    if fitted is not None:
+        ends = fitted(np.array([0.0, 1.0]))
+        sign = 1.0 if label.higher_is_better else -1.0
+        if sign * (ends[1] - ends[0]) > 0:
+            s = ScoreScale(label, fitted)
+            return ScoreScale(label, fitted, _fit_record(s, p, t, reason))
+        reason = f"the fitted {fitted.kind} map runs against the scale's direction"
     else:
-        s = ScoreScale(label, "logistic4", tuple(float(v) for v in params))
-        grid = s.to_mos(np.linspace(0.0, 1.0, 101))
-        mapped = s.to_mos(p)
-        if np.ptp(mapped) <= 1e-9 * (label.hi - label.lo):
-            reason = "logistic map is flat on the shots"
-        elif sign * (grid[-1] - grid[0]) <= 0:
-            reason = "logistic map runs against the scale's direction"
-        else:
-            return ScoreScale(label, "logistic4", s.params, _fit_record(s, p, t, None))
-    if n >= 2 and np.ptp(p) > 0:
-        b, a = np.polyfit(p, t, 1)
-        if sign * b > 0:
-            s = ScoreScale(label, "linear", (float(a), float(b)))
-            return ScoreScale(label, "linear", s.params, _fit_record(s, p, t, reason))
+        reason = "no map can be fitted (fewer than 3 shots or constant values)"
     width = label.hi - label.lo
-    a, b = (label.lo, width) if label.higher_is_better else (label.hi, -width)
-    s = ScoreScale(label, "linear", (float(a), float(b)))
-    return ScoreScale(
-        label, "linear", s.params, _fit_record(s, p, t, (reason or "") + "; range map")
-    )
+    line = (width, label.lo) if label.higher_is_better else (-width, label.hi)
+    s = ScoreScale(label, MonotoneFit("linear", line, f"{reason}; range map"))
+    return ScoreScale(label, s.map, _fit_record(s, p, t, s.map.note))
 
 
 def _fit_record(
@@ -261,10 +240,16 @@ def _fit_record(
     return {"n": int(p.size), "rmse": rmse if math.isfinite(rmse) else None, "fallback": fallback}
 
 
-def scale_from_metadata(meta: dict[str, Any]) -> ScoreScale | None:
+def scale_from_metadata(meta: dict[str, Any], source: str = "checkpoint") -> ScoreScale | None:
     """The :class:`ScoreScale` a checkpoint's metadata records, or None."""
-    rec = (meta.get("extra") or {}).get("scale")
-    return ScoreScale.from_dict(rec) if rec else None
+    extra = meta.get("extra") or {}
+    rec = extra.get("scale") if isinstance(extra, dict) else None
+    if not rec:
+        return None
+    try:
+        return ScoreScale.from_dict(rec)
+    except GrmpiqaError as err:
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 def check_scale(scale: str) -> str:

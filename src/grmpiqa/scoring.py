@@ -23,6 +23,7 @@ from grmpiqa.precision import autocast
 if TYPE_CHECKING:
     from grmpiqa.model import QualityModel
 
+
 class ImageListDataset(Dataset[tuple[int, torch.Tensor | None, str | None]]):
     """Images (paths or PIL) -> ``(index, tensor or None, error or None)``."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from grmpiqa.cli.common import add_backbone_args, device_arg, pretrained_arg
-from grmpiqa.model import DEFAULT
+from grmpiqa.demo import MIN_PRISTINE
+from grmpiqa.factory import DEFAULT
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--pristine",
         default=None,
         metavar="DIR",
-        help="your own pristine photos (at least 4) instead of scikit-image's samples",
+        help=f"your own pristine photos (at least {MIN_PRISTINE}) instead of scikit-image's "
+        "samples",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_backbone_args(p)
@@ -36,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from grmpiqa.demo import run_demo
 
-    run_demo(
+    result = run_demo(
         args.out,
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained) if args.pretrained is not None else DEFAULT,
@@ -46,4 +49,7 @@ def run(args: argparse.Namespace) -> int:
         pristine=args.pristine,
         progress=not args.no_progress,
     )
+    print(result.text)
+    if result.notice:
+        print(result.notice, file=sys.stderr, flush=True)
     return 0
