@@ -98,33 +98,17 @@ def grid_box(model: QualityModel) -> tuple[float, float, float, float]:
 
 def grid_shape(model: QualityModel) -> tuple[int, int]:
     """Patch grid ``(rows, cols)`` of the model's input."""
-    k = model.clip.visual.conv1.kernel_size
-    c = model.preprocess.crop
-    return c // int(k[0]), c // int(k[1])
+    rows, cols = model.image_tower.grid_size
+    return int(rows), int(cols)
 
 
 def _token_embeddings(model: QualityModel, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every token of the image tower's last layer through the head: ``[N, T, D]``
     (not normalised), and the number of prefix tokens (CLS + visual prompts) before the
-    patches. The one place that reaches into the tower (to be ported to ``towers.py``)."""
-    v = model.clip.visual
-    if model.visual is not None:
-        x = model.visual.blocks(model.visual.embed(pixels))
-        x = model.visual.prompt_norm(x)
-        prefix = 1 + model.visual.num_tokens
-    else:
-        if hasattr(v, "_embeds"):
-            x = v._embeds(pixels)
-        else:  # pragma: no cover - open_clip < 2.29
-            raise GrmpiqaError("quality maps need open_clip >= 2.29")
-        x = v.transformer(x)
-        prefix = 1
-    if getattr(v, "attn_pool", None) is not None:
-        raise GrmpiqaError(f"{model.backbone_name}: quality maps need a CLS-token ViT")
-    x = v.ln_post(x)
-    if v.proj is not None:
-        x = x @ v.proj
-    return x, prefix
+    patches (:class:`~grmpiqa.towers.PromptedVisionTower`, reference path)."""
+    tower = model.image_tower
+    tokens = tower.forward_head(tower.forward_features(pixels), pool=False)
+    return tokens, tower.num_prefix_tokens
 
 
 @torch.inference_mode()

@@ -22,10 +22,10 @@ import torch
 
 from grmpiqa.backbone import DEFAULT_BACKBONE, default_pretrained, load_backbone
 from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
-from grmpiqa.scale import scale_from_metadata
 from grmpiqa.errors import CheckpointError, GrmpiqaError
 from grmpiqa.log import GrmpiqaWarning
 from grmpiqa.model import ModelConfig, QualityModel
+from grmpiqa.scale import scale_from_metadata
 from grmpiqa.transforms import PreprocessConfig
 
 __all__ = ["DEFAULT", "create_model", "resolve_device", "pretrained_from_identity"]

@@ -43,7 +43,7 @@ def load_image(
     """
     path = Path(path)
     try:
-        return _decode(path, str(path), max_pixels)
+        return _decode(path, str(path), max_pixels, min_side)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -51,15 +51,21 @@ def load_image(
 
 
 def load_image_bytes(
-    data: bytes, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    name: str = "<upload>",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode image bytes (an upload) like :func:`load_image`; errors name ``name``."""
     if not data:
         raise NotAnImageError(f"{name}: empty file, not an image")
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels, min_side)
 
 
-def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+def _decode(
+    source: Path | io.BytesIO, name: str, max_pixels: int, min_side: int | None = None
+) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
