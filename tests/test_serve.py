@@ -186,7 +186,7 @@ def test_health_models_and_random_weights_announced(server):
     assert ft["random_weights"] is True and "RANDOM" in ft["description"]
     assert "RANDOM" in ft["warning"]
     assert ft["checkpoint"]["file"] == "ft.safetensors" and len(ft["checkpoint"]["sha256"]) == 64
-    assert ft["scale"]["lo"] == 0 and ft["scale"]["hi"] == 100 and ft["scale"]["map"]["method"]
+    assert ft["scale"]["lo"] == 0 and ft["scale"]["hi"] == 100 and ft["scale"]["map"]["kind"]
     assert cards["plain"]["scale"] is None
     assert ft["preprocess"] == {"resize": 244, "crop": 224, "interpolation": "bicubic",
                                 "stats": "imagenet"}  # fmt: skip
