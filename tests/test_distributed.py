@@ -38,6 +38,7 @@ from grmpiqa.data.synth import synthesize
 from grmpiqa.distributed import Context, DataParallel, replicated_dropout
 from grmpiqa.errors import GrmpiqaError, RunError, TrainingError
 from grmpiqa.evaluation import ProtocolConfig, run_protocol
+from grmpiqa.feature_cache import build_feature_cache, frozen_image_blocks
 from grmpiqa.finetune import (
     FinetuneConfig,
     PixelShots,
@@ -173,6 +174,26 @@ def _collect(
     return out
 
 
+def _cache(csv_path: Path, ctx: Context) -> dict[str, torch.Tensor]:
+    """The frozen-feature cache of the 7 shots (21 views: chunks of 16 and 5)."""
+    shots = load_dataset(f"csv:{csv_path}")
+    model = _model()
+    teacher = build_teacher(model, FT.scene_prompts)
+    model.set_trainable(FT.groups)
+    start = frozen_image_blocks(model)
+    assert start is not None
+    cache = build_feature_cache(
+        model,
+        _load_resized(model, shots),
+        start_block=start,
+        augmentations=2,
+        teacher=teacher,
+        context=ctx,
+    )
+    assert cache.teacher_logits is not None
+    return {"hidden": cache.hidden, "eval": cache.eval_hidden, "teacher": cache.teacher_logits}
+
+
 def _finetune(csv_path: Path, out: Path, **kw: Any) -> None:
     finetune(_model(), load_dataset(f"csv:{csv_path}"), replace(FT, **kw), out=out, progress=False)
 
@@ -256,7 +277,11 @@ def _worker(rank: int, port: int, root: str) -> None:
         grads = _stage2_gradients(csv_path, ctx)
         if rank == 0:
             save_file(grads, str(base / "grads_2.safetensors"))
+        cache = _cache(csv_path, ctx)
+        if rank == 0:
+            save_file(cache, str(base / "cache_2.safetensors"))
         _finetune(csv_path, base / "ft_2.safetensors")
+        _finetune(csv_path, base / "ft_pixels_2.safetensors", cache=False)
         _finetune_resumed(csv_path, base / "ft_resumed_2.safetensors")
         _pretrain(spec, base / "reptile_2.safetensors", resumed=True)
         _pretrain(spec, base / "released_2.safetensors", variant="released", epochs=1)
@@ -379,6 +404,13 @@ def test_stage2_gradients_equal_one_process_and_project_then_average_does_not(
     assert _family_error(control, whole, "rule") > 100 * max(rule_error, 1e-6)
 
 
+def test_feature_cache_built_in_shares_has_the_one_process_bits(two_ranks: Path) -> None:
+    got = load_file(str(two_ranks / "cache_2.safetensors"))
+    want = _cache(two_ranks / "shots" / "labels.csv", Context())
+    for k in ("hidden", "eval", "teacher"):
+        assert torch.equal(got[k], want[k]), k
+
+
 def _assert_same_checkpoint(got: Path, want: Path, rel: float) -> dict[str, Any]:
     """Same tensors to ``rel`` of the largest magnitude among them (the rounding of the
     gradients a run sums moves every weight by about the same absolute amount)."""
@@ -409,6 +441,9 @@ def test_finetune_two_ranks_writes_the_one_process_checkpoint(two_ranks: Path) -
         assert "contiguous parts" in extra["got"]["distributed"]["sharding"]
         same = {k: v for k, v in extra["got"].items() if k not in ("world_size", "distributed")}
         assert same == {k: v for k, v in extra["want"].items() if k != "world_size"}
+    pixels = two_ranks / "ft_pixels_1.safetensors"  # the released path: dropout in every layer
+    _finetune(csv_path, pixels, cache=False)
+    _assert_same_checkpoint(two_ranks / "ft_pixels_2.safetensors", pixels, rel=1e-6)
     rows = [json.loads(line) for line in (two_ranks / "ft_2.log.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (two_ranks / "ft_1.log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref] == [2, 4]

@@ -930,6 +930,7 @@ def finetune(
             if saver is not None:
                 final = stopped or ("max_epochs" if epoch == config.max_epochs else "")
                 saver.save(epoch, schedule, history, final, row["seconds"])
+            if run is not None:  # saved (by rank 0)
                 saved_epoch = epoch
     finally:
         bar.close()
