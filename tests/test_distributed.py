@@ -9,6 +9,7 @@ check launches ``python -m torch.distributed.run --nproc_per_node 2 -m grmpiqa f
 from __future__ import annotations
 
 import csv
+import doctest
 import json
 import os
 import socket
@@ -330,6 +331,10 @@ def test_one_process_context_and_timeout(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(GrmpiqaError, match="GRMPIQA_DIST_TIMEOUT"):
         distributed.timeout_from_env()
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(distributed).failed == 0
 
 
 def test_replicated_dropout_gives_each_sample_its_full_batch_mask() -> None:
