@@ -153,3 +153,20 @@ def test_bf16_keeps_an_fp32_residual_stream():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         m.image_tower(images(1))
     assert seen and all(d == torch.float32 for d in seen)
+
+
+def test_declared_open_clip_lower_bound_is_the_shim_minimum():
+    """pyproject's open_clip_torch>=X is what _openclip supports (CI tests against X)."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not run from a checkout")
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("open_clip_torch"))
+    lowest = re.search(r">=\s*([0-9.]+)", spec)
+    assert lowest is not None
+    assert tuple(int(v) for v in lowest.group(1).split(".")) == _openclip.MIN_VERSION
