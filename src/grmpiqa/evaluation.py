@@ -61,8 +61,10 @@ from grmpiqa.baselines import (
     image_features,
 )
 from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
+from grmpiqa.distributed import Context, current, local
 from grmpiqa.errors import DatasetError, GrmpiqaError
 from grmpiqa.factory import DEFAULT, create_model
+from grmpiqa.log import get_logger
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.precision import autocast
@@ -82,6 +84,8 @@ __all__ = [
     "format_summary",
     "run_protocol",
 ]
+
+logger = get_logger("evaluate")
 
 METHODS: tuple[str, ...] = ("grmp", "coop", "clipiqa", "linear-probe")
 SELECTIONS: tuple[str, ...] = ("final", "best-on-test")
@@ -482,6 +486,12 @@ def run_protocol(
             --checkpoint``; with ``resume`` an interrupted split continues from its
             ``.state.safetensors``). Off by default: a ViT-B/16 split checkpoint is ~170 MB.
 
+    Launched on several ranks (torchrun, :mod:`grmpiqa.distributed`), the splits are
+    shared out, one per rank at a time, each trained by its rank alone; rank 0 writes
+    the report (identical to one process's but for timings), every rank returns the
+    result. Split checkpoints (``keep_checkpoints``) are written by the rank that trains
+    the split.
+
     Raises:
         DatasetError: unlabelled data, or too few images for the shots.
         GrmpiqaError: bad options, or a resume record from another configuration.
@@ -500,7 +510,8 @@ def run_protocol(
     fingerprint = _fingerprint(record)
     record["fingerprint"] = fingerprint
     out = Path(report_dir) if report_dir is not None else None
-    if out is not None:
+    ctx = current()
+    if out is not None and ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     from grmpiqa.report import write_json, write_report
 
@@ -511,9 +522,19 @@ def run_protocol(
     if record["optimistic"]:
         notes.append("best-on-test selection: the test set chose the reported epoch (OPTIMISTIC)")
     bar = tqdm(
-        splits, desc=f"{config.method} splits", unit="split", disable=not progress, file=sys.stderr
+        splits,
+        desc=f"{config.method} splits",
+        unit="split",
+        disable=not (progress and ctx.is_main),
+        file=sys.stderr,
     )
-    for k, split in enumerate(bar):
+    if ctx.is_distributed:  # the splits over the ranks; the loop below then has nothing to do
+        results = _share_splits(
+            ctx, base, dataset, splits, config, out, fingerprint, resume, keep_checkpoints, bar
+        )
+        for r in results:
+            notes.extend(f"split {r.index}: {w}" for w in r.info.get("metric_warnings", []))
+    for k, split in enumerate(bar if not ctx.is_distributed else ()):
         res = None
         if out is not None and resume:
             res = _load_finished(_split_file(out, k), fingerprint, split)
@@ -531,12 +552,81 @@ def run_protocol(
             notes.append(f"split {k}: {w}")
         results.append(res)
         bar.set_postfix(srcc=f"{res.metrics['srcc']:.3f}")
+    bar.close()
     summary = summarize_metrics([{**r.metrics, "seconds": r.seconds} for r in results])
     result = ProtocolResult(record, dataset, results, summary, notes)
-    if out is not None:
+    if out is not None and ctx.is_main:
         write_splits(dataset, splits, out / "splits.csv")
         write_report(result, out)
     return result
+
+
+def _share_splits(
+    ctx: Context,
+    base: QualityModel,
+    dataset: Dataset,
+    splits: Sequence[Split],
+    config: ProtocolConfig,
+    out: Path | None,
+    fingerprint: str,
+    resume: bool,
+    keep_checkpoints: bool,
+    bar: Any,
+) -> list[SplitResult]:
+    """The splits over the ranks, one per rank at a time (:mod:`grmpiqa.distributed`).
+
+    Rank 0 reads the finished splits of a resumed run and writes each round's split
+    records; the splits left run in rounds of ``world_size``, the round's i-th split on
+    rank i, each in its process alone (the seeds and numbers of one process). A rank's
+    error stops every rank at the end of the round.
+    """
+    from grmpiqa.report import write_json
+
+    def finished() -> dict[str, Any]:
+        done: dict[str, Any] = {}
+        if out is not None and resume:
+            for k, split in enumerate(splits):
+                res = _load_finished(_split_file(out, k), fingerprint, split)
+                if res is not None:
+                    done[str(k)] = res.to_dict()
+        return done
+
+    results = {int(k): SplitResult.from_dict(d) for k, d in ctx.from_main(finished).items()}
+    bar.update(len(results))
+    todo = [k for k in range(len(splits)) if k not in results]
+    if ctx.is_main:
+        logger.info(
+            "evaluate on %d ranks (%s): %d split(s) to run, one per rank at a time",
+            ctx.world_size,
+            ctx.backend,
+            len(todo),
+        )
+    for start in range(0, len(todo), ctx.world_size):
+        round_ = todo[start : start + ctx.world_size]
+        own: SplitResult | None = None
+        error: BaseException | None = None
+        if ctx.rank < len(round_):
+            k = round_[ctx.rank]
+            ckpt = None
+            if out is not None and keep_checkpoints and config.method in _TRAINED:
+                ckpt = out / "splits" / f"split_{k}.safetensors"
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with local():  # this split is this rank's alone
+                    own = _run_split(base, dataset, splits[k], config, k, False, ckpt, resume)
+            except Exception as err:
+                error = err
+        gathered = ctx.gather(own.to_dict() if own is not None else None, error)
+        for d in gathered:
+            if d is None:
+                continue
+            res = own if own is not None and own.index == d["index"] else SplitResult.from_dict(d)
+            results[res.index] = res
+            if out is not None and ctx.is_main:
+                record = {"fingerprint": fingerprint, "result": res.to_dict()}
+                write_json(_split_file(out, res.index), record)
+        bar.update(len(round_))
+    return [results[k] for k in range(len(splits))]
 
 
 def format_summary(result: ProtocolResult, keys: Sequence[str] = METRICS) -> str:

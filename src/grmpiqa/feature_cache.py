@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from grmpiqa.distributed import Context
 from grmpiqa.model import QualityModel
 from grmpiqa.precision import autocast, storage_dtype
 from grmpiqa.transforms import ResizeCropNormalize
@@ -165,11 +166,17 @@ def build_feature_cache(
     precision: str = "fp32",
     batch_size: int = 16,
     progress: bool = False,
+    context: Context | None = None,
 ) -> FrozenFeatureCache:
     """Compute the frozen features of ``images`` (decoded RGB training images).
 
     ``teacher`` maps preprocessed views to scene logits (the frozen CLIP of method.md 7).
     Hidden states are stored in fp32, or bf16 when computing in bf16.
+
+    ``context`` (several ranks, :mod:`grmpiqa.distributed`): each rank computes the
+    chunks of ``batch_size`` views it owns (chunk ``c`` on rank ``c mod world``, the same
+    chunks as in one process), the others' rows stay zero, and one all-reduce per tensor
+    gives every rank the whole cache with the bits one process computes.
     """
     if augmentations < 1:
         raise ValueError(f"cache_augmentations must be at least 1, got {augmentations}")
@@ -181,10 +188,17 @@ def build_feature_cache(
     hidden: torch.Tensor | None = None
     eval_hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    bar = tqdm(total=len(jobs), unit="view", desc="caching frozen features", disable=not progress)
+    shared = context is not None and context.is_distributed
+    starts = list(range(0, len(jobs), batch_size))
+    if context is not None and shared:  # this rank's chunks (a rank without one runs the
+        # first, unwritten, to learn the shapes)
+        starts = [s for c, s in enumerate(starts) if context.owns(c)] or starts[:1]
+    total = sum(len(jobs[s : s + batch_size]) for s in starts)
+    bar = tqdm(total=total, unit="view", desc="caching frozen features", disable=not progress)
     try:
-        for s in range(0, len(jobs), batch_size):
+        for s in starts:
             chunk = jobs[s : s + batch_size]
+            write = not shared or context is None or context.owns(s // batch_size)
             x = torch.stack(
                 [
                     eval_tf(images[i]) if v < 0 else bank_view(model, images[i], seed, i, v)
@@ -193,9 +207,12 @@ def build_feature_cache(
             ).to(model.device)
             h = encode_frozen(model, x, start_block, precision).to(store)
             if hidden is None:
-                hidden = torch.empty((n, k, *h.shape[1:]), dtype=store, device=h.device)
-                eval_hidden = torch.empty((n, *h.shape[1:]), dtype=store, device=h.device)
+                new = torch.zeros if shared else torch.empty
+                hidden = new((n, k, *h.shape[1:]), dtype=store, device=h.device)
+                eval_hidden = new((n, *h.shape[1:]), dtype=store, device=h.device)
             assert eval_hidden is not None
+            if not write:
+                continue
             train_rows = [j for j, (_, v) in enumerate(chunk) if v >= 0]
             for j, (i, v) in enumerate(chunk):
                 if v < 0:
@@ -206,7 +223,8 @@ def build_feature_cache(
                 with torch.no_grad(), autocast(model.device, precision):
                     t = teacher(x[train_rows]).float()
                 if logits is None:
-                    logits = torch.empty((n, k, t.shape[1]), dtype=torch.float32, device=t.device)
+                    new = torch.zeros if shared else torch.empty
+                    logits = new((n, k, t.shape[1]), dtype=torch.float32, device=t.device)
                 for r, j in enumerate(train_rows):
                     i, v = chunk[j]
                     logits[i, v] = t[r]
@@ -214,6 +232,14 @@ def build_feature_cache(
     finally:
         bar.close()
     assert hidden is not None and eval_hidden is not None
+    if context is not None and shared:
+        if teacher is not None:  # a rank whose chunks held no training view has no logits
+            shapes = [s for s in context.all_gather_json(_shape(logits)) if s is not None]
+            if logits is None:
+                logits = torch.zeros(shapes[0], dtype=torch.float32, device=hidden.device)
+        for full in (hidden, eval_hidden, logits):
+            if full is not None:
+                context.all_reduce_(full)
     return FrozenFeatureCache(
         start_block=start_block,
         hidden=hidden,
@@ -223,3 +249,7 @@ def build_feature_cache(
         seed=seed,
         build_seconds=time.perf_counter() - t0,
     )
+
+
+def _shape(t: torch.Tensor | None) -> list[int] | None:
+    return None if t is None else list(t.shape)

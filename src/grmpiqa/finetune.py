@@ -34,7 +34,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import time
 import warnings
@@ -52,6 +54,7 @@ from tqdm.auto import tqdm
 from grmpiqa.backbone import load_backbone
 from grmpiqa.checkpoint import save_checkpoint
 from grmpiqa.data.datasets import Dataset
+from grmpiqa.distributed import Context, DataParallel, current
 from grmpiqa.errors import GrmpiqaError, TrainingError
 from grmpiqa.factory import pretrained_from_identity
 from grmpiqa.feature_cache import (
@@ -371,6 +374,7 @@ class CachedShots:
         start_block: int,
         teacher: SemanticTeacher | None,
         progress: bool = False,
+        context: Context | None = None,
     ) -> None:
         self.model = model
         self.labels = labels
@@ -384,6 +388,7 @@ class CachedShots:
             teacher=teacher,
             precision=config.precision,
             progress=progress,
+            context=context,
         )
         self.build_seconds = self.cache.build_seconds
 
@@ -491,6 +496,10 @@ class Stage2Step:
 
     Text features run through the model's text tower truncated after the pooled EOT
     token (exact for CLIP's causal tower; the same result up to rounding).
+
+    With :attr:`parallel` set (several ranks, :mod:`grmpiqa.distributed`) each rank
+    computes the part of every batch :meth:`share` gives it and :meth:`step` applies
+    the rule to the gradients summed over ranks.
     """
 
     def __init__(self, model: QualityModel, config: FinetuneConfig) -> None:
@@ -500,6 +509,13 @@ class Stage2Step:
         self.names = list(named)
         self.params = list(named.values())
         self.scene_tokens = model.tokenizer(list(config.scene_prompts)).to(model.device)
+        self.parallel: DataParallel | None = None
+
+    def share(self, batch: Sequence[int]) -> contextlib.AbstractContextManager[Sequence[int]]:
+        """The samples of ``batch`` this rank computes (all of them in one process)."""
+        if self.parallel is None:
+            return contextlib.nullcontext(batch)
+        return self.parallel.part(batch)
 
     def quality_text(self) -> torch.Tensor:
         """The student's normalised ``[t_hq, t_lq]``."""
@@ -554,26 +570,63 @@ class Stage2Step:
         :class:`NonFiniteError` (before changing anything) when a loss or gradient is
         NaN or infinite, and after the step when a weight became so.
         """
+        if self.parallel is not None:
+            return self._parallel_step(optimizer, lq, ls, cosine=cosine)
         for name, loss in (("quality loss", lq), ("distillation loss", ls)):
             if loss is not None and not bool(torch.isfinite(loss)):
                 raise NonFiniteError(f"the {name} became {float(loss.detach())}")
         gq, gs = self.gradients(lq, ls)
-        for grads in (gq, gs) if gs is not None else (gq,):
-            for n, g in zip(self.names, grads, strict=True):
-                if g is not None and not bool(torch.isfinite(g).all()):
-                    raise NonFiniteError(f"the gradient of {n} is not finite")
+        self._check_gradients(gq, gs)
         rule = set_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for n, p in zip(self.names, self.params, strict=True):
-            if not bool(torch.isfinite(p).all()):
-                raise NonFiniteError(f"the weights of {n} became NaN or infinite")
+        self._check_weights()
         return StepStats(
             float(lq.detach()),
             float(ls.detach()) if ls is not None else float("nan"),
             rule.projected,
             rule.cosine,
         )
+
+    def _parallel_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lq: torch.Tensor,
+        ls: torch.Tensor | None,
+        *,
+        cosine: bool,
+    ) -> StepStats:
+        """:meth:`step` over ranks: this rank's g_q and g_s (of its part of the batch)
+        summed over ranks with weights n_r / n in one flat buffer, then the rule once
+        per tensor on the global gradients (method.md 7), as one process on the whole
+        batch. Every rank checks the same global values, so all stop together."""
+        assert self.parallel is not None
+        gq, gs = self.gradients(lq, ls)
+        gq, gs, lq_v, ls_v = self.parallel.all_reduce(gq, gs, lq, ls)
+        for name, value in (("quality loss", lq_v), ("distillation loss", ls_v)):
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteError(f"the {name} became {value}")
+        self._check_gradients(gq, gs)
+        rule = set_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._check_weights()
+        return StepStats(
+            lq_v, ls_v if ls_v is not None else float("nan"), rule.projected, rule.cosine
+        )
+
+    def _check_gradients(
+        self, gq: Sequence[torch.Tensor | None], gs: Sequence[torch.Tensor | None] | None
+    ) -> None:
+        for grads in (gq, gs) if gs is not None else (gq,):
+            for n, g in zip(self.names, grads, strict=True):
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    raise NonFiniteError(f"the gradient of {n} is not finite")
+
+    def _check_weights(self) -> None:
+        for n, p in zip(self.names, self.params, strict=True):
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(f"the weights of {n} became NaN or infinite")
 
 
 # -- evaluation helpers ----------------------------------------------------------------
@@ -700,7 +753,12 @@ def finetune(
         overwrite: replace an earlier run at ``out`` (without it, and without ``resume``,
             an existing run is refused).
         progress: tqdm progress on stderr.
-        extra: metadata added to the checkpoint's ``extra`` record.
+        extra: metadata added to the checkpoint's ``extra`` record (which also gets
+            ``"world_size"``).
+
+    Launched on several ranks (torchrun, :mod:`grmpiqa.distributed`), every step's
+    batch is shared out and the gradients summed before the rule; rank 0 evaluates,
+    writes the files and hands the evaluation row to the others.
 
     Returns:
         :class:`FinetuneResult`; ``model`` holds the final weights.
@@ -721,10 +779,12 @@ def finetune(
     monitor = config.monitor
     if monitor == "train_srcc" and val is not None:
         monitor = "val_srcc"
-    run = RunFiles(Path(out), "finetune") if out is not None else None
+    ctx = current()
+    progress = progress and ctx.is_main
+    run = ctx.run_files(RunFiles(Path(out), "finetune")) if out is not None else None
     fingerprint = _fingerprint(config, train)
     state: RunState | None = None
-    if run is not None and run.start(resume, overwrite):
+    if run is not None and ctx.start_run(run, resume, overwrite):
         state = run.load_state()
         run.check_resume(
             state.record.get("fingerprint", {}),
@@ -760,13 +820,26 @@ def finetune(
     labels = torch.tensor(train.labels, dtype=torch.float32)
     source: ShotSource
     if start_block is not None:
-        source = CachedShots(model, images, labels, config, start_block, teacher, progress)
+        source = CachedShots(model, images, labels, config, start_block, teacher, progress, ctx)
         teacher = None  # its logits are cached; free the copy
     else:
         source = PixelShots(model, images, labels, config, teacher)
-    validation = _Validation(model, val, config, start_block) if val is not None else None
+    validation = None
+    if val is not None and ctx.is_main:  # rank 0 evaluates
+        validation = _Validation(model, val, config, start_block)
 
     step = Stage2Step(model, config)
+    if ctx.is_distributed:
+        step.parallel = DataParallel(ctx, model)
+        if ctx.is_main:
+            logger.info(
+                "fine-tuning on %d ranks (%s): each step's batch of %d is cut into %d "
+                "contiguous parts; g_q and g_s are summed over ranks before the rule",
+                ctx.world_size,
+                ctx.backend,
+                config.batch_size or len(train),
+                ctx.world_size,
+            )
     optimizer = torch.optim.SGD(
         step.params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.0
     )
@@ -783,8 +856,17 @@ def finetune(
         logger.info("resuming %s after epoch %d", out, epoch0)
 
     saver = (
-        _Saver(run, model, config, fingerprint, optimizer, train, extra, _label_scale(train))
-        if run is not None
+        _Saver(
+            run,
+            model,
+            config,
+            fingerprint,
+            optimizer,
+            train,
+            _with_world(extra, ctx),
+            _label_scale(train),
+        )
+        if run is not None and ctx.is_main
         else None
     )
     n = len(train)
@@ -803,6 +885,25 @@ def finetune(
     )
     epoch = epoch0
     device = model.device
+
+    shot_pred: dict[str, np.ndarray] = {}  # rank 0's latest predictions of the shots
+
+    def evaluation(epoch: int, window: list[StepStats]) -> dict[str, Any]:
+        t_eval = time.perf_counter()
+        row, shot_pred["last"] = _evaluate(
+            model, step, source, config, epoch, schedule.lr, window, train
+        )
+        if validation is not None:
+            vpred = validation.predictions(model, _text(model, step, config))
+            row["val_srcc"], row["val_plcc"] = _correlations(vpred, validation.val.labels)
+        row["eval_seconds"] = time.perf_counter() - t_eval
+        if on_eval is not None:
+            model.eval()
+            row.update(on_eval(epoch, model))
+        row["monitor"] = monitor
+        row["seconds"] = seconds0 + time.perf_counter() - t_start
+        return row
+
     try:
         while not stopped and epoch < config.max_epochs:
             epoch += 1
@@ -818,7 +919,8 @@ def finetune(
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
                 for s in range(0, n, bs):
-                    lq, ls, _ = step.losses(source.batch(order[s : s + bs], epoch))
+                    with step.share(order[s : s + bs]) as part:
+                        lq, ls, _ = step.losses(source.batch(part, epoch))
                     try:
                         window.append(step.step(optimizer, lq, ls, cosine=evaluated))
                     except NonFiniteError as err:
@@ -831,19 +933,7 @@ def finetune(
             bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{window[-1].loss_q:.4f}")
             if not evaluated:
                 continue
-            t_eval = time.perf_counter()
-            row, shot_pred = _evaluate(
-                model, step, source, config, epoch, schedule.lr, window, train
-            )
-            if validation is not None:
-                vpred = validation.predictions(model, _text(model, step, config))
-                row["val_srcc"], row["val_plcc"] = _correlations(vpred, validation.val.labels)
-            row["eval_seconds"] = time.perf_counter() - t_eval
-            if on_eval is not None:
-                model.eval()
-                row.update(on_eval(epoch, model))
-            row["monitor"] = monitor
-            row["seconds"] = seconds0 + time.perf_counter() - t_start
+            row = ctx.from_main(functools.partial(evaluation, epoch, window))  # rank 0's row
             window = []
             if epoch % config.eval_every == 0:
                 row["monitored"] = _monitor_value(monitor, row)
@@ -852,9 +942,10 @@ def finetune(
                 row["next_lr"] = schedule.lr
             history.append(row)
             if saver is not None:
-                saver.shot_pred = shot_pred
+                saver.shot_pred = shot_pred.get("last")
                 final = stopped or ("max_epochs" if epoch == config.max_epochs else "")
                 saver.save(epoch, schedule, history, final, row["seconds"])
+            if run is not None:  # saved (by rank 0)
                 saved_epoch = epoch
     finally:
         bar.close()
@@ -877,6 +968,18 @@ def finetune(
         final_lr=schedule.lr,
         epoch_seconds=epoch_seconds,
     )
+
+
+def _with_world(extra: dict[str, Any] | None, ctx: Context) -> dict[str, Any]:
+    """The checkpoint's ``extra`` record with the world size (and how steps were shared)."""
+    out = {**(extra or {}), "world_size": ctx.world_size}
+    if ctx.is_distributed:
+        out["distributed"] = {
+            "backend": ctx.backend,
+            "sharding": "each step's batch cut into world_size contiguous parts; g_q and g_s "
+            "summed over ranks (weights n_r/n) before the rule",
+        }
+    return out
 
 
 def _load_resized(model: QualityModel, data: Dataset) -> list[Image.Image]:

@@ -24,6 +24,10 @@ Every random choice (split, task order, augmentation, prompt dropout) is derived
 ``(seed, epoch, database, task)``, so a run stopped after epoch k and resumed from its
 state file ends with exactly the prompts of an uninterrupted run.
 
+Under torchrun (:mod:`grmpiqa.distributed`) ``reptile`` shares each meta-step's tasks
+out over the ranks and ends with the prompts of one process, bit for bit; ``released``
+runs its sequential chain on every rank (docs/distributed.md). Rank 0 writes the files.
+
 Example:
     >>> import grmpiqa
     >>> model = grmpiqa.create_model("test-tiny", pretrained=None)  # doctest: +SKIP
@@ -50,6 +54,7 @@ from tqdm.auto import tqdm
 
 from grmpiqa.checkpoint import save_checkpoint
 from grmpiqa.data import Dataset, Item, load_dataset
+from grmpiqa.distributed import Context, current
 from grmpiqa.errors import DatasetError, GrmpiqaError, TrainingError
 from grmpiqa.log import get_logger
 from grmpiqa.losses import quality_loss
@@ -411,6 +416,8 @@ def pretrain(
     """
     cfg = config or PretrainConfig()
     out = Path(out)
+    ctx = current()
+    progress = progress and ctx.is_main
     if cfg.keep_best_val and val is None:
         raise GrmpiqaError("keep_best_val needs a validation set (--val SPEC)")
     databases = build_tasks(task_datasets, cfg.max_tasks, cfg.images_per_task, cfg.seed)
@@ -435,9 +442,9 @@ def pretrain(
     best: dict[str, Any] = {"epoch": None, "srcc": None, "theta": None}
     rng_states: RunState | None = None
 
-    run = RunFiles(out, "pretrain", log=Path(log) if log is not None else Path())
+    run = ctx.run_files(RunFiles(out, "pretrain", log=Path(log) if log is not None else Path()))
     state_path, log_path = run.state, run.log
-    if run.start(resume, overwrite):
+    if ctx.start_run(run, resume, overwrite):
         state = run.load_state()
         run.check_resume(
             state.record.get("fingerprint", {}),
@@ -462,6 +469,7 @@ def pretrain(
         if resume:
             logger.info("%s not found; starting from epoch 1", state_path)
         run.trim_log(lambda r: False)
+    ctx.barrier()  # every rank has read the state before rank 0 rewrites it
 
     result = PretrainResult(out, state_path, log_path, start_epoch, history)
     result.selection = "best-val" if cfg.keep_best_val else "final"
@@ -478,6 +486,9 @@ def pretrain(
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     model.train()
+    sharded = ctx.is_distributed and cfg.variant == "reptile"
+    if ctx.is_distributed:
+        _log_sharding(ctx, run, cfg, start_epoch)
     with torch.random.fork_rng(devices=fork_devices), contextlib.ExitStack() as stack:
         if rng_states is not None:
             rng_from_state(rng_states.tensors, rng_states.record["rng"])
@@ -508,7 +519,12 @@ def pretrain(
                     rng = np.random.default_rng(_seed_seq(cfg.seed, _ORDER, epoch, d_index))
                     order = rng.permutation(len(order)).tolist()
                 delta = {n: torch.zeros_like(v) for n, v in theta.items()}
-                for t_index in order:
+                if sharded:  # the tasks over the ranks, delta as in one process
+                    epoch_records += _share_tasks(
+                        ctx, run, model, params, theta, delta, db, d_index, order, cfg, cache,
+                        query_tf, epoch, tbar
+                    )
+                for t_index in order if not sharded else ():
                     task = db.tasks[t_index]
                     t0 = time.perf_counter()
                     opt: torch.optim.Optimizer
@@ -556,8 +572,8 @@ def pretrain(
             }
             improved = False
             if val_ds is not None:
-                with _holding(params, theta):
-                    figures = evaluate(model, val_ds, cfg.precision)
+                with _holding(params, theta):  # rank 0 scores, every rank gets its figures
+                    figures = ctx.from_main(lambda: evaluate(model, val_ds, cfg.precision))
                 model.train()
                 summary.update(
                     {
@@ -575,7 +591,8 @@ def pretrain(
             run.append_log(summary)
 
             extra = _metadata(cfg, databases, epoch + 1, history, val_ds, best)
-            if not cfg.keep_best_val or improved:
+            extra.update(ctx.describe())  # world_size (and backend)
+            if (not cfg.keep_best_val or improved) and ctx.is_main:
                 with _holding(params, theta):
                     save_checkpoint(model, out, extra=extra)
             _save_run_state(
@@ -593,6 +610,83 @@ def pretrain(
     _assign(params, best["theta"] if cfg.keep_best_val and best.get("theta") else theta)
     result.history = history
     return result
+
+
+def _log_sharding(ctx: Context, run: RunFiles, cfg: PretrainConfig, start_epoch: int) -> None:
+    """Say (stderr and the JSON-lines log) how the ranks share the work."""
+    if cfg.variant == "reptile":
+        how = (
+            f"each meta-step's tasks over {ctx.world_size} ranks (task t on rank t mod "
+            f"{ctx.world_size}); phi_i - theta of every task all-reduced and summed in task order"
+        )
+    else:
+        how = (
+            "variant released carries one inner model through the tasks in sequence: "
+            f"nothing is shared out, each of the {ctx.world_size} ranks runs the whole loop"
+        )
+    if ctx.is_main:
+        logger.info("pretrain on %d ranks (%s): %s", ctx.world_size, ctx.backend, how)
+    run.append_log(
+        {"event": "distributed", "epoch": start_epoch, **ctx.describe(), "sharding": how}
+    )
+
+
+def _share_tasks(
+    ctx: Context,
+    run: RunFiles,
+    model: QualityModel,
+    params: dict[str, torch.nn.Parameter],
+    theta: dict[str, torch.Tensor],
+    delta: dict[str, torch.Tensor],
+    db: TaskDatabase,
+    d_index: int,
+    order: list[int],
+    cfg: PretrainConfig,
+    cache: _ImageCache,
+    query_tf: Any,
+    epoch: int,
+    tbar: Any,
+) -> list[dict[str, Any]]:
+    """One reptile meta-step over the ranks (:meth:`Context.share_tasks`): this rank
+    runs the inner loop of its tasks from theta; every task's ``phi_i - theta`` reaches
+    every rank exactly and is added to ``delta`` in ``order``, as one process adds it.
+    Returns (and logs, on rank 0) the task records in ``order``."""
+    plist = list(params.values())
+    ran = 0
+
+    def one(t_index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        nonlocal ran
+        task = db.tasks[t_index]
+        t0 = time.perf_counter()
+        _assign(params, theta)  # phi_i starts from theta
+        opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+        s_loss, q_loss, n_s, n_q = _run_task(
+            model, opt, task, cfg, cache, query_tf, epoch, d_index, t_index
+        )
+        with torch.no_grad():
+            moved = {n: p.detach() - theta[n] for n, p in params.items()}
+        ran += 1
+        tbar.update(1)
+        return moved, {
+            "epoch": epoch + 1,
+            "database": db.spec,
+            "task": task.name,
+            "support_loss": s_loss,
+            "query_loss": q_loss,
+            "n_support": n_s,
+            "n_query": n_q,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    records = []
+    for moved, rec in ctx.share_tasks(order, theta, one):
+        with torch.no_grad():
+            for n in delta:
+                delta[n] += moved[n]
+        records.append(rec)
+        run.append_log(rec)
+    tbar.update(len(order) - ran)
+    return records
 
 
 def _run_task(

@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from grmpiqa import distributed
 from grmpiqa._version import __version__
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.log import install_cli_handler
@@ -50,11 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GrmpiqaError as err:
-        print(f"grmpiqa: error: {err}", file=sys.stderr)
+        print(f"grmpiqa{_rank_tag()}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("grmpiqa: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
+
+
+def _rank_tag() -> str:
+    """``[rank R]`` under torchrun (each rank prints its own error), else nothing."""
+    ctx = distributed.current()
+    return f"[rank {ctx.rank}]" if ctx.is_distributed else ""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 import torch
 
 from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
+from grmpiqa.distributed import Context, init_from_env
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.factory import DEFAULT, create_model, resolve_device
+from grmpiqa.log import get_logger
 from grmpiqa.model import QualityModel
 from grmpiqa.precision import PRECISIONS
 
@@ -52,6 +55,20 @@ def device_arg(value: str) -> torch.device:
         return resolve_device(value)
     except GrmpiqaError as err:
         raise GrmpiqaError(f"--{err}") from None
+
+
+def join_job(args: argparse.Namespace) -> Context:
+    """Join the torchrun job the environment describes, if any (docs/distributed.md).
+
+    Sets ``args.device`` to this rank's device (``cuda`` -> ``cuda:LOCAL_RANK``) and
+    keeps ranks other than 0 to warnings and errors. One process: nothing changes.
+    """
+    ctx, dev = init_from_env(device_arg(args.device))
+    if ctx.is_distributed:
+        args.device = str(dev)
+        if not ctx.is_main:
+            get_logger().setLevel(logging.WARNING)
+    return ctx
 
 
 def model_from_args(

@@ -12,6 +12,7 @@ from grmpiqa.cli.common import (
     add_finetune_args,
     device_arg,
     finetune_config_from_args,
+    join_job,
     pretrained_arg,
 )
 from grmpiqa.errors import GrmpiqaError
@@ -124,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
     config = config_from_args(args)
     progress = not args.no_progress
     result = run_protocol(
@@ -134,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         keep_checkpoints=args.keep_checkpoints,
     )
+    if not ctx.is_main:
+        return 0
     print(format_summary(result))
     print(f"report: {Path(args.report) / 'report.json'}")
     if result.config.get("random_backbone"):

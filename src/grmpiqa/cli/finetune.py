@@ -10,6 +10,7 @@ from grmpiqa.cli.common import (
     add_backbone_args,
     add_finetune_args,
     finetune_config_from_args,
+    join_job,
     model_from_args,
 )
 from grmpiqa.data import load_dataset, make_split, write_splits
@@ -67,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from grmpiqa.finetune import finetune
 
+    ctx = join_job(args)  # torchrun: this rank's device; one process: nothing changes
     out = Path(args.out)
     dataset = load_dataset(args.data)
     if not dataset.has_labels:
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     val = load_dataset(args.val) if args.val else None
     model = model_from_args(args, checkpoint=args.init)
     progress = not args.no_progress
-    if progress:
+    if progress and ctx.is_main:
         init = args.init or "random prompts (no meta init)"
         print(
             f"grmpiqa: fine-tuning {model.describe()} from {init} on {len(train)} shots of "
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         extra=extra,
     )
+    if not ctx.is_main:
+        return 0
     write_splits(dataset, [split], splits_csv)  # after training: a failed run leaves no split
     last = result.history[-1] if result.history else {}
     srcc = last.get("train_srcc")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.cli.common import add_backbone_args, join_job, model_from_args
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.precision import PRECISIONS
 
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from grmpiqa.metatrain import PretrainConfig, build_tasks, pretrain
     from grmpiqa.model import ModelConfig
 
+    ctx = join_job(args)  # torchrun: this rank's device; one process: nothing changes
     cfg = PretrainConfig(
         epochs=args.epochs,
         variant=args.variant,
@@ -133,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
             raise GrmpiqaError(f"--vpt-tokens must be at least 1, not {args.vpt_tokens}")
         config = replace(ModelConfig(), vpt_tokens=args.vpt_tokens)
     model = model_from_args(args, config=config)
-    print(
-        f"grmpiqa: pre-training {model.describe()} on {n_tasks} tasks of "
-        f"{len(databases)} dataset(s), {cfg.epochs} epochs, variant {cfg.variant}",
-        file=sys.stderr,
-    )
+    if ctx.is_main:
+        print(
+            f"grmpiqa: pre-training {model.describe()} on {n_tasks} tasks of "
+            f"{len(databases)} dataset(s), {cfg.epochs} epochs, variant {cfg.variant}",
+            file=sys.stderr,
+        )
     result = pretrain(
         model,
         datasets,
@@ -149,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if not ctx.is_main:
+        return 0
     last = result.history[-1] if result.history else {}
     msg = f"wrote {result.checkpoint} ({result.epochs_done} epochs"
     if result.selection == "best-val":
