@@ -96,7 +96,7 @@ def test_skip_bad_scores_the_rest(image_dir, capsys):
     [
         (["/no/such/place"], "no such file or folder"),
         (["{d}/*.tiff"], "no files match"),
-        (["{d}", "--output", "{d}/x.txt"], "must end in .csv or .json"),
+        (["{d}", "--output", "{d}/x.txt"], "must end in .csv, .json or .parquet"),
         (["{d}", "--batch-size", "0"], "--batch-size"),
         (["{d}", "--checkpoint", "{d}/img0.png"], "img0.png"),
         (["{e}"], "no image files"),

@@ -7,6 +7,7 @@ pixels are decoded.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -27,32 +28,45 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` fully into an RGB image; raise :class:`ImageError` naming the file."""
-    path = Path(path)
+def load_image(
+    source: str | os.PathLike[str] | bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    name: str | None = None,
+) -> Image.Image:
+    """Decode a file (or its bytes) fully into an RGB image; :class:`ImageError` names it.
+
+    ``name`` is what errors call the image (default: the path, or ``<image bytes>``).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "<image bytes>"
+        fp: io.BytesIO | Path = io.BytesIO(bytes(source))
+    else:
+        fp = Path(source)
+        label = name or str(fp)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(
-                        f"{path}: image too large ({w}x{h} = {w * h} pixels > limit {max_pixels})"
+                        f"{label}: image too large ({w}x{h} = {w * h} pixels > limit {max_pixels})"
                     )
                 img.load()
                 return to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
+        raise ImageError(f"{label}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (unrecognised format)") from None
+        raise ImageError(f"{label}: not an image file (unrecognised format)") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{path}: image too large ({err})") from None
+        raise ImageError(f"{label}: image too large ({err})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{path}: cannot decode image ({err})") from None
+        raise ImageError(f"{label}: cannot decode image ({err})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
