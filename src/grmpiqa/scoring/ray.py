@@ -331,6 +331,7 @@ def score_pending_ray(
                     }
                 )
             )
+        _quiet_ray_data(ray)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         kwargs = dict(scorer_kwargs)
@@ -354,12 +355,12 @@ def score_pending_ray(
                 results: list[Result] = []
                 scores = np.stack([np.asarray(out[c], dtype=np.float64) for c in score_cols], 1)
                 for r in range(len(out["_part"])):
-                    err = out["error"][r]
+                    err = _error_text(out["error"][r])
                     place = (int(out["_part"][r]), int(out["_item"][r]))
                     if err is None:
                         results.append((*place, scores[r].tolist(), None))
                     else:
-                        results.append((*place, None, str(err)))
+                        results.append((*place, None, err))
                 bar.update(len(results))
                 yield results
         finally:
@@ -373,6 +374,22 @@ def score_pending_ray(
         raise
     finally:
         session.close()
+
+
+def _error_text(v: Any) -> str | None:
+    """An ``error`` cell as text, or None (Arrow turns an all-None column into nulls/NaN)."""
+    if v is None or (isinstance(v, float | np.floating) and v != v) or (isinstance(v, str) and not v):
+        return None
+    return str(v)
+
+
+def _quiet_ray_data(ray: Any) -> None:
+    """Ray Data's console handler logs every execution at INFO; keep warnings only."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger
+
+    for h in logging.getLogger("ray.data").handlers:
+        if type(h).__name__ == "PlainRayHandler":
+            h.setLevel(logging.WARNING)
 
 
 def _user_error(err: BaseException) -> GrmpiqaError | None:
