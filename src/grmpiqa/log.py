@@ -48,13 +48,28 @@ class _CliFormatter(logging.Formatter):
 _CLI_HANDLER_NAME = "grmpiqa-cli"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now (tests and tools replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def install_cli_handler(level: int = logging.INFO) -> None:
     """Route the ``grmpiqa`` logger and grmpiqa's warnings to stderr as one-line messages.
 
     Idempotent; used by the command line (``grmpiqa ...``), not by the library.
     """
     if not any(h.get_name() == _CLI_HANDLER_NAME for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.set_name(_CLI_HANDLER_NAME)
         handler.setFormatter(_CliFormatter())
         logger.addHandler(handler)
