@@ -54,7 +54,7 @@ class ImageSource:
 
     ``key`` is the webdataset ``__key__`` of a tar sample; ``id`` the ``--id-column``
     value of a table row; ``origin`` where the path was read from (``LIST row N``), for
-    error messages.
+    error messages; ``name``, when set, replaces the label errors use.
     """
 
     path: str
@@ -64,6 +64,7 @@ class ImageSource:
     member: str = ""
     id: str = ""
     origin: str = ""
+    name: str = ""
 
     @property
     def in_tar(self) -> bool:
@@ -71,7 +72,9 @@ class ImageSource:
 
     @property
     def label(self) -> str:
-        """How errors name this image."""
+        """How errors name this image (``name`` when set)."""
+        if self.name:
+            return self.name
         where = f"{self.path}:{self.member}" if self.in_tar else self.path
         return f"{self.origin}: {where}" if self.origin else where
 

@@ -38,7 +38,7 @@ from grmpiqa.scoring.inputs import ImageSource
 log = get_logger("scoring")
 
 #: Internal columns ``grmpiqa score --engine ray`` sends along with ``path``.
-_PLAN_COLUMNS = ("_part", "_item", "path", "key", "member", "offset", "size", "id", "origin")
+_PLAN_COLUMNS = ("_part", "_item", "path", "label", "key", "member", "offset", "size")
 
 
 def build_models(
@@ -162,7 +162,7 @@ class Scorer:
                     offset=int(batch["offset"][i]),
                     size=int(batch["size"][i]),
                     member=str(batch["member"][i]),
-                    origin=str(batch["origin"][i]),
+                    name=str(batch["label"][i]),
                 )
                 for i in range(n)
             ]
@@ -322,12 +322,13 @@ def score_pending_ray(
                     {
                         "_part": pa.array([where[i][0] for i in b], pa.int64()),
                         "_item": pa.array([where[i][1] for i in b], pa.int64()),
-                        "path": pa.array([s.path for s in srcs], pa.string()),
+                        # actors may run elsewhere: absolute paths, errors named as given
+                        "path": pa.array([os.path.abspath(s.path) for s in srcs], pa.string()),
+                        "label": pa.array([s.label for s in srcs], pa.string()),
                         "key": pa.array([s.key for s in srcs], pa.string()),
                         "member": pa.array([s.member for s in srcs], pa.string()),
                         "offset": pa.array([s.offset for s in srcs], pa.int64()),
                         "size": pa.array([s.size for s in srcs], pa.int64()),
-                        "origin": pa.array([s.origin for s in srcs], pa.string()),
                     }
                 )
             )
