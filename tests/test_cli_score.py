@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -235,8 +235,14 @@ def test_interrupted_run_keeps_its_rows_and_resumes(image_dir, tmp_path, monkeyp
     assert len(journal.read_text().splitlines()) == 1 + 2  # header + the first batch
     assert "--resume" in capsys.readouterr().err
     calls.clear()
-    monkeypatch.setattr(engine, "_score_tensor", lambda model, x, *a, **k: calls.append(len(x)) or real(model, x, *a, **k))
-    assert main(["score", str(image_dir), *TINY, "--batch-size", "2", "-o", str(out), "--resume"]) == 0
+    monkeypatch.setattr(
+        engine,
+        "_score_tensor",
+        lambda model, x, *a, **k: calls.append(len(x)) or real(model, x, *a, **k),
+    )
+    assert (
+        main(["score", str(image_dir), *TINY, "--batch-size", "2", "-o", str(out), "--resume"]) == 0
+    )
     assert sum(calls) == 3  # only the 3 images not yet scored
     assert out.read_text() == clean.read_text()
     assert not journal.exists()
@@ -244,7 +250,9 @@ def test_interrupted_run_keeps_its_rows_and_resumes(image_dir, tmp_path, monkeyp
 
 def test_resume_refuses_a_journal_of_other_settings(image_dir, tmp_path, capsys):
     out = tmp_path / "s.csv"
-    (tmp_path / "s.csv.partial").write_text('{"journal": "grmpiqa-score-journal/1", "fingerprint": {"precision": "bf16"}}\n')
+    (tmp_path / "s.csv.partial").write_text(
+        '{"journal": "grmpiqa-score-journal/1", "fingerprint": {"precision": "bf16"}}\n'
+    )
     assert main(["score", str(image_dir), *TINY, "-o", str(out), "--resume"]) == 1
     assert "other settings" in capsys.readouterr().err
 
@@ -326,7 +334,22 @@ def test_json_and_parquet_outputs(image_dir, tmp_path, fmt):
     assert main(["score", str(image_dir), *TINY, "-o", str(f)]) == 0
     assert read_rows(f, fmt) == read_rows(ref, "json")
     d = tmp_path / "d"
-    assert main(["score", str(image_dir), *TINY, "--out-dir", str(d), "--format", fmt, "--part-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(image_dir),
+                *TINY,
+                "--out-dir",
+                str(d),
+                "--format",
+                fmt,
+                "--part-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = _part_rows(d, fmt)
     ref_rows = read_rows(ref, "json")
     assert [r["path"] for r in rows] == [r["path"] for r in ref_rows]
@@ -337,9 +360,14 @@ def test_json_and_parquet_outputs(image_dir, tmp_path, fmt):
 def test_table_with_path_and_id_columns(image_dir, tmp_path, capsys):
     table = tmp_path / "index.csv"
     table.write_text("uid,location\nu1,imgs/img1.png\nu2,imgs/img3.png\n")
-    assert main(["score", str(table), *TINY, "--path-column", "location", "--id-column", "uid"]) == 0
+    assert (
+        main(["score", str(table), *TINY, "--path-column", "location", "--id-column", "uid"]) == 0
+    )
     rows = _rows(capsys.readouterr().out)
-    assert [(r["id"], r["path"].split("/")[-1]) for r in rows] == [("u1", "img1.png"), ("u2", "img3.png")]
+    assert [(r["id"], r["path"].split("/")[-1]) for r in rows] == [
+        ("u1", "img1.png"),
+        ("u2", "img3.png"),
+    ]
 
 
 def test_several_checkpoints_give_one_column_each(image_dir, tmp_path, capsys):

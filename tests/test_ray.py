@@ -48,7 +48,11 @@ def test_scorer_in_map_batches_paths_and_bytes(local_ray, tmp_path, tiny_model):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
     files = [str(paths[0]), str(bad), str(paths[1]), str(paths[2])]
-    kwargs = {"backbone": "test-tiny", "pretrained": "random", "model_config": TINY_CONFIG.to_dict()}
+    kwargs = {
+        "backbone": "test-tiny",
+        "pretrained": "random",
+        "model_config": TINY_CONFIG.to_dict(),
+    }
     by_path = (
         ray.data.from_items([{"path": p} for p in files])
         .repartition(1)
@@ -71,7 +75,9 @@ def test_scorer_in_map_batches_paths_and_bytes(local_ray, tmp_path, tiny_model):
     for rows in (by_path, by_bytes):
         assert len(rows) == 4 and "bytes" not in rows[0]
         got = {r.get("path") or r["name"]: r for r in rows}
-        assert "bad.jpg" in got[str(bad)]["error"] and got[str(bad)]["score"] != got[str(bad)]["score"]
+        assert (
+            "bad.jpg" in got[str(bad)]["error"] and got[str(bad)]["score"] != got[str(bad)]["score"]
+        )
         for k, i in enumerate(local.indices):
             assert got[files[i]]["error"] is None
             assert got[files[i]]["score"] == pytest.approx(float(local.scores[k, 0]), abs=1e-6)

@@ -86,14 +86,19 @@ def test_checkpoints_from_one_stage1_share_their_frozen_blocks_and_match_separat
 
 
 def test_checkpoints_with_different_prompts_or_backbones_run_in_full(tmp_path):
-    same_base = [_finetuned(0, 1, tmp_path, "a"), _finetuned(0, 2, tmp_path, "b", touch_prompts=True)]
+    same_base = [
+        _finetuned(0, 1, tmp_path, "a"),
+        _finetuned(0, 2, tmp_path, "b", touch_prompts=True),
+    ]
     assert shared_prefix_blocks(same_base) is None  # stage-2 changed the visual prompts
     other_base = [_finetuned(0, 1, tmp_path, "c"), _finetuned(5, 2, tmp_path, "d")]
     assert shared_prefix_blocks(other_base) is None
     x = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     both = BatchScorer(other_base).score_tensor(x)
     for j, m in enumerate(other_base):
-        torch.testing.assert_close(both[:, j], BatchScorer(m).score_tensor(x)[:, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            both[:, j], BatchScorer(m).score_tensor(x)[:, 0], rtol=0, atol=1e-6
+        )
 
 
 def test_scorer_refuses_mixed_preprocessing(tmp_path):
@@ -109,7 +114,9 @@ def test_score_items_reports_bad_items_and_keeps_order(tiny_model, tmp_path):
     good = [make_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     scorer = BatchScorer(tiny_model)
-    res = scorer.score_items([str(good[0]), str(tmp_path / "bad.jpg"), str(good[1]), str(good[2])], decode_threads=2)
+    res = scorer.score_items(
+        [str(good[0]), str(tmp_path / "bad.jpg"), str(good[1]), str(good[2])], decode_threads=2
+    )
     assert res.indices == [0, 2, 3]
     assert res.errors[0][0] == 1 and "bad.jpg" in res.errors[0][1]
     ref = tiny_model.score(good)

@@ -119,9 +119,14 @@ def test_parquet_table_path_and_id_columns(tmp_path):
     import pyarrow.parquet as pq
 
     make_image(tmp_path / "imgs" / "a.png")
-    pq.write_table(pa.table({"uid": [7, 8], "image": ["imgs/a.png", "imgs/b.png"]}), tmp_path / "t.parquet")
+    pq.write_table(
+        pa.table({"uid": [7, 8], "image": ["imgs/a.png", "imgs/b.png"]}), tmp_path / "t.parquet"
+    )
     got = collect([str(tmp_path / "t.parquet")], InputOptions(id_column="uid"))[0].items
-    assert [(s.id, s.path) for s in got] == [("7", str(tmp_path / "imgs/a.png")), ("8", str(tmp_path / "imgs/b.png"))]
+    assert [(s.id, s.path) for s in got] == [
+        ("7", str(tmp_path / "imgs/a.png")),
+        ("8", str(tmp_path / "imgs/b.png")),
+    ]
     pq.write_table(pa.table({"x": ["a"]}), tmp_path / "nopath.parquet")
     with pytest.raises(GrmpiqaError, match=r"nopath\.parquet: no path column"):
         collect([str(tmp_path / "nopath.parquet")])

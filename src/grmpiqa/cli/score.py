@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     g = p.add_argument_group("inputs")
     g.add_argument("--path-column", default=None, help="image path column of .csv/.parquet tables")
-    g.add_argument("--id-column", default=None, help="column of .csv/.parquet tables copied to 'id'")
+    g.add_argument(
+        "--id-column", default=None, help="column of .csv/.parquet tables copied to 'id'"
+    )
 
     o = p.add_argument_group("outputs")
     o.add_argument(
@@ -129,7 +131,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=None,
         help="Ray cluster to join, e.g. 10.0.0.1:6379 or auto (default: a local Ray on 127.0.0.1)",
     )
-    r.add_argument("--actors", type=int, default=None, help="scoring actors (default: one per GPU share, or 1 with every CPU)")
+    r.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="scoring actors (default: one per GPU share, or 1 with every CPU)",
+    )
     r.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
     r.add_argument(
         "--cpus-per-actor", type=float, default=None, help="CPUs per actor (default: see docs)"
@@ -213,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     from grmpiqa.scoring.ray import build_models
 
     device = device_arg(args.device) if args.engine == "local" else None
-    models = build_models(checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu"))
+    models = build_models(
+        checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu")
+    )
     names = _score_names(checkpoints)
     where = "on Ray" if args.engine == "ray" else f"on {device}"
     print(
@@ -247,10 +256,14 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.output is not None:
         assert out_fmt is not None
-        cols = Columns(tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad)
+        cols = Columns(
+            tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
+        )
         sink = FileSink(args.output, out_fmt, parts, cols, fingerprint, args.resume)
     else:
-        cols = Columns(tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad)
+        cols = Columns(
+            tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
+        )
         sink = StdoutSink(parts, cols)
 
     pending = sink.pending()
@@ -289,9 +302,14 @@ def run(args: argparse.Namespace) -> int:
         if workers is None:
             workers = max(0, min(4, (os.cpu_count() or 1) - 1))
         check_workers(workers)
-        scorer = BatchScorer(models, names=names, precision=args.precision, max_pixels=args.max_pixels)
+        scorer = BatchScorer(
+            models, names=names, precision=args.precision, max_pixels=args.max_pixels
+        )
         if scorer.split:
-            print(f"grmpiqa: the checkpoints share image blocks 0-{scorer.split - 1}: they run once", file=sys.stderr)
+            print(
+                f"grmpiqa: the checkpoints share image blocks 0-{scorer.split - 1}: they run once",
+                file=sys.stderr,
+            )
         results = score_pending(
             scorer, pending, args.batch_size, num_workers=workers, progress=not args.no_progress
         )

@@ -45,7 +45,7 @@ def _decode(item: Item, max_pixels: int) -> Image.Image:
     if isinstance(item, ImageSource):
         return decode_source(item, max_pixels)
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], bytes | bytearray):
-        return load_image(item[0], max_pixels, name=str(item[1]))
+        return load_image(bytes(item[0]), max_pixels, name=str(item[1]))
     if isinstance(item, str | os.PathLike):
         return decode_source(ImageSource(os.fspath(item)), max_pixels)
     raise ImageError(f"cannot score an object of type {type(item).__name__}")
@@ -177,7 +177,8 @@ def shared_prefix_blocks(models: Sequence[QualityModel]) -> int | None:
         if (
             m.backbone_model_cfg != models[0].backbone_model_cfg
             or m.device != models[0].device
-            or (v.num_tokens, v.deep_layers, v.n_blocks) != (v0.num_tokens, v0.deep_layers, v0.n_blocks)
+            or (v.num_tokens, v.deep_layers, v.n_blocks)
+            != (v0.num_tokens, v0.deep_layers, v0.n_blocks)
         ):
             return None
     states = [m.state_dict() for m in models]
@@ -185,9 +186,7 @@ def shared_prefix_blocks(models: Sequence[QualityModel]) -> int | None:
     head_keys = ("clip.visual.ln_post.", "clip.visual.proj", "visual.prompt_norm.")
 
     def same(keys: list[str]) -> bool:
-        return all(
-            k in s and torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys
-        )
+        return all(k in s and torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys)
 
     embed_keys = [
         k
@@ -253,7 +252,11 @@ class BatchScorer:
                     f"{pre} and {m.preprocess} (score them in separate runs)"
                 )
         if names is None:
-            names = ["score"] if len(self.models) == 1 else [f"score_{i}" for i in range(len(self.models))]
+            names = (
+                ["score"]
+                if len(self.models) == 1
+                else [f"score_{i}" for i in range(len(self.models))]
+            )
         if len(names) != len(self.models) or len(set(names)) != len(names):
             raise GrmpiqaError(f"need one distinct score column name per model, got {list(names)}")
         self.columns = list(names)
@@ -276,7 +279,10 @@ class BatchScorer:
         if self.split is not None:
             return _score_shared_prefix(self.models, x, self.precision, self.texts, self.split)
         return torch.stack(
-            [_score_tensor(m, x, self.precision, t) for m, t in zip(self.models, self.texts, strict=True)],
+            [
+                _score_tensor(m, x, self.precision, t)
+                for m, t in zip(self.models, self.texts, strict=True)
+            ],
             dim=1,
         )
 
@@ -314,7 +320,9 @@ class BatchScorer:
         check_workers(num_workers)
         if isinstance(batches, int):
             size = check_batch_size(batches)
-            batches = [list(range(s, min(s + size, len(items)))) for s in range(0, len(items), size)]
+            batches = [
+                list(range(s, min(s + size, len(items)))) for s in range(0, len(items), size)
+            ]
         ds = ImageListDataset(items, self.transform, self.max_pixels)
         cuda = self.device.type == "cuda"
         loader = DataLoader(
@@ -360,9 +368,7 @@ def iter_scores(
     was_training = model.training
     try:
         scorer = BatchScorer(model, precision=precision, max_pixels=max_pixels)
-        for b in scorer.iter_batches(
-            items, batch_size, num_workers=num_workers, progress=progress
-        ):
+        for b in scorer.iter_batches(items, batch_size, num_workers=num_workers, progress=progress):
             yield ScoredBatch(b.indices, b.scores[:, 0], b.errors)
     finally:
         model.train(was_training)
@@ -421,7 +427,10 @@ def score_inputs(
         was_training = model.training
         try:
             scorer = BatchScorer(model, precision=precision)
-            parts = [scorer.score_tensor(x[i : i + batch_size])[:, 0] for i in range(0, len(x), batch_size)]
+            parts = [
+                scorer.score_tensor(x[i : i + batch_size])[:, 0]
+                for i in range(0, len(x), batch_size)
+            ]
         finally:
             model.train(was_training)
         return torch.cat(parts) if parts else torch.empty(0)

@@ -183,7 +183,9 @@ def expand_braces(pattern: str) -> list[str]:
     for alt in alts:
         out.extend(expand_braces(pattern[:i] + alt + pattern[j + 1 :]))
         if len(out) > MAX_EXPANSION:
-            raise GrmpiqaError(f"{pattern}: brace pattern expands to more than {MAX_EXPANSION} names")
+            raise GrmpiqaError(
+                f"{pattern}: brace pattern expands to more than {MAX_EXPANSION} names"
+            )
     return out
 
 
@@ -227,7 +229,11 @@ def collect(args: Sequence[str], options: InputOptions | None = None) -> list[Gr
 
 def collect_paths(args: Sequence[str], options: InputOptions | None = None) -> list[str]:
     """The image paths the arguments name (tar members as ``SHARD:MEMBER``)."""
-    return [s.path if not s.in_tar else f"{s.path}:{s.member}" for g in collect(args, options) for s in g.items]
+    return [
+        s.path if not s.in_tar else f"{s.path}:{s.member}"
+        for g in collect(args, options)
+        for s in g.items
+    ]
 
 
 def _collect_one(arg: str, opts: InputOptions) -> list[Group]:
@@ -290,7 +296,8 @@ def walk_images(root: str, skip_bad: bool = False) -> list[str]:
         except OSError as err:
             msg = f"{folder}: cannot read folder ({err.strerror or err})"
             if folder == root or not skip_bad:
-                raise GrmpiqaError(msg + ("" if folder == root else "; --skip-bad skips it"))
+                extra = "" if folder == root else "; --skip-bad skips it"
+                raise GrmpiqaError(msg + extra) from None
             log.warning("%s; skipped (--skip-bad)", msg)
             return
         for e in entries:
@@ -385,7 +392,9 @@ def read_list(
         return out
     try:
         table = [
-            (n, r) for n, r in enumerate(csv.reader(io.StringIO(text)), 1) if any(c.strip() for c in r)
+            (n, r)
+            for n, r in enumerate(csv.reader(io.StringIO(text)), 1)
+            if any(c.strip() for c in r)
         ]
     except csv.Error as err:
         raise GrmpiqaError(f"{path}: malformed CSV ({err})") from None

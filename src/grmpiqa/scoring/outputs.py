@@ -314,7 +314,9 @@ class FileSink(Sink):
             log.info("nothing to resume (%s does not exist): scoring everything", self.journal)
         self._fh = open(self.journal, "w" if not self.done else "a", encoding="utf-8")  # noqa: SIM115
         if not self.done:
-            self._fh.write(json.dumps({"journal": JOURNAL_FORMAT, "fingerprint": fingerprint}) + "\n")
+            self._fh.write(
+                json.dumps({"journal": JOURNAL_FORMAT, "fingerprint": fingerprint}) + "\n"
+            )
             self._fh.flush()
         self._new = 0
 
@@ -329,8 +331,9 @@ class FileSink(Sink):
         if not isinstance(head, dict) or head.get("journal") != JOURNAL_FORMAT:
             raise GrmpiqaError(f"{self.journal}: not a grmpiqa score journal")
         if head.get("fingerprint") != self.fingerprint:
+            diff = _diff(head.get("fingerprint"), self.fingerprint)
             raise GrmpiqaError(
-                f"{self.journal}: written by a run with other settings ({_diff(head.get('fingerprint'), self.fingerprint)}); "
+                f"{self.journal}: written by a run with other settings ({diff}); "
                 "run without --resume to start over"
             )
         good = len(lines[0]) + 1

@@ -312,7 +312,11 @@ def score_pending_ray(
             session.resources(), actors, gpus_per_actor, cpus_per_actor
         )
         log.info(
-            "Ray: %d actor(s) with %g CPU and %g GPU each, %d batches", n_actors, cpus, gpus, len(batches)
+            "Ray: %d actor(s) with %g CPU and %g GPU each, %d batches",
+            n_actors,
+            cpus,
+            gpus,
+            len(batches),
         )
         tables = []
         for b in batches:
@@ -379,7 +383,11 @@ def score_pending_ray(
 
 def _error_text(v: Any) -> str | None:
     """An ``error`` cell as text, or None (Arrow turns an all-None column into nulls/NaN)."""
-    if v is None or (isinstance(v, float | np.floating) and v != v) or (isinstance(v, str) and not v):
+    if (
+        v is None
+        or (isinstance(v, float | np.floating) and v != v)
+        or (isinstance(v, str) and not v)
+    ):
         return None
     return str(v)
 
