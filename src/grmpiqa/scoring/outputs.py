@@ -72,10 +72,10 @@ def _first_existing_ancestor(path: Path) -> Path:
 
 def check_output_file(path: str | os.PathLike[str]) -> str:
     """The format of ``-o PATH``, after checking it can be written (before any scoring)."""
-    fmt = output_format(path)
     p = Path(path)
     if p.is_dir():
         raise GrmpiqaError(f"{path}: is a folder; -o needs a file name (or use --out-dir)")
+    fmt = output_format(path)
     if p.exists() and not p.is_file():
         raise GrmpiqaError(f"{path}: exists and is not a regular file")
     _check_parent(p.parent, path)
