@@ -185,3 +185,10 @@ def test_parts_one_per_shard_and_runs_of_part_size(tmp_path):
     assert parts[0].items_hash() != parts[1].items_hash()
     with pytest.raises(GrmpiqaError, match="--part-size"):
         plan_parts(groups, part_size=0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(inputs, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0
