@@ -124,12 +124,17 @@ def child_paired(args: argparse.Namespace) -> dict[str, Any]:
     import grmpiqa
     from grmpiqa.feature_cache import (
         bank_view,
-        build_feature_cache,
-        epoch_generator,
         frozen_image_blocks,
     )
-    from grmpiqa.finetune import FinetuneConfig, Stage2Step, build_teacher
-    from grmpiqa.transforms import ResizeCropNormalize
+    from grmpiqa.finetune import (
+        CachedShots,
+        FinetuneConfig,
+        PixelShots,
+        ShotBatch,
+        Stage2Step,
+        build_teacher,
+    )
+    from grmpiqa.precision import autocast
 
     with tempfile.TemporaryDirectory() as tmp:
         train = shots(args.shots, Path(tmp))
@@ -137,34 +142,29 @@ def child_paired(args: argparse.Namespace) -> dict[str, Any]:
         c = model.preprocess
         resample = Image.Resampling.BICUBIC
         images = [it.load().resize((c.resize, c.resize), resample) for it in train]
-    config = FinetuneConfig(precision=args.precision)
+    config = FinetuneConfig(precision=args.precision, cache_augmentations=1)
     teacher = build_teacher(model, config.scene_prompts)
     model.set_trainable(config.groups)
     start = frozen_image_blocks(model)
     assert start is not None and model.visual is not None
-    cache = build_feature_cache(
-        model,
-        images,
-        start_block=start,
-        augmentations=1,
-        seed=0,
-        teacher=teacher,
-        precision=args.precision,
-    )
     y = torch.tensor(train.labels, dtype=torch.float32)
-    naive = Stage2Step(model, config, teacher, None)
-    fast = Stage2Step(model, config, None, start)
+    cached = CachedShots(model, images, y, config, start, teacher)
+    naive = PixelShots(model, images, y, config, teacher)
+    step = Stage2Step(model, config)
+    everyone = list(range(len(images)))
     model.train()
 
     # 1. agreement for the same view, prompt dropout off (the cache's exactness condition)
     p_drop = model.visual.prompt_dropout.p
     model.visual.prompt_dropout.p = 0.0
     x = torch.stack([bank_view(model, im, 0, i, 0) for i, im in enumerate(images)])
-    lq1, ls1, _ = naive.losses(y, pixels=x.to(model.device))
-    g1q, g1s = naive.gradients(lq1, ls1)
-    h, t = cache.batch(range(len(images)), 0)
-    lq2, ls2, _ = fast.losses(y, hidden=h, teacher_logits=t)
-    g2q, g2s = fast.gradients(lq2, ls2)
+    x = x.to(model.device)
+    with autocast(model.device, args.precision):
+        same_view = ShotBatch(y, model.encode_image(x), teacher(x).float())
+    lq1, ls1, _ = step.losses(same_view)
+    g1q, g1s = step.gradients(lq1, ls1)
+    lq2, ls2, _ = step.losses(cached.batch(everyone, 1))
+    g2q, g2s = step.gradients(lq2, ls2)
     assert ls1 is not None and ls2 is not None and g1s is not None and g2s is not None
     gdiff, gmax = 0.0, 0.0
     for a, b in zip([*g1q, *g1s], [*g2q, *g2s], strict=True):
@@ -179,22 +179,15 @@ def child_paired(args: argparse.Namespace) -> dict[str, Any]:
     model.visual.prompt_dropout.p = p_drop
 
     # 2. interleaved epochs (released path: fresh crops, prompt dropout everywhere)
-    opt = torch.optim.SGD(naive.params, lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(step.params, lr=config.lr, weight_decay=config.weight_decay)
     times: dict[str, list[float]] = {"naive": [], "cached": []}
     for epoch in range(1, args.paired_epochs + 2):
         t0 = time.perf_counter()
-        x = torch.stack(
-            [
-                ResizeCropNormalize(c, train=True, generator=epoch_generator(0, epoch, i))(im)
-                for i, im in enumerate(images)
-            ]
-        ).to(model.device)
-        lq, ls, _ = naive.losses(y, pixels=x)
-        naive.step(opt, lq, ls)
+        lq, ls, _ = step.losses(naive.batch(everyone, epoch))
+        step.step(opt, lq, ls)
         t1 = time.perf_counter()
-        h, t = cache.batch(range(len(images)), 0)
-        lq, ls, _ = fast.losses(y, hidden=h, teacher_logits=t)
-        fast.step(opt, lq, ls)
+        lq, ls, _ = step.losses(cached.batch(everyone, epoch))
+        step.step(opt, lq, ls)
         t2 = time.perf_counter()
         if epoch > 1:  # the first round warms up
             times["naive"].append(t1 - t0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grmpiqa.data import synth
+from grmpiqa.data import distortions, synth
 from grmpiqa.images import is_image_file, load_image
 
 
@@ -56,7 +56,7 @@ def main() -> int:
     if not args.pristine.is_dir():
         print(f"{args.pristine}: pristine folder not found", file=sys.stderr)
         return 1
-    names = synth.resolve_types(args.types)
+    names = distortions.resolve_types(args.types)
     files = sorted(p for p in args.pristine.iterdir() if is_image_file(p))
 
     if not args.no_table:
@@ -66,9 +66,11 @@ def main() -> int:
         for name in names:
             t0 = time.perf_counter()
             for level in range(1, args.levels + 1):
-                synth.apply_distortion(img, name, level, seed=args.seed, ref=1, levels=args.levels)
+                distortions.apply_distortion(
+                    img, name, level, seed=args.seed, ref=1, levels=args.levels
+                )
             ms = (time.perf_counter() - t0) / args.levels * 1000
-            print(f"{synth.TYPE_IDS[name]:>2}  {name:<28} {ms:7.1f}")
+            print(f"{distortions.DISTORTIONS[name].id:>2}  {name:<28} {ms:7.1f}")
 
     tmp = None
     out = args.keep

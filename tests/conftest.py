@@ -65,3 +65,42 @@ def image_dir(tmp_path: Path) -> Path:
         make_image(d / f"img{i}.png", seed=i)
     make_image(d / "sub" / "deep.jpg", seed=9)
     return d
+
+
+def assert_close_scaled(
+    actual, expected, rel: float = 1e-5, what: str = "", scale: float | None = None
+) -> None:
+    """``max|actual - expected| <= rel * scale``, ``scale`` defaulting to ``max|expected|``:
+    a tolerance relative to the magnitude of the computation, as float rounding errors are
+    (for a family of gradients pass the largest magnitude of the family as ``scale``)."""
+    import torch
+
+    a = torch.as_tensor(actual).detach().double()
+    e = torch.as_tensor(expected).detach().double()
+    assert a.shape == e.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(e.shape)}"
+    if scale is None:
+        scale = float(e.abs().max()) if e.numel() else 0.0
+    err = float((a - e).abs().max()) if e.numel() else 0.0
+    assert err <= rel * max(scale, 1e-12), f"{what}: max error {err:.3g} > {rel} x {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """test-tiny's ops are tiny: one thread avoids OpenMP stalls on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_pil_images(n: int, seed: int = 0, size: tuple[int, int] = (70, 60)) -> list[Image.Image]:
+    """``n`` random RGB images resized to the 244 px square of the transforms."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    out = []
+    for _ in range(n):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out.append(Image.fromarray(arr).resize((244, 244), Image.Resampling.BICUBIC))
+    return out

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_image
+from safetensors.torch import save_file
 
 import grmpiqa
 from grmpiqa.checkpoint import read_checkpoint
@@ -85,7 +89,7 @@ def test_bad_checkpoint_files_raise_checkpoint_error(tmp_path, content):
 # -- the authors' released layout (method.md 10) ---------------------------------------
 
 
-def _released_state_dict(seed: int = 0) -> dict:
+def _released_state_dict(seed: int = 0, logit_scale: float | None = None) -> dict:
     """A state dict shaped like one saved by the authors' code (DataParallel, nested)."""
     base = grmpiqa.create_model("test-tiny", pretrained=None, seed=seed, config=TINY)
     clip_sd = base.clip.state_dict()
@@ -116,6 +120,8 @@ def _released_state_dict(seed: int = 0) -> dict:
     sd["prompt_learner2.token_prefix"] = emb[:, :1]
     sd["prompt_learner2.token_suffix"] = emb[:, 5:]
     sd["logit_scale"] = clip_sd["logit_scale"].clone()
+    if logit_scale is not None:
+        sd["logit_scale"] = torch.tensor(logit_scale)
     return {"state_dict": {"module." + k: v for k, v in sd.items()}}
 
 
@@ -173,8 +179,11 @@ def _released_forward(released: dict, images: torch.Tensor, tokens: torch.Tensor
     return torch.softmax(sd["logit_scale"].exp() * v @ t.T, -1)[:, 0]
 
 
-def test_import_released_scores_exactly_as_their_forward(tmp_path):
-    released = _released_state_dict()
+@pytest.mark.parametrize("logit_scale", [None, math.log(100.0)])
+def test_import_released_scores_exactly_as_their_forward(tmp_path, logit_scale):
+    """Also when their logit_scale differs from the base weights' (log 100 over the
+    random base's log(1/0.07)): their forward pass uses it, so the import keeps it."""
+    released = _released_state_dict(logit_scale=logit_scale)
     src = tmp_path / "released.pt"
     torch.save(released, src)
     out = grmpiqa.import_released(
@@ -194,6 +203,7 @@ def test_import_released_scores_exactly_as_their_forward(tmp_path):
             released, model.preprocess.preprocess_tensor(x), model.prompt_learner.tokens
         )
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
+    assert ("clip.logit_scale" in tensors) == (logit_scale is not None)
 
 
 def test_import_released_cli_and_bad_file(tmp_path, capsys):
@@ -235,3 +245,87 @@ def test_import_released_cli_and_bad_file(tmp_path, capsys):
     )
     assert rc == 1 and not (tmp_path / "x.safetensors").exists()
     assert "junk.pt" in capsys.readouterr().err
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_checkpoint_written_by_0_1_0_loads_and_scores_identically():
+    """tests/fixtures/v0.1.0-tiny.safetensors was fine-tuned and saved by grmpiqa 0.1.0
+    (commit 34da5bd, test-tiny, random seed 5); its scores were recorded then."""
+    expected = json.loads((FIXTURES / "v0.1.0-tiny.scores.json").read_text())
+    model = grmpiqa.create_model(checkpoint=FIXTURES / "v0.1.0-tiny.safetensors")
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(model.score(x), torch.tensor(expected["scores"]), rtol=0, atol=2e-6)
+    assert grmpiqa.read_metadata(FIXTURES / "v0.1.0-tiny.safetensors")["grmpiqa_version"] == "0.1.0"
+
+
+def test_non_finite_tensors_are_never_written_or_loaded(tmp_path):
+    m = _perturbed_model()
+    with torch.no_grad():
+        m.visual.prompt_embeddings[0, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN"):
+        grmpiqa.save_checkpoint(m, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+    # a file written by other means is refused when read
+    good = grmpiqa.save_checkpoint(_perturbed_model(), tmp_path / "good.safetensors")
+    tensors, meta = read_checkpoint(good)
+    tensors["prompt_learner.ctx"][0, 0] = float("inf")
+    save_file(tensors, str(tmp_path / "inf.safetensors"), metadata={"grmpiqa": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="inf.safetensors.*NaN or inf"):
+        grmpiqa.create_model(checkpoint=tmp_path / "inf.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model_config": {"vpt_tokens": "many"}},
+        {"model_config": {"vpt_dropout": 3}},
+        {"preprocess": {"stats": "nonsense"}},
+        {"preprocess": {"resize": "big"}},
+        {"preprocess": [1, 2]},
+        {"backbone": "test-tiny"},
+        {"backbone": {"name": "test-tiny", "pretrained": {"kind": "random", "seed": "x"}}},
+    ],
+)
+def test_bad_metadata_values_are_one_line_errors(tmp_path, change, capsys):
+    good = grmpiqa.save_checkpoint(_perturbed_model(), tmp_path / "good.safetensors")
+    tensors, meta = read_checkpoint(good)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key] = {**meta[key], **value}
+        else:
+            meta[key] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"grmpiqa": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        grmpiqa.create_model(checkpoint=bad)
+    from grmpiqa.cli import main
+
+    image = make_image(tmp_path / "x.png")
+    rc = main(["score", str(image), "--checkpoint", str(bad), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "bad.safetensors" in err
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(256)) * 8])
+def test_import_released_on_a_non_pickle_file_is_one_line(tmp_path, capsys, content):
+    from grmpiqa.cli import main
+
+    src = tmp_path / "weird.pt"
+    src.write_bytes(content)
+    out = tmp_path / "x.safetensors"
+    rc = main(["import-released", str(src), "--out", str(out), "--backbone", "test-tiny"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and not out.exists()
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "weird.pt" in lines[0] and "Traceback" not in err
+
+
+def test_create_model_on_a_missing_device_is_a_grmpiqa_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(grmpiqa.GrmpiqaError, match="CUDA is not available"):
+        grmpiqa.create_model("test-tiny", pretrained=None, device="cuda")
+    with pytest.raises(grmpiqa.GrmpiqaError, match="device"):
+        grmpiqa.create_model("test-tiny", pretrained=None, device="nonsense")

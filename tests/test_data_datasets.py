@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from PIL import Image
+from data_layouts import _img, make_agiqa, make_clive, make_kadid, make_koniq, make_tid
 
 from grmpiqa.data import KINDS, Dataset, load_dataset, parse_spec
 from grmpiqa.errors import DatasetError, GrmpiqaError, ImageError
@@ -21,78 +21,6 @@ def _shared_data() -> Path:
 
 
 CLIVE_REAL = _shared_data() / "clive-dev" / "ChallengeDB_release"
-
-
-def _img(path: Path, seed: int = 0, size: tuple[int, int] = (12, 10)) -> Path:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).save(path)
-    return path
-
-
-# --- fixture trees in the official layouts ---------------------------------------------------
-
-
-def make_clive(root: Path, mos: list[float] | None = None) -> Path:
-    names = [f"t{i}.bmp" for i in range(1, 8)] + ["100.bmp", "101.JPG", "102.bmp"]
-    mos = mos or [50.0] * 7 + [10.0, 55.5, 90.0]
-    for i, n in enumerate(names):
-        sub = "trainingImages/" if n.startswith("t") else ""
-        _img(root / "Images" / f"{sub}{n}", seed=i)
-    cells = np.empty((len(names), 1), dtype=object)
-    for i, n in enumerate(names):
-        cells[i, 0] = np.array([n])
-    (root / "Data").mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(root / "Data" / "AllImages_release.mat", {"AllImages_release": cells})
-    scipy.io.savemat(root / "Data" / "AllMOS_release.mat", {"AllMOS_release": np.array([mos])})
-    std = np.array([[10.0 + i for i in range(len(names))]])
-    scipy.io.savemat(root / "Data" / "AllStdDev_release.mat", {"AllStdDev_release": std})
-    return root
-
-
-def make_koniq(root: Path) -> Path:
-    rows = [("a.jpg", 1.5, 0.4), ("b.jpg", 3.25, 0.6), ("c.jpg", 4.9, 0.3)]
-    lines = ['"image_name","c1","c2","c3","c4","c5","c_total","MOS","SD","MOS_zscore"']
-    for i, (n, m, s) in enumerate(rows):
-        _img(root / "1024x768" / n, seed=i)
-        lines.append(f'"{n}",1,2,3,4,5,15,{m},{s},{m * 10}')
-    (root / "koniq10k_scores_and_distributions.csv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def make_kadid(root: Path) -> Path:
-    lines = ["dist_img,ref_img,dmos,var"]
-    for ref in (1, 2, 3):
-        _img(root / "images" / f"I{ref:02d}.png", seed=ref)
-        for t in (1, 5):
-            for lv in (1, 2):
-                n = f"I{ref:02d}_{t:02d}_{lv:02d}.png"
-                _img(root / "images" / n, seed=ref * 100 + t * 10 + lv)
-                lines.append(f"{n},I{ref:02d}.png,{5 - lv - t / 5:.2f},0.25")
-    (root / "dmos.csv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def make_tid(root: Path) -> Path:
-    entries = [("i01_01_1.bmp", 5.51429), ("i01_01_2.bmp", 4.1), ("i02_07_5.bmp", 0.5)]
-    lines = []
-    for i, (n, m) in enumerate(entries):
-        disk_name = n.upper() if i == 2 else n  # TID2013 mixes the case of its file names
-        _img(root / "distorted_images" / disk_name, seed=i)
-        lines.append(f"{m} {n}")
-    (root / "mos_with_names.txt").write_text("\r\n".join(lines) + "\r\n")
-    return root
-
-
-def make_agiqa(root: Path, in_images: bool = True) -> Path:
-    lines = ["name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,std_align"]
-    for i, m in enumerate((0.5, 2.5, 4.75)):
-        n = f"AttnGAN_normal_{i:03d}.jpg"
-        _img(root / ("images" if in_images else "") / n, seed=i)
-        lines.append(f'{n},"a cat, sitting",nice,,baroque,{m},0.7,3.0,0.5')
-    (root / "data.csv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 # --- adapters ----------------------------------------------------------------------------------
@@ -366,3 +294,124 @@ def test_torch_image_dataset(tmp_path: Path) -> None:
     assert y.item() == pytest.approx(ds[5].label)
     batch = next(iter(torch.utils.data.DataLoader(tds, batch_size=2)))
     assert batch[0].shape == (2, 3, 224, 224) and batch[2].tolist() == [5, 2]
+
+
+# --- the kind registry and the MOS scale (issue 9.6, issue 13) -------------------------------
+
+
+def test_kind_registry_records() -> None:
+    from grmpiqa.data import get_kind, list_kinds
+
+    kinds = {k.name: k for k in list_kinds()}
+    assert tuple(kinds) == KINDS
+    documented = {
+        "clive": (0.0, 100.0),
+        "koniq": (1.0, 5.0),
+        "kadid": (1.0, 5.0),
+        "tid2013": (0.0, 9.0),
+        "spaq": (0.0, 100.0),
+        "agiqa3k": (0.0, 5.0),
+        "pyiqa": None,
+        "csv": None,
+    }
+    for name, rng in documented.items():
+        k = kinds[name]
+        assert k.mos_range == rng and k.higher_is_better is True and k.labelled, name
+        assert {"mos_range", "higher_is_better"} <= set(k.options)
+        record = k.as_dict()
+        assert record["name"] == name and "adapter" not in record and record["paths"]
+    assert not kinds["folder"].labelled and kinds["folder"].options == ("recursive",)
+    assert kinds["csv"].scale is None and kinds["clive"].scale is not None
+    assert (
+        "absolute_paths" in kinds["csv"].options and "absolute_paths" not in kinds["pyiqa"].options
+    )
+    assert get_kind("KADID").mos_name == "dmos"
+    with pytest.raises(DatasetError, match="unknown dataset kind 'live'"):
+        get_kind("live")
+
+
+def test_docs_list_every_kind_with_its_registered_scale() -> None:
+    from grmpiqa.data import list_kinds
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    for k in list_kinds():
+        row = next((ln for ln in docs.splitlines() if ln.startswith(f"| `{k.name}` |")), None)
+        assert row is not None, k.name
+        if k.mos_range is not None:
+            lo, hi = k.mos_range
+            assert f"{lo:g}..{hi:g}" in row, (k.name, row)
+
+
+def test_every_labelled_dataset_has_a_scale(tmp_path: Path) -> None:
+    from grmpiqa.data import Scale
+
+    specs = {
+        "clive": f"clive:{make_clive(tmp_path / 'c')}",
+        "koniq": f"koniq:{make_koniq(tmp_path / 'q')}",
+        "kadid": f"kadid:{make_kadid(tmp_path / 'k')}",
+        "tid2013": f"tid2013:{make_tid(tmp_path / 't')}",
+        "agiqa3k": f"agiqa3k:{make_agiqa(tmp_path / 'a')}",
+    }
+    expected = {
+        "clive": Scale(0, 100, True, "MOS", "documented"),
+        "koniq": Scale(1, 5, True, "MOS", "documented"),
+        "kadid": Scale(1, 5, True, "dmos", "documented"),
+        "tid2013": Scale(0, 9, True, "MOS", "documented"),
+        "agiqa3k": Scale(0, 5, True, "mos_quality", "documented"),
+    }
+    for kind, spec in specs.items():
+        ds = load_dataset(spec)
+        assert ds.scale == expected[kind], kind
+        np.testing.assert_allclose(ds.scale.to_mos(ds.labels), ds.mos, rtol=1e-12)
+        assert ds.subset([0]).scale == ds.scale and ds[1:].scale == ds.scale
+    over = load_dataset(specs["tid2013"] + "?mos_range=0,10&higher_is_better=0")
+    assert over.scale == Scale(0, 10, False, "MOS", "option")
+    np.testing.assert_allclose(over.labels, 1 - over.mos / 10)
+    assert not load_dataset(f"folder:{tmp_path / 'k' / 'images'}").scale
+
+
+def test_csv_scale_inferred_from_the_data_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from grmpiqa.data import Scale
+
+    # the CLI handler (installed by other tests) stops propagation: listen on the logger
+    log = logging.getLogger("grmpiqa.data")
+    monkeypatch.setattr(log, "propagate", False)
+    monkeypatch.setattr(log, "handlers", [caplog.handler])
+
+    lines = ["path,mos"]
+    for i, m in enumerate((12, 40, 70)):
+        _img(tmp_path / f"{i}.png", seed=i)
+        lines.append(f"{i}.png,{m}")
+    f = tmp_path / "labels.csv"
+    f.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.INFO, logger="grmpiqa.data"):
+        ds = load_dataset(f"csv:{f}")
+    assert ds.scale == Scale(12, 70, True, "mos", "data")
+    assert "inferred from the data" in ds.scale.describe()
+    assert any("no documented MOS scale" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="grmpiqa.data"):
+        fixed = load_dataset(f"csv:{f}?mos_range=0,100&higher_is_better=0")
+    assert not caplog.records
+    assert fixed.scale == Scale(0, 100, False, "mos", "option")
+    assert fixed.scale.to_mos(0.88) == pytest.approx(12.0)
+
+
+def test_scale_record_roundtrip_and_validation() -> None:
+    from grmpiqa.data import Scale
+
+    s = Scale(1, 5, False, "DMOS", "option")
+    assert Scale.from_dict(s.as_dict()) == s
+    assert s.to_label(1.0) == 1.0 and s.to_label(5.0) == 0.0 and s.to_mos(0.25) == 4.0
+    np.testing.assert_allclose(s.to_label(np.array([0.0, 3.0, 9.0])), [1.0, 0.5, 0.0])
+    for bad in ({"lo": 1, "hi": 1}, {"lo": "x", "hi": 2}, {"hi": 2}, {"lo": 0, "hi": float("nan")}):
+        with pytest.raises(DatasetError):
+            Scale.from_dict(bad)
+    with pytest.raises(DatasetError):
+        Scale.from_dict({"lo": 0, "hi": 1, "higher_is_better": "no"})
+    hand = Dataset([], "csv", "/x")
+    assert hand.scale is None

@@ -70,3 +70,36 @@ def test_demo_quick_offline_falls_back_to_tiny(tmp_path, monkeypatch, capsys):
     assert float(rows[0]["score"]) == pytest.approx(float(s[0]), abs=1e-5)
     assert "scores of a content never seen in training" in cap.out
     assert "grmp on kadid:" in cap.out
+
+
+def test_demo_quick_with_the_documented_minimum_of_own_photos(tmp_path, capsys):
+    """Issue 10.22: --pristine DIR works with the minimum the help documents (4 photos)."""
+    from conftest import make_image
+
+    from grmpiqa.demo import MIN_PRISTINE
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(at least {MIN_PRISTINE})" in help_text and MIN_PRISTINE == 4
+    photos = tmp_path / "photos"
+    for i in range(MIN_PRISTINE - 1):
+        make_image(photos / f"p{i}.png", size=(80, 64), seed=i)
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--quick", "--no-progress", "--pristine", str(photos),
+            "--backbone", "test-tiny", "--pretrained", "random"]  # fmt: skip
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"needs at least {MIN_PRISTINE} pristine photos" in err
+    assert err.count("grmpiqa: error:") == 1 and "Traceback" not in err
+    make_image(photos / "p3.png", size=(80, 64), seed=3)
+    rc = main(argv)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    demo = json.loads((out / "demo.json").read_text())
+    report = json.loads((out / "report" / "report.json").read_text())
+    # 2 target contents: one tested, one in the pool; the shots shrink to fit the pool
+    assert "shots per split" in cap.err
+    assert demo["plan"]["shots"] == report["config"]["shots"] == 15
+    assert len(report["splits"]) == 2
+    assert all(s["n_test"] == 15 for s in report["splits"])

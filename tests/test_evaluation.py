@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import CLIVE_ROOT, TINY_CONFIG, make_image, needs_clive
 from PIL import Image
 
@@ -24,15 +23,7 @@ from grmpiqa.evaluation import ProtocolConfig, ablation_name, run_protocol
 from grmpiqa.finetune import FinetuneConfig
 from grmpiqa.metrics import METRICS
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and on a loaded
-    machine oversubscribed threads make it several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -232,6 +223,26 @@ def test_constant_predictions_give_nan_not_crash(synth_spec, tmp_path, monkeypat
     assert report["splits"][0]["srcc"] is None and report["summary"]["srcc"]["n"] == 0
     assert any("constant" in w for w in report["warnings"])
     assert "NaN" in (tmp_path / "report.md").read_text()
+
+
+def test_nearly_constant_predictions_report_raw_plcc_not_a_step(synth_spec, tmp_path, monkeypatch):
+    """Two clusters 1e-4 apart: a 4-parameter logistic fits a step through them. The
+    report falls back to the raw PLCC, says so, and draws a linear fit instead."""
+    import numpy as np
+
+    def predict(self, f):
+        rng = np.random.default_rng(0)
+        return 0.5 + 1e-4 * (rng.random(len(f)) > 0.5) + 1e-8 * rng.random(len(f))
+
+    monkeypatch.setattr("grmpiqa.baselines.RidgeProbe.predict", predict)
+    r = run_protocol(
+        synth_spec, _cfg("linear-probe", splits=1), report_dir=tmp_path, progress=False
+    )
+    m = r.splits[0].metrics
+    assert m["plcc_logistic"] == pytest.approx(m["plcc"], abs=1e-9)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert any("degenerate" in w and "raw PLCC" in w for w in report["warnings"])
+    assert "degenerate" in (tmp_path / "report.md").read_text()
 
 
 def test_bad_inputs_are_one_line_errors(synth_spec):

@@ -26,14 +26,7 @@ from grmpiqa.finetune import (
     state_path,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """test-tiny's ops are tiny: one thread avoids OpenMP stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODEL_CONFIG = grmpiqa.ModelConfig(vpt_tokens=4, finetune_blocks=2)

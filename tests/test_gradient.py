@@ -6,17 +6,10 @@ import pytest
 import torch
 
 import grmpiqa
-from grmpiqa.finetune import FinetuneConfig, Stage2Step, build_teacher
+from grmpiqa.finetune import FinetuneConfig, ShotBatch, Stage2Step, build_teacher
 from grmpiqa.gradient import quality_aware_gradient, set_quality_aware_grads
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """test-tiny's ops are tiny: one thread avoids OpenMP stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def t(*v: float) -> torch.Tensor:
@@ -84,13 +77,13 @@ def test_one_sgd_step_applies_exactly_the_rule_plus_weight_decay():
     config = FinetuneConfig(lam=lam, lr=lr, weight_decay=wd)
     teacher = build_teacher(model, config.scene_prompts)
     model.set_trainable(config.groups)
-    step = Stage2Step(model, config, teacher)
+    step = Stage2Step(model, config)
     model.train()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, 224, 224, generator=gen)
     y = torch.rand(6, generator=gen)
 
-    lq, ls, _ = step.losses(y, pixels=x)
+    lq, ls, _ = step.losses(ShotBatch(y, model.encode_image(x), teacher(x)))
     assert ls is not None
     gq = torch.autograd.grad(lq, step.params, retain_graph=True, allow_unused=True)
     gs = torch.autograd.grad(ls, step.params, allow_unused=True)
@@ -108,7 +101,7 @@ def test_one_sgd_step_applies_exactly_the_rule_plus_weight_decay():
     assert changed < len(names)  # and left others alone
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    lq, ls, _ = step.losses(y, pixels=x)  # same batch, deterministic (no dropout)
+    lq, ls, _ = step.losses(ShotBatch(y, model.encode_image(x), teacher(x)))  # same, no dropout
     opt = torch.optim.SGD(step.params, lr=lr, weight_decay=wd, momentum=0.0)
     stats = step.step(opt, lq, ls)
     assert stats.projected == changed

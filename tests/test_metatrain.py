@@ -25,6 +25,7 @@ from grmpiqa.metatrain import (
     split_task,
     state_path_for,
 )
+from grmpiqa.runs import RunFiles
 from grmpiqa.transforms import stage1_query_transform
 
 TINY = grmpiqa.ModelConfig(vpt_tokens=4)
@@ -67,13 +68,7 @@ def _make_kadid(root: Path, refs: int = 2, types: int = 3, levels: int = 5, size
     return root
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """Tiny models run fastest single-threaded (and do not thrash a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +139,13 @@ def test_only_prompts_train_clip_bit_identical(kadid: str, tmp_path: Path, varia
     tensors, meta = read_checkpoint(out)
     assert set(tensors) == set(prompts_before)  # no CLIP tensor in the checkpoint
     assert meta["extra"]["stage"] == "pretrain" and meta["extra"]["variant"] == variant
-    state = torch.load(state_path_for(out), weights_only=False)
-    same_phi = all(torch.equal(state["phi"][n], state["theta"][n]) for n in state["theta"])
+    state = RunFiles(out, "pretrain").load_state()
+    theta, phi = state.take("theta"), state.take("phi")
+    assert state_path_for(out) == RunFiles(out, "pretrain").state
+    same_phi = all(torch.equal(phi[n], theta[n]) for n in theta)
     # reptile ends every epoch holding theta; released keeps a separate inner model phi
     assert same_phi == (variant == "reptile")
-    assert (state["inner_optimizer"] is None) == (variant == "reptile")
+    assert (state.record["inner_optimizer"] is None) == (variant == "reptile")
 
 
 @pytest.mark.parametrize("variant", ["reptile", "released"])

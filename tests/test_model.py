@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_image
 from PIL import Image
 
 import grmpiqa
+from grmpiqa.log import RandomWeightsWarning
 
 
 def test_scores_in_unit_interval_and_batch_size_invariant(tiny_model):
@@ -35,7 +37,7 @@ def test_score_is_softmax_of_scaled_cosines(tiny_model):
     x = torch.rand(3, 3, 224, 224)
     with torch.no_grad():
         xin = m.preprocess.preprocess_tensor(x)
-        v = F.normalize(m.visual(xin), dim=-1)
+        v = F.normalize(m.image_tower(xin), dim=-1)
         t = m.quality_text_features()
         s = m.clip.logit_scale.exp()
         expected = torch.softmax(s * v @ t.T, dim=-1)[:, 0]
@@ -93,11 +95,13 @@ def test_same_seed_same_random_backbone_and_prompts():
     assert not torch.equal(sa["clip.visual.conv1.weight"], sc["clip.visual.conv1.weight"])
 
 
-def test_random_backbone_is_announced_every_time(capsys):
-    grmpiqa.create_model("test-tiny", pretrained=None)
-    grmpiqa.create_model("test-tiny", pretrained=None)
-    err = capsys.readouterr().err
-    assert err.count("RANDOM weights") == 2
+def test_random_backbone_is_announced_every_time():
+    with pytest.warns(RandomWeightsWarning) as record:
+        grmpiqa.create_model("test-tiny", pretrained=None)
+        grmpiqa.create_model("test-tiny", pretrained=None)
+    announced = [w for w in record if issubclass(w.category, RandomWeightsWarning)]
+    assert len(announced) == 2
+    assert all("RANDOM weights" in str(w.message) for w in announced)
 
 
 def test_bf16_scores_within_0_01_of_fp32(tiny_model):

@@ -15,7 +15,7 @@ def test_injected_placeholder_context_equals_open_clip_encode_text(tiny_model):
     emb = pl().detach().clone()
     emb[:, 1 : 1 + pl.n_ctx] = pl.placeholder_embedding  # context := "X X X X" embeddings
     with torch.no_grad():
-        ours = m.text_encoder(emb, tokens)
+        ours = m.text_tower(emb, tokens)
         ref = m.clip.encode_text(tokens)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
@@ -39,7 +39,7 @@ def _block_inputs(model, images):
     ]
     try:
         with torch.no_grad():
-            model.encode_image(images)
+            model.image_tower.forward_features(images)  # the reference path: every row
     finally:
         for h in hooks:
             h.remove()
@@ -53,7 +53,7 @@ def test_vpt_sequence_layout_and_deep_replacement(tiny_model):
     seen = _block_inputs(m, x)
     n_patches = (224 // 32) ** 2
     P = v.num_tokens
-    assert len(seen) == v.n_blocks
+    assert len(seen) == m.image_tower.n_blocks
     for h in seen:
         assert h.shape == (2, 1 + P + n_patches, 64)
     # block 0 input: [CLS, proj(prompt_embeddings), patches]
@@ -64,7 +64,7 @@ def test_vpt_sequence_layout_and_deep_replacement(tiny_model):
         torch.testing.assert_close(seen[0][:, 1 : 1 + P], p0.expand(2, -1, -1))
         torch.testing.assert_close(seen[0][:, 1 + P :], plain[:, 1:])
         # blocks 1..L-1: the prompt positions hold proj(deep_prompt_embeddings[i-1])
-        for i in range(1, v.n_blocks):
+        for i in range(1, m.image_tower.n_blocks):
             deep = v.prompt_proj(v.deep_prompt_embeddings[i - 1])
             torch.testing.assert_close(seen[i][:, 1 : 1 + P], deep.expand(2, -1, -1))
     # the CLS and patch positions of block i's input are block i-1's outputs

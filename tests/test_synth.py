@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,18 @@ def pristine(tmp_path: Path) -> Path:
 
 
 def test_registry_matches_kadid_order() -> None:
+    from grmpiqa.data import distortions as D
+
     assert len(S.TYPE_NAMES) == 25 and tuple(S.DISTORTIONS) == S.TYPE_NAMES
+    records = D.list_distortions()
+    assert [d.id for d in records] == list(range(1, 26))  # KADID's order, from the decorators
+    assert all(len(d.params) == 5 and d.unit and d.what for d in records)
+    assert S.PARAMS["jpeg"] == (43, 36, 24, 7, 4) and D.DISTORTIONS["jpeg"].unit == "quality"
+    assert D.DISTORTIONS["lens_blur"].param(2, levels=3) == 3.0  # the middle anchor
+    with pytest.raises(ValueError, match="registered twice"):
+        D.register_distortion(10, "jpeg_again", params=(1, 2, 3, 4, 5), unit="u", what="w")(
+            lambda img, p, rng: img
+        )
     assert S.TYPE_IDS["gaussian_blur"] == 1 and S.TYPE_IDS["jpeg"] == 10
     assert S.TYPE_IDS["denoise"] == 15 and S.TYPE_IDS["contrast_change"] == 25
     assert S.resolve_types(["10", "gaussian-blur,25"]) == [
@@ -134,20 +146,66 @@ def test_other_level_counts(pristine: Path, tmp_path: Path) -> None:
     assert sorted({it.mos for it in ds}) == pytest.approx([1.0, 5 - 8 / 3, 5 - 4 / 3])
 
 
-def test_interrupted_run_leaves_no_label_file(
+def test_interrupted_run_keeps_the_earlier_output(
     pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
     S.synthesize(pristine, out, types=["jpeg"], progress=False)
-    assert (out / "dmos.csv").exists()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "notes.txt").write_text("mine")
 
-    def boom(img: np.ndarray, level: int, rng: np.random.Generator, levels: int = 5) -> np.ndarray:
+    def boom(img: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
         raise RuntimeError("crash")
 
-    monkeypatch.setitem(S.DISTORTIONS, "pixelate", boom)
+    monkeypatch.setitem(S.DISTORTIONS, "pixelate", replace(S.DISTORTIONS["pixelate"], impl=boom))
     with pytest.raises(RuntimeError):
         S.synthesize(pristine, out, types=["jpeg", "pixelate"], progress=False)
-    assert not (out / "dmos.csv").exists()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after.pop(Path("notes.txt")) == b"mine"
+    assert after == before  # the earlier, complete output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pristine"]  # no staging left
+
+
+def test_failed_run_writes_nothing(
+    pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(img: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+        raise RuntimeError("crash")
+
+    monkeypatch.setitem(S.DISTORTIONS, "jpeg", replace(S.DISTORTIONS["jpeg"], impl=boom))
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError):
+        S.synthesize(pristine, out, types=["white_noise", "jpeg"], progress=False)
+    assert not (tmp_path / "new").exists()  # neither OUT nor the parents it created
+
+
+def test_rerun_replaces_only_what_synth_wrote(pristine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    S.synthesize(pristine, out, types=["jpeg", "pixelate"], levels=2, progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / ".out.synth-dead").mkdir()  # no marker: not ours, kept
+    killed = tmp_path / ".out.synth-0badcafe"  # a staging folder a killed run left
+    killed.mkdir()
+    (killed / ".grmpiqa-synth-staging").touch()
+    (killed / "images").mkdir()
+    res = S.synthesize(pristine, out, types=["jpeg"], levels=2, progress=False)
+    assert res.images == 4
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "I01.png", "I01_10_01.png", "I01_10_02.png", "I02.png", "I02_10_01.png", "I02_10_02.png"
+    ]  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine" and (out / ".out.synth-dead").is_dir()
+    assert not killed.exists()
+    assert len(load_dataset(res.spec)) == 4
+
+
+def test_refuses_an_images_folder_it_did_not_write(pristine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "photos"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(GrmpiqaError, match="did not write"):
+        S.synthesize(pristine, out, types=["jpeg"], progress=False)
+    assert (out / "images" / "holiday.jpg").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["images"]
 
 
 def test_bad_input(pristine: Path, tmp_path: Path) -> None:
@@ -160,7 +218,20 @@ def test_bad_input(pristine: Path, tmp_path: Path) -> None:
     (pristine / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     with pytest.raises(ImageError, match="broken.jpg"):
         S.synthesize(pristine, tmp_path / "o", progress=False)
-    assert not (tmp_path / "o" / "dmos.csv").exists()
+    assert not (tmp_path / "o").exists()  # issue 10.21: no half-written OUT/images/
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "pristine"]  # no staging
+    (pristine / "broken.jpg").unlink()
+    existing = tmp_path / "kept"
+    S.synthesize(pristine, existing, types=["jpeg"], levels=1, progress=False, workers=0)
+    before = sorted(p.name for p in (existing / "images").iterdir())
+    Image.fromarray(_photo(7, (8, 8))).save(pristine / "tiny.png")
+    with pytest.raises(ImageError, match="too small"):
+        S.synthesize(pristine, existing, types=["jpeg"], levels=1, progress=False)
+    assert sorted(p.name for p in (existing / "images").iterdir()) == before
+    for bad in ({"levels": 0}, {"seed": -1}, {"workers": -1}, {"compress_level": 10}):
+        with pytest.raises(GrmpiqaError):
+            S.synthesize(pristine, tmp_path / "x", progress=False, **bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -175,6 +246,10 @@ def test_cli(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
     assert rc == 0
     assert "wrote 12 distorted images of 2 references" in capsys.readouterr().out
     assert len(load_dataset(f"kadid:{out}")) == 12
+    defaults = cli.build_parser().parse_args(["synth", "--pristine", "a", "--out", "b"])
+    d = S.SynthConfig()
+    assert (defaults.types, defaults.levels, defaults.seed) == (d.types, d.levels, d.seed)
+    assert (defaults.workers, defaults.compress_level) == (d.workers, d.compress_level)
     rc = cli.main(["synth", "--pristine", str(pristine), "--out", str(out), "--types", "nope"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "unknown distortion type 'nope'" in err

@@ -9,7 +9,8 @@ Example:
 
 from grmpiqa._version import __version__
 from grmpiqa.backbone import Backbone, list_backbones, load_backbone
-from grmpiqa.checkpoint import import_released, read_metadata, save_checkpoint
+from grmpiqa.checkpoint import read_metadata, save_checkpoint
+from grmpiqa.data import Dataset, load_dataset, make_split, make_splits
 from grmpiqa.errors import (
     BackboneError,
     CheckpointError,
@@ -18,6 +19,7 @@ from grmpiqa.errors import (
     ImageError,
 )
 from grmpiqa.evaluation import ProtocolConfig, ProtocolResult, run_protocol
+from grmpiqa.factory import create_model
 from grmpiqa.finetune import FinetuneConfig, FinetuneResult, finetune
 from grmpiqa.gradient import quality_aware_gradient
 from grmpiqa.losses import distillation_loss, quality_loss
@@ -29,8 +31,8 @@ from grmpiqa.model import (
     STAGE2_GROUPS,
     ModelConfig,
     QualityModel,
-    create_model,
 )
+from grmpiqa.released import import_released
 from grmpiqa.transforms import PreprocessConfig
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "Backbone",
     "BackboneError",
     "CheckpointError",
+    "Dataset",
     "DatasetError",
     "FinetuneConfig",
     "FinetuneResult",
@@ -60,6 +63,9 @@ __all__ = [
     "krcc",
     "list_backbones",
     "load_backbone",
+    "load_dataset",
+    "make_split",
+    "make_splits",
     "plcc",
     "plcc_logistic",
     "pretrain",

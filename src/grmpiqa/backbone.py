@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import socket
-import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from grmpiqa.errors import BackboneError
+from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
 
 DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -115,11 +116,13 @@ def default_pretrained(name: str) -> str | None:
 
 
 def announce_random(name: str, seed: int) -> None:
-    """Say on stderr, every time, that a backbone has random weights."""
-    print(
-        f"grmpiqa: WARNING: backbone {name} has RANDOM weights (seed {seed}), not pretrained "
-        "CLIP; its scores carry no learned quality knowledge.",
-        file=sys.stderr,
+    """Announce, every time, that a backbone has random weights
+    (a :class:`~grmpiqa.log.RandomWeightsWarning`; the CLI shows it on stderr)."""
+    warnings.warn(
+        f"backbone {name} has RANDOM weights (seed {seed}), not pretrained CLIP; its scores "
+        "carry no learned quality knowledge.",
+        RandomWeightsWarning,
+        stacklevel=3,
     )
 
 
@@ -184,12 +187,13 @@ def load_backbone(
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         if tag_cfg.get("quick_gelu", False) != cfg.get("quick_gelu", False):
-            print(
-                f"grmpiqa: WARNING: tag '{pretrained}' was trained with "
+            warnings.warn(
+                f"tag '{pretrained}' was trained with "
                 f"quick_gelu={tag_cfg.get('quick_gelu', False)} but {name} uses "
                 f"quick_gelu={cfg.get('quick_gelu', False)}; use "
                 f"'{name}-quickgelu' for OpenAI weights (method.md 2).",
-                file=sys.stderr,
+                GrmpiqaWarning,
+                stacklevel=2,
             )
         path = _cached_tag_file(tag_cfg, cache_dir)
         if path is None:
@@ -270,9 +274,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - many formats, one message
-        raise BackboneError(
-            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
-        ) from None
+        raise BackboneError(f"{path}: cannot read checkpoint ({_load_error(err)})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -282,6 +284,21 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         for k, v in sd.items()
         if isinstance(v, torch.Tensor)
     }
+
+
+def _load_error(err: BaseException) -> str:
+    """One line saying why a weights file could not be read (torch's are long)."""
+    text = str(err).strip()
+    if "Weights only load failed" in text:
+        if "Unsupported global" in text or "GLOBAL" in text:
+            return (
+                "it holds Python objects besides tensors, which are never unpickled "
+                "(they could run code)"
+            )
+        return "not a PyTorch state dict (not a valid pickle or zip archive)"
+    if isinstance(err, KeyError) or not text:
+        return "not a PyTorch state dict"
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}"
 
 
 def _is_torchscript(path: Path) -> bool:

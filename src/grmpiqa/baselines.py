@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from grmpiqa.model import CLIPIQA_PROMPTS, DEFAULT, ModelConfig, QualityModel, create_model
+from grmpiqa.factory import DEFAULT, create_model
+from grmpiqa.model import CLIPIQA_PROMPTS, ModelConfig, QualityModel
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig

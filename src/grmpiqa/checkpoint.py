@@ -1,4 +1,4 @@
-"""grmpiqa checkpoints, and import of the authors' released files (method.md 10).
+"""grmpiqa checkpoints: safetensors tensors + JSON metadata (read, write, apply).
 
 A checkpoint is one ``.safetensors`` file holding only the adapted tensors (prompts and
 any fine-tuned backbone tensor) under the :class:`~grmpiqa.model.QualityModel`
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from grmpiqa._version import __version__
-from grmpiqa.errors import CheckpointError, GrmpiqaError
+from grmpiqa.errors import CheckpointError
 from grmpiqa.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -56,6 +54,9 @@ def save_checkpoint(
     path = Path(path)
     meta = checkpoint_metadata(model, extra)
     tensors = model.adapted_state()
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: not written, tensors with NaN or inf values: {bad[:3]}")
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     return path
@@ -71,7 +72,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read checkpoint tensors ({err})") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: tensors with NaN or inf values, e.g. {bad[:3]}")
     return tensors, meta
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf values."""
+    return sorted(
+        k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -93,9 +104,31 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(raw)
     except ValueError as err:
         raise CheckpointError(f"{path}: corrupt grmpiqa metadata ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt grmpiqa metadata (not a JSON object)")
     if not str(meta.get("format", "")).startswith("grmpiqa-checkpoint/"):
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    _check_metadata(meta, path)
     return dict(meta)
+
+
+def _check_metadata(meta: dict[str, Any], path: Path) -> None:
+    """The shape of the metadata record (values are checked where they are used)."""
+    expect = {
+        "backbone": dict,
+        "model_config": dict,
+        "preprocess": dict,
+        "extra": dict,
+    }
+    for key, kind in expect.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{path}: invalid metadata: {key!r} is not a JSON object")
+    bb = meta.get("backbone", {})
+    if "name" in bb and not isinstance(bb["name"], str):
+        raise CheckpointError(f"{path}: invalid metadata: backbone name is not a string")
+    for key in ("pretrained", "model_cfg"):
+        if key in bb and not isinstance(bb[key], dict):
+            raise CheckpointError(f"{path}: invalid metadata: backbone {key} is not a JSON object")
 
 
 def apply_checkpoint(
@@ -125,107 +158,10 @@ def apply_checkpoint(
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
+        if "clip.logit_scale" in tensors:  # s = exp(logit_scale) of these weights
+            model.logit_scale.copy_(model.clip.logit_scale.detach().exp().reshape(()))
     model.adapted_keys |= set(tensors)
 
 
 def _canonical(cfg: dict[str, Any]) -> str:
     return json.dumps(cfg, sort_keys=True, default=str)
-
-
-# -- import of the authors' released files (method.md 10) ------------------------------
-
-_RELEASED_PROMPTS = {
-    "image_encoder.prompt_embeddings": "visual.prompt_embeddings",
-    "image_encoder.deep_prompt_embeddings": "visual.deep_prompt_embeddings",
-    "image_encoder.prompt_proj.weight": "visual.prompt_proj.weight",
-    "image_encoder.prompt_proj.bias": "visual.prompt_proj.bias",
-    "image_encoder.prompt_norm.weight": "visual.prompt_norm.weight",
-    "image_encoder.prompt_norm.bias": "visual.prompt_norm.bias",
-}
-_CTX = re.compile(r"^prompt_learner\d*\.ctx$")
-_IGNORED = re.compile(r"(token_prefix|token_suffix)$|^logit_scale$")
-
-
-def map_released_key(key: str) -> str | None:
-    """Our state-dict name for a key of the authors' files; None for ignored buffers."""
-    if key in _RELEASED_PROMPTS:
-        return _RELEASED_PROMPTS[key]
-    if _CTX.match(key):
-        return "prompt_learner.ctx"
-    if _IGNORED.search(key):
-        return None
-    if key.startswith("image_encoder."):
-        return "clip.visual." + key[len("image_encoder.") :]
-    if key.startswith("text_encoder."):
-        return "clip." + key[len("text_encoder.") :]
-    return None
-
-
-def import_released(
-    path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    backbone: str = "ViT-B-16-quickgelu",
-    pretrained: str | os.PathLike[str] | None = "openai",
-    *,
-    seed: int = 0,
-) -> Path:
-    """Convert a state dict saved by the authors' GRMP-IQA code into a grmpiqa checkpoint.
-
-    Keeps the prompts and every backbone tensor that differs from the base weights
-    (their fine-tuned blocks). Keys may be nested under ``state_dict`` and prefixed
-    ``module.``.
-
-    Example:
-        >>> import_released("livec_best.pt", "livec.safetensors")  # doctest: +SKIP
-    """
-    from grmpiqa.backbone import read_state_dict
-    from grmpiqa.model import ModelConfig, create_model
-
-    src = Path(path)
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such file")
-    try:
-        released = read_state_dict(src)
-    except GrmpiqaError as err:
-        raise CheckpointError(str(err)) from None
-    mapped: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    for key, value in released.items():
-        ours = map_released_key(key)
-        if ours is None:
-            skipped.append(key)
-        else:
-            mapped[ours] = value
-    if "prompt_learner.ctx" not in mapped:
-        raise CheckpointError(f"{src}: no text context (prompt_learner2.ctx); not a GRMP-IQA file")
-    visual = "visual.prompt_embeddings" in mapped
-    n_ctx = int(mapped["prompt_learner.ctx"].shape[0])
-    cfg_kw: dict[str, Any] = {"visual_prompts": visual, "n_ctx": n_ctx}
-    if visual:
-        cfg_kw["vpt_tokens"] = int(mapped["visual.prompt_embeddings"].shape[1])
-        if "visual.deep_prompt_embeddings" in mapped:
-            cfg_kw["vpt_deep_layers"] = int(mapped["visual.deep_prompt_embeddings"].shape[0])
-    model = create_model(backbone, pretrained, config=ModelConfig(**cfg_kw), seed=seed)
-    own = model.state_dict()
-    unknown = sorted(k for k in mapped if k not in own)
-    if unknown:
-        raise CheckpointError(f"{src}: keys that do not fit {backbone}, e.g. {unknown[:3]}")
-    keep: dict[str, torch.Tensor] = {}
-    for k, v in mapped.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(
-                f"{src}: {k} has shape {tuple(v.shape)}, {backbone} expects {tuple(own[k].shape)}"
-            )
-        v = v.to(own[k].dtype)
-        if k in model.adapted_keys or not torch.equal(v, own[k]):
-            keep[k] = v
-    apply_checkpoint(model, keep, {}, source=str(src))
-    model.adapted_keys = set(keep)
-    if skipped:
-        print(
-            f"grmpiqa: ignored {len(skipped)} buffers of {src.name}: {', '.join(skipped[:4])}",
-            file=sys.stderr,
-        )
-    return save_checkpoint(
-        model, out, extra={"imported_from": src.name, "released_keys": len(released)}
-    )

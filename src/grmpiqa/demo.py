@@ -26,7 +26,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,9 @@ import torch
 from PIL import Image
 
 from grmpiqa.errors import BackboneError, GrmpiqaError
+from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.images import is_image_file, load_image
-from grmpiqa.model import DEFAULT, ModelConfig, QualityModel, create_model
+from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.utils import atomic_open, atomic_path
 
 __all__ = ["DemoPlan", "DemoResult", "demo_images", "plan_for", "run_demo"]
@@ -66,6 +67,10 @@ _TASK_TYPES = (
 _TARGET_TYPES = ("lens_blur", "jpeg", "white_noise_color_component", "darken", "pixelate")
 
 TINY = "test-tiny"
+
+#: The fewest pristine photos ``pristine=DIR`` accepts: 2 task and 2 target contents (one
+#: target content for the test set, one for the pool the shots come from).
+MIN_PRISTINE = 4
 
 
 @dataclass(frozen=True)
@@ -209,8 +214,21 @@ def demo_images(
     """Write the task and target references (PNG, longest side ``side``) to OUT/pristine.
 
     From scikit-image's sample photos, or, with ``pristine``, from a folder of your own
-    (sorted; the first ~55% become task references, the rest targets; at least 4).
+    (sorted; the first ~55% become task references, the rest targets, at least 2 of
+    each; at least :data:`MIN_PRISTINE` photos).
     """
+    files: list[Path] = []
+    if pristine is not None:
+        src = Path(pristine)
+        if not src.is_dir():
+            raise GrmpiqaError(f"{src}: --pristine folder not found")
+        files = sorted(p for p in src.iterdir() if p.is_file() and is_image_file(p))
+        files = [p for p in files if not p.name.startswith(".")]
+        if len(files) < MIN_PRISTINE:
+            raise GrmpiqaError(
+                f"{src}: {len(files)} images; the demo needs at least {MIN_PRISTINE} pristine "
+                "photos (2 for stage-1 tasks, 2 for the target set)"
+            )
     task_dir, target_dir = out / "pristine" / "tasks", out / "pristine" / "target"
     for d in (task_dir, target_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -225,12 +243,6 @@ def demo_images(
                 with atomic_path(folder / f"{name}.png") as tmp:
                     img.save(tmp, format="PNG")
         return task_dir, target_dir
-    src = Path(pristine)
-    if not src.is_dir():
-        raise GrmpiqaError(f"{src}: --pristine folder not found")
-    files = sorted(p for p in src.iterdir() if p.is_file() and is_image_file(p))
-    if len(files) < 4:
-        raise GrmpiqaError(f"{src}: {len(files)} images; the demo needs at least 4 pristine photos")
     n_task = max(2, round(0.55 * len(files)))
     n_task = min(n_task, len(files) - 2)
     for i, f in enumerate(files):
@@ -343,6 +355,7 @@ def _run_demo(
         )
     tasks = load_dataset(f"kadid:{root / 'tasks'}")
     target = load_dataset(f"kadid:{root / 'target'}")
+    plan = _fit_shots(plan, target, seed)
     _say(
         f"      {len(tasks)} task images ({len(plan.task_types)} distortion types), "
         f"{len(target)} target images ({len(plan.target_types)} types, other contents)"
@@ -437,6 +450,24 @@ def _run_demo(
     )
 
 
+def _fit_shots(plan: DemoPlan, target: Any, seed: int) -> DemoPlan:
+    """The plan with at most as many shots as the smallest pool of its splits holds.
+
+    With few target contents (a small ``pristine=DIR``) the pool of a split is one or two
+    contents; the shots shrink to fit, and the demo says so.
+    """
+    from grmpiqa.data import make_splits
+
+    pools = [len(s.pool) for s in make_splits(target, seed, plan.splits, shots=None)]
+    if plan.shots <= min(pools):
+        return plan
+    _say(
+        f"      only {len(target.refs())} target contents: {min(pools)} shots per split "
+        f"(the plan's {plan.shots} do not fit in the pool)"
+    )
+    return replace(plan, shots=min(pools))
+
+
 def _score_heldout(
     checkpoint: Path, target: Any, test_indices: Sequence[int], device: str
 ) -> list[dict[str, Any]]:
@@ -461,8 +492,9 @@ def _score_heldout(
 
 def _scores_table(rows: list[dict[str, Any]]) -> str:
     """One line per distortion type: scores at levels 1..5 (should fall with the level)."""
-    from grmpiqa.data.synth import TYPE_NAMES
+    from grmpiqa.data.distortions import list_distortions
 
+    type_names = {d.id: d.name for d in list_distortions()}
     by_type: dict[str, dict[int, float]] = {}
     for r in rows:
         by_type.setdefault(str(r["type"]), {})[int(r["level"] or 0)] = float(r["score"])
@@ -470,10 +502,7 @@ def _scores_table(rows: list[dict[str, Any]]) -> str:
     head = f"{'held-out image, distortion':<38}" + "".join(f"  level {lv}" for lv in levels)
     lines = ["scores of a content never seen in training (higher = better quality):", head]
     for t, d in sorted(by_type.items()):
-        try:
-            name = TYPE_NAMES[int(t) - 1]
-        except (ValueError, IndexError):
-            name = t
+        name = type_names.get(int(t), t) if t.isdigit() else t
         ref = next(r["ref"] for r in rows if str(r["type"]) == t)
         label = f"I{ref} {name}"
         lines.append(f"{label:<38}" + "".join(f"  {d.get(lv, float('nan')):7.4f}" for lv in levels))

@@ -26,3 +26,13 @@ class ImageError(GrmpiqaError):
 
 class DatasetError(GrmpiqaError):
     """A dataset spec, label file or its contents are invalid."""
+
+
+class RunError(GrmpiqaError):
+    """A training run's files (checkpoint, resume state, log) cannot be used as asked:
+    a resume that does not match, a state file that is unreadable, or an existing run
+    that would be overwritten."""
+
+
+class TrainingError(GrmpiqaError):
+    """Training cannot go on (e.g. a loss or gradient became NaN or infinite)."""

@@ -62,8 +62,9 @@ from grmpiqa.baselines import (
 )
 from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
 from grmpiqa.errors import DatasetError, GrmpiqaError
+from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
-from grmpiqa.model import DEFAULT, ModelConfig, QualityModel, create_model
+from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.precision import autocast
 
 if TYPE_CHECKING:
@@ -466,7 +467,14 @@ def _train_and_predict(
             return {"test_srcc": s}
 
     result = finetune(
-        model, train, ft, on_eval=on_eval, progress=progress, out=checkpoint, resume=resume
+        model,
+        train,
+        ft,
+        on_eval=on_eval,
+        progress=progress,
+        out=checkpoint,
+        resume=resume,
+        overwrite=not resume,
     )
     info: dict[str, Any] = {
         "epochs": int(result.epochs),
@@ -539,7 +547,7 @@ def run_protocol(
         keep_checkpoints: trained methods: write each split's final model to
             ``report_dir/splits/split_K.safetensors`` (loadable by ``grmpiqa score
             --checkpoint``; with ``resume`` an interrupted split continues from its
-            ``.state.pt``). Off by default: a ViT-B/16 split checkpoint is ~170 MB.
+            ``.state.safetensors``). Off by default: a ViT-B/16 split checkpoint is ~170 MB.
 
     Raises:
         DatasetError: unlabelled data, or too few images for the shots.
@@ -561,7 +569,6 @@ def run_protocol(
     out = Path(report_dir) if report_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_splits(dataset, splits, out / "splits.csv")
     from grmpiqa.report import write_json, write_report
 
     results: list[SplitResult] = []
@@ -594,6 +601,7 @@ def run_protocol(
     summary = summarize_metrics([{**r.metrics, "seconds": r.seconds} for r in results])
     result = ProtocolResult(record, dataset, results, summary, notes)
     if out is not None:
+        write_splits(dataset, splits, out / "splits.csv")
         write_report(result, out)
     return result
 

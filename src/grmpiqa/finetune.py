@@ -18,9 +18,12 @@ The released code monitors the *test* SRCC + PLCC (selection on the test set). H
 default monitor is the SRCC on the training shots (eval transform), or on ``val`` when it
 is given; a caller may monitor any figure its ``on_eval`` callback returns.
 
-With ``cache=True`` (default) the frozen part of the image tower and the teacher's logits
-are computed once for a bank of augmented views (:mod:`grmpiqa.feature_cache`);
-``cache=False`` runs the released path (fresh augmentation, prompt dropout everywhere).
+Where a step's image features come from is a :class:`ShotSource`: :class:`CachedShots`
+computes the frozen part of the image tower and the teacher's logits once for a bank of
+augmented views (:mod:`grmpiqa.feature_cache`, ``cache=True``, default);
+:class:`PixelShots` runs the released path (a fresh augmentation every epoch, prompt
+dropout everywhere, the live teacher). Run files (checkpoint, resume state, log) are
+handled by :mod:`grmpiqa.runs`.
 
 Example:
     >>> from grmpiqa import create_model, finetune, FinetuneConfig  # doctest: +SKIP
@@ -32,15 +35,13 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -51,37 +52,44 @@ from tqdm.auto import tqdm
 from grmpiqa.backbone import load_backbone
 from grmpiqa.checkpoint import save_checkpoint
 from grmpiqa.data.datasets import Dataset
-from grmpiqa.errors import GrmpiqaError
+from grmpiqa.errors import GrmpiqaError, TrainingError
+from grmpiqa.factory import pretrained_from_identity
 from grmpiqa.feature_cache import (
     FrozenFeatureCache,
-    ImageTower,
     build_feature_cache,
+    encode_frozen,
     epoch_generator,
     frozen_image_blocks,
-    hard_prompt_features,
-    quality_text_features,
 )
 from grmpiqa.gradient import set_quality_aware_grads
+from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import STAGE2_GROUPS, QualityModel
-from grmpiqa.precision import PRECISIONS, autocast
+from grmpiqa.precision import PRECISIONS, autocast, storage_dtype
 from grmpiqa.prompts import l2_normalize
+from grmpiqa.runs import RunFiles, RunState, json_safe, optimizer_from_state, optimizer_to_state
+from grmpiqa.towers import PromptedVisionTower
 from grmpiqa.transforms import ResizeCropNormalize, _pil_resample
-from grmpiqa.utils import atomic_open, atomic_path
 
 __all__ = [
     "SCENES",
     "SCENE_PROMPTS",
+    "CachedShots",
     "FinetuneConfig",
     "FinetuneResult",
+    "PixelShots",
     "PlateauSchedule",
     "SemanticTeacher",
+    "ShotBatch",
+    "ShotSource",
     "Stage2Step",
     "build_teacher",
     "finetune",
     "state_path",
     "log_path",
 ]
+
+logger = get_logger("finetune")
 
 #: LIQE's scene classes, as written in the released GRMP-IQA code (``still_life`` with
 #: its underscore: the released code tokenizes ``f"a photo of a {c}"`` verbatim).
@@ -99,7 +107,6 @@ SCENES: tuple[str, ...] = (
 #: The teacher's and student's hard scene prompts (method.md 7).
 SCENE_PROMPTS: tuple[str, ...] = tuple(f"a photo of a {s}" for s in SCENES)
 
-_STATE_VERSION = 1
 # FinetuneConfig fields that may change when a run is resumed.
 _RESUMABLE_CHANGES = {"max_epochs"}
 
@@ -233,31 +240,24 @@ class FinetuneResult:
 class SemanticTeacher(nn.Module):
     """The frozen, unmodified CLIP of method.md 7: ``s * v @ scene_text.T``.
 
-    Holds only the image tower (the scene text features are computed once).
+    Holds only the image tower (the scene text features are computed once) and runs it
+    through :class:`~grmpiqa.towers.PromptedVisionTower` without prompts.
     """
+
+    text_features: torch.Tensor
 
     def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float) -> None:
         super().__init__()
         self.visual = visual.eval()
         for p in self.visual.parameters():
             p.requires_grad_(False)
-        self.text_features: torch.Tensor
+        self.tower = PromptedVisionTower(self.visual, None)
         self.register_buffer("text_features", text_features.detach().float())
         self.logit_scale = float(logit_scale)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        vit: Any = self.visual
-        if hasattr(vit, "_embeds") and hasattr(vit, "_pool") and not vit.output_tokens:
-            # open_clip's forward with an fp32 residual stream (faster under bf16
-            # autocast on CPU; identical in fp32)
-            x = vit.transformer(vit._embeds(images).float())
-            feats, _ = vit._pool(x)
-            if vit.proj is not None:
-                feats = feats @ vit.proj
-        else:
-            feats = vit(images)
-        v = l2_normalize(feats)
+        v = l2_normalize(self.tower(images))
         return self.logit_scale * v @ self.text_features.t().to(v.dtype)
 
     def train(self, mode: bool = True) -> SemanticTeacher:  # always eval
@@ -277,29 +277,18 @@ def build_teacher(
     prompts) its image tower is deep-copied; otherwise the backbone is loaded again from
     its recorded identity.
     """
+    tokens = model.tokenizer(list(scene_prompts)).to(model.device)
     if _has_base_weights(model):
-        clip = model.clip
-        visual = copy.deepcopy(clip.visual)
+        visual = copy.deepcopy(model.clip.visual)
+        with torch.no_grad():
+            text = model.text_tower.encode_tokens(tokens)
     else:
         ident = model.backbone_pretrained
-        kind = ident.get("kind")
-        pretrained: Any
-        if kind == "random":
-            pretrained = None
-        elif kind == "tag":
-            pretrained = ident["tag"]
-        elif kind == "file":
-            pretrained = ident["path"]
-        else:
-            pretrained = None
+        pretrained = pretrained_from_identity(ident, model.backbone_name, model.backbone_name)
         bb = load_backbone(model.backbone_name, pretrained, seed=int(ident.get("seed", 0)))
         clip = bb.clip.to(model.device)
         visual = clip.visual
-    tokens = model.tokenizer(list(scene_prompts)).to(model.device)
-    with torch.no_grad():
-        if clip is model.clip:
-            text = model.text_encoder.encode_tokens(tokens)
-        else:
+        with torch.no_grad():
             text = clip.encode_text(tokens)
     return SemanticTeacher(visual, l2_normalize(text.float()), float(model.logit_scale)).to(
         model.device
@@ -345,6 +334,142 @@ class PlateauSchedule:
         return asdict(self)
 
 
+# -- where a step's image features come from -------------------------------------------
+
+
+@dataclass
+class ShotBatch:
+    """One step's inputs: labels, the student's normalised image features (with grad),
+    and the frozen teacher's scene logits (None without distillation)."""
+
+    labels: torch.Tensor
+    features: torch.Tensor
+    teacher_logits: torch.Tensor | None
+
+
+class ShotSource(Protocol):
+    """Produces training batches and eval-view features of the shots."""
+
+    build_seconds: float
+
+    def batch(self, indices: Sequence[int], epoch: int) -> ShotBatch: ...
+
+    def eval_features(self, batch_size: int) -> torch.Tensor: ...
+
+
+class CachedShots:
+    """Shots through the frozen-feature cache (:mod:`grmpiqa.feature_cache`): only the
+    trained blocks run per step; view ``(epoch - 1) mod K`` of the bank is used."""
+
+    def __init__(
+        self,
+        model: QualityModel,
+        images: Sequence[Image.Image],
+        labels: torch.Tensor,
+        config: FinetuneConfig,
+        start_block: int,
+        teacher: SemanticTeacher | None,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.labels = labels
+        self.config = config
+        self.cache: FrozenFeatureCache = build_feature_cache(
+            model,
+            images,
+            start_block=start_block,
+            augmentations=config.cache_augmentations,
+            seed=config.seed,
+            teacher=teacher,
+            precision=config.precision,
+            progress=progress,
+        )
+        self.build_seconds = self.cache.build_seconds
+
+    def batch(self, indices: Sequence[int], epoch: int) -> ShotBatch:
+        m = self.model
+        h, t = self.cache.batch(indices, self.cache.view_index(epoch))
+        with autocast(m.device, self.config.precision):
+            feats = l2_normalize(m.image_tower.forward_from(h.to(m.device), self.cache.start_block))
+        return ShotBatch(self.labels[list(indices)], feats, t)
+
+    @torch.no_grad()
+    def eval_features(self, batch_size: int) -> torch.Tensor:
+        return features_from_hidden(
+            self.model, self.cache.eval_hidden, self.cache.start_block, self.config, batch_size
+        )
+
+
+class PixelShots:
+    """The released path: a fresh augmentation of every shot each epoch, the whole
+    student (prompt dropout everywhere) and the live teacher."""
+
+    def __init__(
+        self,
+        model: QualityModel,
+        images: Sequence[Image.Image],
+        labels: torch.Tensor,
+        config: FinetuneConfig,
+        teacher: SemanticTeacher | None,
+    ) -> None:
+        self.model = model
+        self.images = images
+        self.labels = labels
+        self.config = config
+        self.teacher = teacher
+        self.build_seconds = 0.0
+        tf = model.preprocess.eval_transform()
+        self.eval_pixels = torch.stack([tf(im) for im in images])
+
+    def pixels(self, indices: Sequence[int], epoch: int) -> torch.Tensor:
+        return torch.stack(
+            [
+                ResizeCropNormalize(
+                    self.model.preprocess,
+                    train=True,
+                    generator=epoch_generator(self.config.seed, epoch, i),
+                )(self.images[i])
+                for i in indices
+            ]
+        )
+
+    def batch(self, indices: Sequence[int], epoch: int) -> ShotBatch:
+        m = self.model
+        x = self.pixels(indices, epoch).to(m.device)
+        with autocast(m.device, self.config.precision):
+            feats = m.encode_image(x)
+            t = None
+            if self.teacher is not None:
+                t = self.teacher(x).float()
+        return ShotBatch(self.labels[list(indices)], feats, t)
+
+    @torch.no_grad()
+    def eval_features(self, batch_size: int) -> torch.Tensor:
+        m = self.model
+        out = []
+        with autocast(m.device, self.config.precision):
+            for s in range(0, len(self.eval_pixels), batch_size):
+                out.append(m.encode_image(self.eval_pixels[s : s + batch_size].to(m.device)))
+        return torch.cat(out).float()
+
+
+@torch.no_grad()
+def features_from_hidden(
+    model: QualityModel,
+    hidden: torch.Tensor,
+    start_block: int,
+    config: FinetuneConfig,
+    batch_size: int,
+) -> torch.Tensor:
+    """Normalised image features of cached hidden states (eval mode)."""
+    out = []
+    with autocast(model.device, config.precision):
+        for s in range(0, hidden.shape[0], batch_size):
+            h = hidden[s : s + batch_size].to(model.device)
+            out.append(l2_normalize(model.image_tower.forward_from(h, start_block)))
+    return torch.cat(out).float()
+
+
 # -- one training step -----------------------------------------------------------------
 
 
@@ -356,83 +481,46 @@ class StepStats:
     grad_cos: float
 
 
-class Stage2Step:
-    """The loss and gradient step of stage 2, shared by the cached and uncached paths.
+class NonFiniteError(TrainingError):
+    """A loss, gradient or weight of a training step is NaN or infinite."""
 
-    ``losses(pixels=...)`` runs the whole student (and the teacher, unless
-    ``teacher_logits`` is given); ``losses(hidden=...)`` starts at the cached hidden
-    state entering block ``start_block``. ``step`` applies the gradient rule and the
-    optimiser.
+
+class Stage2Step:
+    """The losses and the gradient step of stage 2 (method.md 7), for any source.
+
+    Text features run through the model's text tower truncated after the pooled EOT
+    token (exact for CLIP's causal tower; the same result up to rounding).
     """
 
-    def __init__(
-        self,
-        model: QualityModel,
-        config: FinetuneConfig,
-        teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        start_block: int | None = None,
-        fast: bool | None = None,
-    ) -> None:
+    def __init__(self, model: QualityModel, config: FinetuneConfig) -> None:
         self.model = model
         self.config = config
-        self.teacher = teacher
-        self.start_block = start_block
-        #: exact shortcuts of the cached path: CLS-only last image block, text tower
-        #: truncated after the EOT token (same results up to rounding)
-        self.fast = start_block is not None if fast is None else fast
-        self.tower = ImageTower(model)
         named = model.trainable_parameters()
         self.names = list(named)
         self.params = list(named.values())
         self.scene_tokens = model.tokenizer(list(config.scene_prompts)).to(model.device)
 
-    def image_features(
-        self, pixels: torch.Tensor | None = None, hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if hidden is not None:
-            if self.start_block is None:
-                raise ValueError("no start_block: this step has no cache")
-            return self.tower.features_from_hidden(hidden, self.start_block, fast=self.fast)
-        assert pixels is not None
-        return self.model.encode_image(pixels)
-
     def quality_text(self) -> torch.Tensor:
         """The student's normalised ``[t_hq, t_lq]``."""
-        if self.fast:
-            return quality_text_features(self.model)
-        return self.model.quality_text_features()
+        return self.model.quality_text_features(truncate=True)
 
     def scene_text(self) -> torch.Tensor:
         """The student's normalised scene-prompt features (partly trainable text tower)."""
-        if self.fast:
-            return hard_prompt_features(self.model, self.scene_tokens)
-        return l2_normalize(self.model.text_encoder.encode_tokens(self.scene_tokens))
+        return self.model.encode_tokens(self.scene_tokens, truncate=True)
 
-    def losses(
-        self,
-        labels: torch.Tensor,
-        *,
-        pixels: torch.Tensor | None = None,
-        hidden: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def losses(self, batch: ShotBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(L_q, L_s or None, quality logits) for one batch."""
         model, cfg = self.model, self.config
+        img = batch.features
         with autocast(model.device, cfg.precision):
-            img = self.image_features(pixels, None if hidden is None else hidden.to(model.device))
             logits = model.logits_from_features(img, self.quality_text())
-            lq = quality_loss(logits, labels.to(model.device))
+            lq = quality_loss(logits, batch.labels.to(model.device))
             ls = None
             if cfg.distill:
-                if teacher_logits is None:
-                    if self.teacher is None or pixels is None:
-                        raise ValueError(
-                            "distillation needs teacher logits or a teacher and pixels"
-                        )
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(pixels)
+                if batch.teacher_logits is None:
+                    raise ValueError("distillation needs the teacher's logits")
                 u = model.logits_from_features(img, self.scene_text())
-                ls = distillation_loss(u, teacher_logits.to(model.device), cfg.temperature)
+                ls = distillation_loss(u, batch.teacher_logits.to(model.device), cfg.temperature)
         return lq, ls, logits
 
     def gradients(
@@ -461,12 +549,24 @@ class Stage2Step:
     ) -> StepStats:
         """Apply the gradient rule (method.md 7) and one optimiser step.
 
-        ``cosine``: also measure the cosine between g_q and g_s (a diagnostic).
+        ``cosine``: also measure the cosine between g_q and g_s (a diagnostic). Raises
+        :class:`NonFiniteError` (before changing anything) when a loss or gradient is
+        NaN or infinite, and after the step when a weight became so.
         """
+        for name, loss in (("quality loss", lq), ("distillation loss", ls)):
+            if loss is not None and not bool(torch.isfinite(loss)):
+                raise NonFiniteError(f"the {name} became {float(loss.detach())}")
         gq, gs = self.gradients(lq, ls)
+        for grads in (gq, gs) if gs is not None else (gq,):
+            for n, g in zip(self.names, grads, strict=True):
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    raise NonFiniteError(f"the gradient of {n} is not finite")
         rule = set_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for n, p in zip(self.names, self.params, strict=True):
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(f"the weights of {n} became NaN or infinite")
         return StepStats(
             float(lq.detach()),
             float(ls.detach()) if ls is not None else float("nan"),
@@ -506,22 +606,65 @@ def _monitor_value(name: str, row: dict[str, Any]) -> float:
     return sign * total
 
 
+def _probabilities(model: QualityModel, features: torch.Tensor, text: torch.Tensor) -> np.ndarray:
+    logits = model.logits_from_features(features.to(model.device), text.float())
+    return torch.softmax(logits.float(), -1)[:, 0].cpu().numpy()
+
+
+class _Validation:
+    """Scores a validation set at every evaluation (its frozen part cached when possible)."""
+
+    _MAX_BYTES = 2 * 1024**3
+
+    def __init__(
+        self, model: QualityModel, val: Dataset, config: FinetuneConfig, start_block: int | None
+    ) -> None:
+        self.val = val
+        self.config = config
+        self.start_block = start_block
+        self.hidden: torch.Tensor | None = None
+        if start_block is not None:
+            self.hidden = self._cache(model, start_block)
+
+    def _cache(self, model: QualityModel, start_block: int) -> torch.Tensor | None:
+        tf = model.preprocess.eval_transform()
+        store = storage_dtype(self.config.precision, model.device)
+        chunks: list[torch.Tensor] = []
+        total = 0
+        bs = self.config.eval_batch_size
+        for s in range(0, len(self.val), bs):
+            x = torch.stack([tf(self.val.load(i)) for i in range(s, min(len(self.val), s + bs))])
+            h = encode_frozen(model, x, start_block, self.config.precision).to(store)
+            total += h.numel() * h.element_size()
+            if total > self._MAX_BYTES:
+                return None
+            chunks.append(h)
+        return torch.cat(chunks)
+
+    def predictions(self, model: QualityModel, text: torch.Tensor) -> np.ndarray:
+        if self.hidden is not None and self.start_block is not None:
+            f = features_from_hidden(
+                model, self.hidden, self.start_block, self.config, self.config.eval_batch_size
+            )
+            return _probabilities(model, f, text)
+        return model.score(
+            self.val.paths, self.config.eval_batch_size, precision=self.config.precision
+        ).numpy()
+
+
 def state_path(out: str | Path) -> Path:
-    """The resume sidecar of checkpoint ``out``: ``OUT`` with suffix ``.state.pt``."""
-    return Path(out).with_suffix(".state.pt")
+    """The resume sidecar of checkpoint ``out`` (``OUT.state.safetensors``)."""
+    return RunFiles(Path(out), "finetune").state
 
 
 def log_path(out: str | Path) -> Path:
     """The JSON-lines training log of checkpoint ``out``: suffix ``.log.jsonl``."""
-    return Path(out).with_suffix(".log.jsonl")
+    return RunFiles(Path(out), "finetune").log
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, np.generic):
-        return _json_safe(v.item())
-    return v
+def _fingerprint(config: FinetuneConfig, train: Dataset) -> dict[str, Any]:
+    conf = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES}
+    return {"config": conf, "train_names": list(train.names)}
 
 
 # -- the loop --------------------------------------------------------------------------
@@ -536,6 +679,7 @@ def finetune(
     on_eval: Callable[[int, QualityModel], dict[str, float]] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> FinetuneResult:
@@ -550,13 +694,19 @@ def finetune(
         on_eval: called as ``on_eval(epoch, model)`` at every evaluation (model in eval
             mode); the returned figures join the history row and may be monitored.
         out: checkpoint written at every evaluation and at the end (the final model),
-            with ``OUT.state.pt`` (resume state) and ``OUT.log.jsonl`` (history).
-        resume: continue from ``OUT.state.pt`` when it exists.
+            with ``OUT.state.safetensors`` (resume state) and ``OUT.log.jsonl`` (history).
+        resume: continue from the resume state when it exists.
+        overwrite: replace an earlier run at ``out`` (without it, and without ``resume``,
+            an existing run is refused).
         progress: tqdm progress on stderr.
         extra: metadata added to the checkpoint's ``extra`` record.
 
     Returns:
         :class:`FinetuneResult`; ``model`` holds the final weights.
+
+    Raises:
+        TrainingError: a loss, gradient or weight became NaN or infinite (the files at
+            ``out`` keep the last good evaluation).
     """
     config.validate()
     if len(train) == 0:
@@ -567,85 +717,82 @@ def finetune(
         raise GrmpiqaError(f"{val.spec}: the validation set needs labels")
     if resume and out is None:
         raise GrmpiqaError("resume needs the output checkpoint path (out)")
-    device = model.device
     monitor = config.monitor
     if monitor == "train_srcc" and val is not None:
         monitor = "val_srcc"
-
-    state: dict[str, Any] | None = None
-    if resume and out is not None and state_path(out).is_file():
-        state = _read_state(state_path(out), config, train)
-        if state["stopped"]:  # nothing left to do: restore the final weights
+    run = RunFiles(Path(out), "finetune") if out is not None else None
+    fingerprint = _fingerprint(config, train)
+    state: RunState | None = None
+    if run is not None and run.start(resume, overwrite):
+        state = run.load_state()
+        run.check_resume(
+            state.record.get("fingerprint", {}),
+            fingerprint,
+            "resume with the same settings (only --max-epochs may change) or start again "
+            "with --overwrite",
+        )
+        rec = state.record
+        if rec.get("stopped") == "max_epochs" and config.max_epochs > int(rec["epoch"]):
+            rec["stopped"] = ""
+        if rec.get("stopped"):  # nothing left to do: restore the final weights
             model.set_trainable(config.groups)
-            _apply_tensors(state_path(out), state, model)
+            _apply_tensors(run, state, model)
             model.eval()
             return FinetuneResult(
-                history=list(state["history"]),
-                epochs=int(state["epoch"]),
-                seconds=float(state["seconds"]),
-                stopped=str(state["stopped"]),
-                final_lr=float(state["schedule"]["lr"]),
+                history=list(rec["history"]),
+                epochs=int(rec["epoch"]),
+                seconds=float(rec["seconds"]),
+                stopped=str(rec["stopped"]),
+                final_lr=float(rec["schedule"]["lr"]),
             )
 
     # The teacher and the cache need the model as it was *before* fine-tuning.
-    teacher: SemanticTeacher | None = (
-        build_teacher(model, config.scene_prompts) if config.distill else None
-    )
+    teacher = build_teacher(model, config.scene_prompts) if config.distill else None
     model.set_trainable(config.groups)
     start_block = frozen_image_blocks(model) if config.cache else None
     if config.cache and start_block is None:
-        print(
-            "grmpiqa: the image embedding or visual prompts are trained; fine-tuning without "
-            "the frozen-feature cache",
-            file=sys.stderr,
+        logger.info(
+            "the image embedding or visual prompts are trained; fine-tuning without the "
+            "frozen-feature cache"
         )
-
     images = _load_resized(model, train)
-    labels_all = torch.tensor(train.labels, dtype=torch.float32)
-    cache: FrozenFeatureCache | None = None
+    labels = torch.tensor(train.labels, dtype=torch.float32)
+    source: ShotSource
     if start_block is not None:
-        cache = build_feature_cache(
-            model,
-            images,
-            start_block=start_block,
-            augmentations=config.cache_augmentations,
-            seed=config.seed,
-            teacher=teacher,
-            precision=config.precision,
-            progress=progress,
-        )
+        source = CachedShots(model, images, labels, config, start_block, teacher, progress)
         teacher = None  # its logits are cached; free the copy
-    eval_pixels: torch.Tensor | None = None
-    if cache is None:
-        eval_tf = model.preprocess.eval_transform()
-        eval_pixels = torch.stack([eval_tf(im) for im in images])
-    val_hidden: torch.Tensor | None = None
-    if val is not None and cache is not None and start_block is not None:
-        val_hidden = _val_cache(model, val, start_block, config)
+    else:
+        source = PixelShots(model, images, labels, config, teacher)
+    validation = _Validation(model, val, config, start_block) if val is not None else None
 
-    step = Stage2Step(model, config, teacher, start_block)
+    step = Stage2Step(model, config)
     optimizer = torch.optim.SGD(
         step.params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.0
     )
     schedule = PlateauSchedule(config.lr, config.patience, config.lr_decay, config.min_lr)
     history: list[dict[str, Any]] = []
-    epoch0, seconds0, stopped = 0, 0.0, ""
-    if state is not None and out is not None:
-        _apply_tensors(state_path(out), state, model)
-        optimizer.load_state_dict(state["optimizer"])
-        for k, v in state["schedule"].items():
+    epoch0, seconds0 = 0, 0.0
+    if state is not None and run is not None:
+        _apply_tensors(run, state, model)
+        optimizer_from_state(optimizer, state.tensors, state.record["optimizer"])
+        for k, v in state.record["schedule"].items():
             setattr(schedule, k, v)
-        history.extend(state["history"])
-        epoch0, seconds0, stopped = int(state["epoch"]), float(state["seconds"]), ""
-        if progress:
-            print(f"grmpiqa: resuming {out} after epoch {epoch0}", file=sys.stderr)
+        history.extend(state.record["history"])
+        epoch0, seconds0 = int(state.record["epoch"]), float(state.record["seconds"])
+        logger.info("resuming %s after epoch %d", out, epoch0)
 
+    saver = (
+        _Saver(run, model, config, fingerprint, optimizer, train, extra)
+        if run is not None
+        else None
+    )
     n = len(train)
     bs = config.batch_size or n
     t_start = time.perf_counter()
     epoch_seconds: list[float] = []
     window: list[StepStats] = []
-    last_eval = epoch0 if history else 0
+    saved_epoch = epoch0
+    stopped = ""
     bar = tqdm(
         total=config.max_epochs,
         initial=epoch0,
@@ -654,6 +801,7 @@ def finetune(
         disable=not progress,
     )
     epoch = epoch0
+    device = model.device
     try:
         while not stopped and epoch < config.max_epochs:
             epoch += 1
@@ -665,91 +813,59 @@ def finetune(
             if bs < n:
                 np.random.default_rng([config.seed, epoch]).shuffle(order)
             devices = [device.index or 0] if device.type == "cuda" else []
+            evaluated = epoch % config.eval_every == 0 or epoch == config.max_epochs
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
                 for s in range(0, n, bs):
-                    idx = order[s : s + bs]
-                    y = labels_all[idx]
-                    if cache is not None:
-                        h, t = cache.batch(idx, cache.view_index(epoch))
-                        lq, ls, _ = step.losses(y, hidden=h, teacher_logits=t)
-                    else:
-                        x = torch.stack(
-                            [
-                                ResizeCropNormalize(
-                                    model.preprocess,
-                                    train=True,
-                                    generator=epoch_generator(config.seed, epoch, i),
-                                )(images[i])
-                                for i in idx
-                            ]
-                        ).to(device)
-                        lq, ls, _ = step.losses(y, pixels=x)
-                    evaluated = epoch % config.eval_every == 0 or epoch == config.max_epochs
-                    window.append(step.step(optimizer, lq, ls, cosine=evaluated))
+                    lq, ls, _ = step.losses(source.batch(order[s : s + bs], epoch))
+                    try:
+                        window.append(step.step(optimizer, lq, ls, cosine=evaluated))
+                    except NonFiniteError as err:
+                        kept = f"{out} holds epoch {saved_epoch}" if saved_epoch else "no output"
+                        raise TrainingError(
+                            f"fine-tuning stopped at epoch {epoch}: {err} (lower --lr); {kept}"
+                        ) from None
             epoch_seconds.append(time.perf_counter() - t_epoch)
             bar.update(1)
             bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{window[-1].loss_q:.4f}")
-            final = epoch == config.max_epochs
-            if epoch % config.eval_every == 0 or final:
-                t_eval = time.perf_counter()
-                row = _evaluate(
-                    model,
-                    step,
-                    config,
-                    epoch,
-                    schedule.lr,
-                    window,
-                    cache,
-                    eval_pixels,
-                    train,
-                    val,
-                    val_hidden,
-                )
-                row["eval_seconds"] = time.perf_counter() - t_eval
-                if on_eval is not None:
-                    model.eval()
-                    row.update(on_eval(epoch, model))
-                row["monitor"] = monitor
-                row["seconds"] = seconds0 + time.perf_counter() - t_start
-                window = []
-                if epoch % config.eval_every == 0:
-                    row["monitored"] = _monitor_value(monitor, row)
-                    if schedule.update(row["monitored"], epoch):
-                        stopped = "min_lr"
-                    row["next_lr"] = schedule.lr
-                history.append(row)
-                last_eval = epoch
-                if out is not None:
-                    _save(
-                        out,
-                        model,
-                        config,
-                        epoch,
-                        schedule,
-                        history,
-                        optimizer,
-                        train,
-                        stopped or ("max_epochs" if final else ""),
-                        row["seconds"],
-                        extra,
-                    )
+            if not evaluated:
+                continue
+            t_eval = time.perf_counter()
+            row = _evaluate(model, step, source, config, epoch, schedule.lr, window, train)
+            if validation is not None:
+                vpred = validation.predictions(model, _text(model, step, config))
+                row["val_srcc"], row["val_plcc"] = _correlations(vpred, validation.val.labels)
+            row["eval_seconds"] = time.perf_counter() - t_eval
+            if on_eval is not None:
+                model.eval()
+                row.update(on_eval(epoch, model))
+            row["monitor"] = monitor
+            row["seconds"] = seconds0 + time.perf_counter() - t_start
+            window = []
+            if epoch % config.eval_every == 0:
+                row["monitored"] = _monitor_value(monitor, row)
+                if schedule.update(row["monitored"], epoch):
+                    stopped = "min_lr"
+                row["next_lr"] = schedule.lr
+            history.append(row)
+            if saver is not None:
+                final = stopped or ("max_epochs" if epoch == config.max_epochs else "")
+                saver.save(epoch, schedule, history, final, row["seconds"])
+                saved_epoch = epoch
     finally:
         bar.close()
         model.eval()
     if not stopped:
         stopped = "max_epochs"
     seconds = seconds0 + time.perf_counter() - t_start
-    if out is not None and last_eval != epoch:
-        _save(
-            out, model, config, epoch, schedule, history, optimizer, train, stopped, seconds, extra
-        )
+    if saver is not None and saved_epoch != epoch:
+        saver.save(epoch, schedule, history, stopped, seconds)
     return FinetuneResult(
         history=history,
         epochs=epoch,
         seconds=seconds,
         stopped=stopped,
-        cache_build_s=cache.build_seconds if cache is not None else 0.0,
+        cache_build_s=source.build_seconds,
         final_lr=schedule.lr,
         epoch_seconds=epoch_seconds,
     )
@@ -766,79 +882,28 @@ def _load_resized(model: QualityModel, data: Dataset) -> list[Image.Image]:
     return out
 
 
-_VAL_CACHE_BYTES = 2 * 1024**3
-
-
-def _val_cache(
-    model: QualityModel, val: Dataset, start_block: int, config: FinetuneConfig
-) -> torch.Tensor | None:
-    """Frozen hidden states of the validation images' eval view (None if too big)."""
-    from grmpiqa.feature_cache import encode_frozen
-
-    tf = model.preprocess.eval_transform()
-    chunks: list[torch.Tensor] = []
-    total = 0
-    store = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    for s in range(0, len(val), config.eval_batch_size):
-        x = torch.stack(
-            [tf(val.load(i)) for i in range(s, min(len(val), s + config.eval_batch_size))]
-        )
-        h = encode_frozen(model, x, start_block, config.precision).to(store)
-        total += h.numel() * h.element_size()
-        if total > _VAL_CACHE_BYTES:
-            return None
-        chunks.append(h)
-    return torch.cat(chunks)
-
-
 @torch.no_grad()
-def _predict_hidden(step: Stage2Step, hidden: torch.Tensor, config: FinetuneConfig) -> np.ndarray:
-    model = step.model
-    out = []
+def _text(model: QualityModel, step: Stage2Step, config: FinetuneConfig) -> torch.Tensor:
     with autocast(model.device, config.precision):
-        text = step.quality_text()
-        for s in range(0, hidden.shape[0], config.eval_batch_size):
-            img = step.image_features(
-                hidden=hidden[s : s + config.eval_batch_size].to(model.device)
-            )
-            logits = model.logits_from_features(img, text)
-            out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
-    return torch.cat(out).numpy()
-
-
-@torch.no_grad()
-def _predict_pixels(
-    model: QualityModel, pixels: torch.Tensor, config: FinetuneConfig
-) -> np.ndarray:
-    out = []
-    with autocast(model.device, config.precision):
-        for s in range(0, pixels.shape[0], config.eval_batch_size):
-            logits = model(pixels[s : s + config.eval_batch_size].to(model.device))
-            out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
-    return torch.cat(out).numpy()
+        return step.quality_text().float()
 
 
 def _evaluate(
     model: QualityModel,
     step: Stage2Step,
+    source: ShotSource,
     config: FinetuneConfig,
     epoch: int,
     lr: float,
     window: list[StepStats],
-    cache: FrozenFeatureCache | None,
-    eval_pixels: torch.Tensor | None,
     train: Dataset,
-    val: Dataset | None,
-    val_hidden: torch.Tensor | None,
 ) -> dict[str, Any]:
     model.eval()
-    if cache is not None:
-        pred = _predict_hidden(step, cache.eval_hidden, config)
-    else:
-        assert eval_pixels is not None
-        pred = _predict_pixels(model, eval_pixels, config)
+    pred = _probabilities(
+        model, source.eval_features(config.eval_batch_size), _text(model, step, config)
+    )
     srcc, plcc = _correlations(pred, train.labels)
-    row: dict[str, Any] = {
+    return {
         "epoch": epoch,
         "lr": lr,
         "loss_q": float(np.mean([w.loss_q for w in window])) if window else float("nan"),
@@ -848,96 +913,69 @@ def _evaluate(
         "train_srcc": srcc,
         "train_plcc": plcc,
     }
-    if val is not None:
-        if val_hidden is not None:
-            vpred = _predict_hidden(step, val_hidden, config)
-        else:
-            vpred = model.score(
-                val.paths, config.eval_batch_size, precision=config.precision
-            ).numpy()
-        row["val_srcc"], row["val_plcc"] = _correlations(vpred, val.labels)
-    return row
 
 
 # -- persistence -----------------------------------------------------------------------
 
 
-def _save(
-    out: str | Path,
-    model: QualityModel,
-    config: FinetuneConfig,
-    epoch: int,
-    schedule: PlateauSchedule,
-    history: list[dict[str, Any]],
-    optimizer: torch.optim.Optimizer,
-    train: Dataset,
-    stopped: str,
-    seconds: float,
-    extra: dict[str, Any] | None,
-) -> None:
-    out = Path(out)
-    record = {
-        "stage": "finetune",
-        "finetune": config.to_dict(),
-        "epoch": epoch,
-        "stopped": stopped,
-        "lr": schedule.lr,
-        "train_spec": train.spec,
-        "train_names": train.names,
-        **(extra or {}),
-    }
-    save_checkpoint(model, out, extra=json.loads(json.dumps(record, default=_json_safe)))
-    state = {
-        "version": _STATE_VERSION,
-        "epoch": epoch,
-        "seconds": seconds,
-        "stopped": stopped,
-        "schedule": schedule.state_dict(),
-        "history": history,
-        "config": config.to_dict(),
-        "train_names": train.names,
-        "tensors": {n: p.detach().cpu().clone() for n, p in model.trainable_parameters().items()},
-        "optimizer": optimizer.state_dict(),
-    }
-    with atomic_path(state_path(out)) as tmp:
-        torch.save(state, tmp)
-    with atomic_open(log_path(out), "w", encoding="utf-8") as fh:
-        for row in history:
-            fh.write(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n")
+@dataclass
+class _Saver:
+    """Writes the checkpoint, the resume state and the log of one fine-tuning run."""
+
+    run: RunFiles
+    model: QualityModel
+    config: FinetuneConfig
+    fingerprint: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    train: Dataset
+    extra: dict[str, Any] | None
+
+    def save(
+        self,
+        epoch: int,
+        schedule: PlateauSchedule,
+        history: list[dict[str, Any]],
+        stopped: str,
+        seconds: float,
+    ) -> None:
+        record = {
+            "stage": "finetune",
+            "finetune": self.config.to_dict(),
+            "epoch": epoch,
+            "stopped": stopped,
+            "lr": schedule.lr,
+            "train_spec": self.train.spec,
+            "train_names": self.train.names,
+            **(self.extra or {}),
+        }
+        save_checkpoint(self.model, self.run.out, extra=json_safe(record))
+        opt_tensors, opt_record = optimizer_to_state(self.optimizer)
+        params = {f"params/{n}": p for n, p in self.model.trainable_parameters().items()}
+        self.run.save_state(
+            {**params, **opt_tensors},
+            {
+                "fingerprint": self.fingerprint,
+                "epoch": epoch,
+                "seconds": seconds,
+                "stopped": stopped,
+                "schedule": schedule.state_dict(),
+                "history": history,
+                "optimizer": opt_record,
+            },
+        )
+        self.run.write_log(history)
 
 
-def _read_state(path: Path, config: FinetuneConfig, train: Dataset) -> dict[str, Any]:
-    """The resume state at ``path``, checked against the settings and training images."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise GrmpiqaError(f"{path}: cannot read the resume state ({err})") from None
-    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-        raise GrmpiqaError(f"{path}: not a grmpiqa fine-tuning state file")
-    old = state["config"]
-    new = config.to_dict()
-    for k, v in new.items():
-        if k not in _RESUMABLE_CHANGES and old.get(k) != v:
-            raise GrmpiqaError(
-                f"{path}: written with {k}={old.get(k)!r}, now {v!r}; resume with the same "
-                "settings (only --max-epochs may change) or start a new output"
-            )
-    if state["train_names"] != train.names:
-        raise GrmpiqaError(f"{path}: written for other training images than {train.spec}")
-    if state.get("stopped") == "max_epochs" and config.max_epochs > state["epoch"]:
-        state["stopped"] = ""
-    return dict(state)
-
-
-def _apply_tensors(path: Path, state: dict[str, Any], model: QualityModel) -> None:
-    tensors = state["tensors"]
+def _apply_tensors(run: RunFiles, state: RunState, model: QualityModel) -> None:
+    tensors = state.take("params")
     named = model.trainable_parameters()
     if set(tensors) != set(named):
-        raise GrmpiqaError(f"{path}: trainable tensors differ from this model's")
+        raise GrmpiqaError(f"{run.state}: trainable tensors differ from this model's")
     with torch.no_grad():
         for n, t in tensors.items():
             if named[n].shape != t.shape:
                 raise GrmpiqaError(
-                    f"{path}: tensor {n} has shape {tuple(t.shape)}, model {tuple(named[n].shape)}"
+                    f"{run.state}: tensor {n} has shape {tuple(t.shape)}, "
+                    f"model {tuple(named[n].shape)}"
                 )
             named[n].copy_(t.to(named[n].dtype))

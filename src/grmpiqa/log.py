@@ -49,18 +49,15 @@ _CLI_HANDLER_NAME = "grmpiqa-cli"
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is now (tests and tools replace it)."""
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be
+    replaced after the handler is installed, e.g. by a test harness)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
-    def stream(self) -> object:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: object) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def install_cli_handler(level: int = logging.INFO) -> None:

@@ -34,11 +34,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -52,12 +50,20 @@ from tqdm.auto import tqdm
 
 from grmpiqa.checkpoint import save_checkpoint
 from grmpiqa.data import Dataset, Item, load_dataset
-from grmpiqa.errors import CheckpointError, DatasetError, GrmpiqaError
+from grmpiqa.errors import DatasetError, GrmpiqaError, TrainingError
+from grmpiqa.log import get_logger
 from grmpiqa.losses import quality_loss
 from grmpiqa.model import STAGE1_GROUPS, QualityModel
 from grmpiqa.precision import PRECISIONS, autocast
+from grmpiqa.runs import (
+    RunFiles,
+    RunState,
+    optimizer_from_state,
+    optimizer_to_state,
+    rng_from_state,
+    rng_to_state,
+)
 from grmpiqa.transforms import stage1_query_transform, stage1_support_transform, stats_for
-from grmpiqa.utils import atomic_open, atomic_path
 
 __all__ = [
     "VARIANTS",
@@ -72,8 +78,9 @@ __all__ = [
     "state_path_for",
 ]
 
+logger = get_logger("pretrain")
+
 VARIANTS: tuple[str, ...] = ("reptile", "released")
-STATE_FORMAT = "grmpiqa-pretrain-state/1"
 
 # Purposes mixed into the derived seeds, so no two random streams coincide.
 _SPLIT, _AUGMENT, _DROPOUT, _ORDER, _SUBSAMPLE = range(5)
@@ -218,10 +225,11 @@ def build_tasks(
                 rng = np.random.default_rng(_seed_seq(seed, _SUBSAMPLE, d_index, t_index))
                 idx = sorted(rng.choice(idx, size=images_per_task, replace=False).tolist())
             if len(idx) < 2:
-                print(
-                    f"grmpiqa: {ds.spec}: distortion type {name!r} has {len(idx)} image; "
-                    "skipped (a task needs at least 2)",
-                    file=sys.stderr,
+                logger.warning(
+                    "%s: distortion type %r has %d image; skipped (a task needs at least 2)",
+                    ds.spec,
+                    name,
+                    len(idx),
                 )
                 continue
             tasks.append(Task(ds.spec, name, tuple(ds[i] for i in idx)))
@@ -270,13 +278,13 @@ class PretrainResult:
 
 
 def state_path_for(out: str | os.PathLike[str]) -> Path:
-    """The resume sidecar of a checkpoint: ``OUT`` with suffix ``.state.pt`` (as stage 2)."""
-    return Path(out).with_suffix(".state.pt")
+    """The resume sidecar of a checkpoint: ``OUT`` with suffix ``.state.safetensors``."""
+    return RunFiles(Path(out), "pretrain").state
 
 
 def log_path_for(out: str | os.PathLike[str]) -> Path:
     """The default JSON-lines log of a run: ``OUT`` with suffix ``.log.jsonl``."""
-    return Path(out).with_suffix(".log.jsonl")
+    return RunFiles(Path(out), "pretrain").log
 
 
 def _fingerprint(
@@ -293,30 +301,6 @@ def _fingerprint(
         "model_config": model.config.to_dict(),
         "val": val.spec if (val is not None and cfg.keep_best_val) else None,
     }
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b), key=str):
-            out.extend(_diff(a.get(k), b.get(k), f"{prefix}{k}."))
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}"]
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: cannot read the pre-training state ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path}: not a grmpiqa pre-training state file")
-    return state
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -415,7 +399,7 @@ def pretrain(
         task_datasets: datasets or specs with distortion types; run in this order.
         config: hyper-parameters (default :class:`PretrainConfig`).
         out: the ``.safetensors`` checkpoint, rewritten after every epoch; the resume
-            state goes beside it (``stage1.safetensors`` -> ``stage1.state.pt``).
+            state goes beside it (``stage1.safetensors`` -> ``stage1.state.safetensors``).
         resume: continue after the last completed epoch recorded in the state file
             (which must come from the same tasks, seed, variant and hyper-parameters;
             ``config.epochs`` may be larger). Without a state file it starts afresh.
@@ -427,8 +411,6 @@ def pretrain(
     """
     cfg = config or PretrainConfig()
     out = Path(out)
-    state_path = state_path_for(out)
-    log_path = Path(log) if log is not None else log_path_for(out)
     if cfg.keep_best_val and val is None:
         raise GrmpiqaError("keep_best_val needs a validation set (--val SPEC)")
     databases = build_tasks(task_datasets, cfg.max_tasks, cfg.images_per_task, cfg.seed)
@@ -451,44 +433,41 @@ def pretrain(
     start_epoch = 0
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": None, "srcc": None, "theta": None}
-    rng_states: dict[str, Any] | None = None
+    rng_states: RunState | None = None
 
-    if state_path.exists() and not resume and not overwrite:
-        raise GrmpiqaError(
-            f"{state_path}: a pre-training state already exists; pass --resume to continue "
-            "that run, or --overwrite to start again"
+    run = RunFiles(out, "pretrain", log=Path(log) if log is not None else Path())
+    state_path, log_path = run.state, run.log
+    if run.start(resume, overwrite):
+        state = run.load_state()
+        run.check_resume(
+            state.record.get("fingerprint", {}),
+            fingerprint,
+            "resume with the same tasks and settings (only --epochs may grow) or start again "
+            "with --overwrite",
         )
-    if resume and state_path.exists():
-        state = _load_state(state_path)
-        diffs = _diff(state["fingerprint"], fingerprint)
-        if diffs:
-            raise GrmpiqaError(
-                f"{state_path}: cannot resume, the run differs: {'; '.join(diffs[:3])}"
-                + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
+        start_epoch = int(state.record["epochs_done"])
+        theta = {n: v.to(device) for n, v in state.take("theta").items()}
+        _assign(params, {n: v.to(device) for n, v in state.take("phi").items()})
+        if inner_opt is not None and state.record.get("inner_optimizer") is not None:
+            optimizer_from_state(
+                inner_opt, state.tensors, state.record["inner_optimizer"], "inner_optimizer"
             )
-        start_epoch = int(state["epochs_done"])
-        theta = {n: v.to(device) for n, v in state["theta"].items()}
-        _assign(params, {n: v.to(device) for n, v in state["phi"].items()})
-        if inner_opt is not None and state.get("inner_optimizer") is not None:
-            inner_opt.load_state_dict(state["inner_optimizer"])
-        history = list(state.get("history", []))
-        best = dict(state.get("best", best))
-        rng_states = state.get("rng")
-        _trim_log(log_path, start_epoch)
-    elif resume:
-        print(f"grmpiqa: {state_path} not found; starting from epoch 1", file=sys.stderr)
-        _trim_log(log_path, 0)
+        history = list(state.record.get("history", []))
+        best = dict(state.record.get("best", best))
+        best_theta = state.take("best_theta")
+        best["theta"] = best_theta or None
+        rng_states = state
+        run.trim_log(lambda r: int(r.get("epoch", 0)) <= start_epoch)
     else:
-        _trim_log(log_path, 0)
+        if resume:
+            logger.info("%s not found; starting from epoch 1", state_path)
+        run.trim_log(lambda r: False)
 
     result = PretrainResult(out, state_path, log_path, start_epoch, history)
     result.selection = "best-val" if cfg.keep_best_val else "final"
     result.best_epoch = best.get("epoch")
     if start_epoch >= cfg.epochs:
-        print(
-            f"grmpiqa: {out}: {start_epoch} epochs already done (asked for {cfg.epochs})",
-            file=sys.stderr,
-        )
+        logger.info("%s: %d epochs already done (asked for %d)", out, start_epoch, cfg.epochs)
         _assign(params, best["theta"] if cfg.keep_best_val and best.get("theta") else theta)
         return result
 
@@ -501,7 +480,7 @@ def pretrain(
     model.train()
     with torch.random.fork_rng(devices=fork_devices), contextlib.ExitStack() as stack:
         if rng_states is not None:
-            _set_rng_states(rng_states)
+            rng_from_state(rng_states.tensors, rng_states.record["rng"])
         ebar = stack.enter_context(
             tqdm(
                 total=cfg.epochs,
@@ -557,7 +536,7 @@ def pretrain(
                         "seconds": round(time.perf_counter() - t0, 3),
                     }
                     epoch_records.append(rec)
-                    _append_log(log_path, rec)
+                    run.append_log(rec)
                     tbar.set_postfix(task=f"{Path(db.spec).name}/{task.name}", q=f"{q_loss:.3f}")
                     tbar.update(1)
                 with torch.no_grad():  # outer step (Reptile, first order)
@@ -593,26 +572,14 @@ def pretrain(
                     best = {"epoch": epoch + 1, "srcc": figures["srcc"], "theta": _to_cpu(theta)}
                     improved = True
             history.append(summary)
-            _append_log(log_path, summary)
+            run.append_log(summary)
 
             extra = _metadata(cfg, databases, epoch + 1, history, val_ds, best)
             if not cfg.keep_best_val or improved:
                 with _holding(params, theta):
                     save_checkpoint(model, out, extra=extra)
-            _save_state(
-                state_path,
-                {
-                    "format": STATE_FORMAT,
-                    "fingerprint": fingerprint,
-                    "config": cfg.to_dict(),
-                    "epochs_done": epoch + 1,
-                    "theta": _to_cpu(theta),
-                    "phi": _to_cpu(_snapshot(params)),
-                    "inner_optimizer": inner_opt.state_dict() if inner_opt is not None else None,
-                    "history": history,
-                    "best": best,
-                    "rng": _get_rng_states(),
-                },
+            _save_run_state(
+                run, fingerprint, cfg, epoch + 1, theta, params, inner_opt, history, best
             )
             result.epochs_done = epoch + 1
             result.best_epoch = best.get("epoch")
@@ -677,9 +644,14 @@ def _step(
         logits = model(x)
     loss = quality_loss(logits, y)
     if not torch.isfinite(loss):
-        raise GrmpiqaError(f"the stage-1 loss became {loss.item()}; lower --inner-lr")
+        raise TrainingError(f"the stage-1 loss became {loss.item()}; lower --inner-lr")
     loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params):
+        raise TrainingError("a stage-1 gradient became NaN or infinite; lower --inner-lr")
     opt.step()
+    if any(not bool(torch.isfinite(p).all()) for p in params):
+        raise TrainingError("the stage-1 prompts became NaN or infinite; lower --inner-lr")
     return float(loss.detach())
 
 
@@ -729,49 +701,34 @@ def _metadata(
     return extra
 
 
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_json_safe(record)) + "\n")
-
-
-def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+def _save_run_state(
+    run: RunFiles,
+    fingerprint: dict[str, Any],
+    cfg: PretrainConfig,
+    epochs_done: int,
+    theta: dict[str, torch.Tensor],
+    params: dict[str, torch.nn.Parameter],
+    inner_opt: torch.optim.Optimizer | None,
+    history: list[dict[str, Any]],
+    best: dict[str, Any],
+) -> None:
+    """The resume state after ``epochs_done`` epochs (tensors + JSON, see grmpiqa.runs)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update({f"theta/{n}": v for n, v in theta.items()})
+    tensors.update({f"phi/{n}": p.detach() for n, p in params.items()})
+    if best.get("theta"):
+        tensors.update({f"best_theta/{n}": v for n, v in best["theta"].items()})
+    record: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "config": cfg.to_dict(),
+        "epochs_done": epochs_done,
+        "history": history,
+        "best": {"epoch": best.get("epoch"), "srcc": best.get("srcc")},
+        "inner_optimizer": None,
     }
-
-
-def _trim_log(path: Path, epochs_done: int) -> None:
-    """Drop log records of epochs after ``epochs_done`` (an interrupted epoch is redone)."""
-    if not path.exists():
-        return
-    keep: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and int(rec.get("epoch", 0)) <= epochs_done:
-            keep.append(line)
-    with atomic_open(path, "w", encoding="utf-8") as fh:
-        fh.write("".join(f"{line}\n" for line in keep))
-
-
-def _get_rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(states["cuda"])
+    if inner_opt is not None:
+        opt_tensors, record["inner_optimizer"] = optimizer_to_state(inner_opt, "inner_optimizer")
+        tensors.update(opt_tensors)
+    rng_tensors, record["rng"] = rng_to_state()
+    tensors.update(rng_tensors)
+    run.save_state(tensors, record)

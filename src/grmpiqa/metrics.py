@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,8 +44,11 @@ __all__ = [
     "LOGISTIC_MODELS",
     "METRICS",
     "MetricWarning",
+    "MonotoneFit",
     "evaluate_predictions",
     "fit_logistic",
+    "fit_monotone",
+    "logistic_degeneracy",
     "krcc",
     "plcc",
     "plcc_logistic",
@@ -141,8 +145,19 @@ def fit_logistic(
     """Fit the ``logistic``-parameter map predictions -> targets; None (+ warning) on failure.
 
     Initial guesses follow the VQEG practice: the targets' range for the asymptotes, the
-    predictions' mean for the midpoint and their std for the slope.
+    predictions' mean for the midpoint and their std for the slope. A fit that converges
+    to a *step* is returned as it is (see :func:`logistic_degeneracy`);
+    :func:`fit_monotone` replaces such a fit by a linear map.
     """
+    fitted = _fit_logistic_params(pred, target, logistic)
+    if fitted is None:
+        return None
+    return MonotoneFit(f"logistic{logistic}", fitted)
+
+
+def _fit_logistic_params(
+    pred: ArrayLike, target: ArrayLike, logistic: str
+) -> tuple[float, ...] | None:
     logistic = str(logistic)
     if logistic not in LOGISTIC_MODELS:
         raise ValueError(f"unknown logistic model {logistic!r}; use one of {LOGISTIC_MODELS}")
@@ -170,26 +185,131 @@ def fit_logistic(
     if not np.all(np.isfinite(params)):
         _warn(f"{logistic}-parameter logistic fit gave non-finite parameters; returning NaN")
         return None
+    return tuple(float(v) for v in params)
 
-    def mapped(x: np.ndarray) -> np.ndarray:
-        return np.asarray(func(np.asarray(x, dtype=np.float64), *params), dtype=np.float64)
 
-    return mapped
+#: A fitted map whose largest jump between neighbouring (sorted) predictions exceeds this
+#: share of its whole range is a step, not a fit.
+STEP_SHARE = 0.5
+
+
+def logistic_degeneracy(f: Callable[[np.ndarray], np.ndarray], pred: ArrayLike) -> str | None:
+    """Why the fitted map ``f`` is degenerate on ``pred`` (None: it is a real fit).
+
+    Degenerate: it maps every prediction to (nearly) one value, or it is a step: one jump
+    between two neighbouring predictions carries more than :data:`STEP_SHARE` of its range
+    (typical of nearly constant predictions, where the fitted slope runs away).
+    """
+    x = np.sort(np.asarray(pred, dtype=np.float64).reshape(-1))
+    x = x[np.isfinite(x)]
+    m = np.asarray(f(x), dtype=np.float64)
+    if not np.all(np.isfinite(m)):
+        return "it gives non-finite values"
+    span = float(np.ptp(m)) if m.size else 0.0
+    if span <= 1e-12 * max(1.0, float(np.abs(m).max()) if m.size else 1.0):
+        return "it maps every prediction to one value"
+    jump = float(np.abs(np.diff(m)).max()) if m.size > 1 else span
+    if jump > STEP_SHARE * span:
+        return f"it is a step ({100 * jump / span:.0f}% of its range between two neighbours)"
+    return None
+
+
+@dataclass(frozen=True)
+class MonotoneFit:
+    """A fitted monotone map predictions -> targets: a logistic or a linear fallback.
+
+    Attributes:
+        kind: ``"logistic4"``, ``"logistic5"`` or ``"linear"``.
+        params: the fitted parameters (for ``linear``: slope, intercept).
+        note: why a logistic was replaced by the linear map (None when it was not).
+    """
+
+    kind: str
+    params: tuple[float, ...]
+    note: str | None = None
+
+    def __call__(self, x: ArrayLike) -> np.ndarray:
+        xs = np.asarray(x, dtype=np.float64)
+        if self.kind == "linear":
+            return np.asarray(self.params[0] * xs + self.params[1], dtype=np.float64)
+        func = _logistic4 if self.kind == "logistic4" else _logistic5
+        return np.asarray(func(xs, *self.params), dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "params": list(self.params), "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MonotoneFit:
+        """The map a :meth:`to_dict` record describes; ValueError for a bad record."""
+        expected = {"logistic4": 4, "logistic5": 5, "linear": 2}
+        try:
+            kind = str(d["kind"])
+            params = tuple(float(v) for v in d["params"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a monotone fit record ({err})") from None
+        if kind not in expected or len(params) != expected[kind]:
+            raise ValueError(f"not a monotone fit record: kind {kind!r}, {len(params)} params")
+        if not all(math.isfinite(v) for v in params):
+            raise ValueError("non-finite parameters in a monotone fit record")
+        note = d.get("note")
+        return cls(kind, params, str(note) if note is not None else None)
+
+
+def _linear_fit(p: np.ndarray, t: np.ndarray, note: str) -> MonotoneFit:
+    slope, intercept = np.polyfit(p, t, 1)
+    return MonotoneFit("linear", (float(slope), float(intercept)), note)
+
+
+def fit_monotone(pred: ArrayLike, target: ArrayLike, logistic: str = "4") -> MonotoneFit | None:
+    """The ``logistic``-parameter logistic from predictions to targets, or a linear map
+    (least squares) when the logistic fit is degenerate or fails; every fallback warns.
+    None when no map can be fitted at all (fewer than 3 pairs, constant input).
+
+    Example:
+        >>> f = fit_monotone([0.1, 0.2, 0.4, 0.5, 0.7, 0.9], [10, 18, 41, 52, 70, 88])
+        >>> f.kind, round(float(f(0.5)), 1)
+        ('logistic4', 51.2)
+    """
+    pt = _pairs(pred, target, "monotone fit")
+    if pt is None:
+        return None
+    p, t = pt
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params = _fit_logistic_params(p, t, logistic)
+    if params is None:
+        why = str(caught[-1].message) if caught else "fit failed"
+        note = f"{logistic}-parameter logistic unavailable ({why}); linear map instead"
+        _warn(note)
+        return _linear_fit(p, t, note)
+    f = MonotoneFit(f"logistic{logistic}", params)
+    problem = logistic_degeneracy(f, p)
+    if problem is not None:
+        note = f"{logistic}-parameter logistic fit is degenerate ({problem}); linear map instead"
+        _warn(note)
+        return _linear_fit(p, t, note)
+    return f
 
 
 def _mapped_pairs(
     pred: ArrayLike, target: ArrayLike, logistic: str, name: str
 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mapped predictions, targets) through the logistic; when that fit is a step, a
+    linear map (so PLCC (logistic) falls back to the raw PLCC), with a warning."""
     pt = _pairs(pred, target, name)
     if pt is None:
         return None
     f = fit_logistic(pt[0], pt[1], logistic)
     if f is None:
         return None
+    problem = logistic_degeneracy(f, pt[0])
+    if problem is not None:
+        _warn(
+            f"{name}: the {logistic}-parameter logistic fit is degenerate ({problem}); "
+            "reporting the raw PLCC and the RMSE after a linear fit instead"
+        )
+        return _linear_fit(pt[0], pt[1], problem)(pt[0]), pt[1]
     m = f(pt[0])
-    if not np.all(np.isfinite(m)) or np.ptp(m) == 0.0:
-        _warn(f"{name}: the {logistic}-parameter logistic mapping is degenerate; returning NaN")
-        return None
     return m, pt[1]
 
 

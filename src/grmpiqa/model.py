@@ -1,6 +1,7 @@
-"""The quality model: CLIP + learned prompts -> p(high quality) (method.md 1-5).
+"""The quality model: CLIP towers + learned prompts -> p(high quality) (method.md 1-5).
 
-``create_model`` is the single entry point (backbone resolution, config, checkpoint).
+Build one with :func:`grmpiqa.create_model` (:mod:`grmpiqa.factory`), which resolves the
+backbone, the config and a checkpoint.
 
 Example:
     >>> import torch, grmpiqa
@@ -13,19 +14,18 @@ Example:
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from grmpiqa.backbone import DEFAULT_BACKBONE, Backbone, default_pretrained, load_backbone
-from grmpiqa.errors import CheckpointError
-from grmpiqa.prompts import TextEncoder, TextPromptLearner, VisualPromptedEncoder, l2_normalize
+from grmpiqa import _openclip as oc
+from grmpiqa.backbone import Backbone
+from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize
+from grmpiqa.towers import PromptedVisionTower, TextTower
 from grmpiqa.transforms import PreprocessConfig
 
 #: Parameter groups trained in stage 1 (meta-prompt pre-training, method.md 6).
@@ -40,15 +40,6 @@ STAGE2_GROUPS: tuple[str, ...] = (
 )
 #: Hand-written prompts of the zero-shot CLIP-IQA baseline.
 CLIPIQA_PROMPTS: tuple[str, str] = ("Good photo.", "Bad photo.")
-
-
-class _Default:
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-#: Sentinel: "take it from the checkpoint, else the library default".
-DEFAULT: Any = _Default()
 
 
 @dataclass(frozen=True)
@@ -83,6 +74,10 @@ class ModelConfig:
             raise ValueError("class_names must name exactly two classes (good, bad)")
         if self.hand_prompts is not None and len(self.hand_prompts) != 2:
             raise ValueError("hand_prompts must be two prompts (good, bad)")
+        if self.n_ctx < 1 or self.vpt_tokens < 0 or self.finetune_blocks < 0:
+            raise ValueError("n_ctx must be >= 1, vpt_tokens and finetune_blocks >= 0")
+        if not 0.0 <= self.vpt_dropout < 1.0:
+            raise ValueError(f"vpt_dropout must be in [0, 1), not {self.vpt_dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -104,9 +99,13 @@ class ModelConfig:
 class QualityModel(nn.Module):
     """CLIP with learned prompts scoring ``q = softmax(s * [v.t_hq, v.t_lq])[0]``.
 
-    ``s = exp(logit_scale)`` of the CLIP checkpoint, never trained (method.md 1).
-    Build it with :func:`create_model`; training loops select what trains with
+    ``s = exp(logit_scale)`` of the CLIP checkpoint, never trained (method.md 1). The
+    image and text forward passes run through :attr:`image_tower` and :attr:`text_tower`
+    (:mod:`grmpiqa.towers`). Training loops select what trains with
     :meth:`set_trainable` and the group names in ``STAGE1_GROUPS``/``STAGE2_GROUPS``.
+
+    State-dict layout (checkpoints): ``clip.*`` (the open_clip model),
+    ``prompt_learner.ctx`` (text context), ``visual.*`` (VPT prompt parameters).
     """
 
     logit_scale: torch.Tensor
@@ -126,7 +125,6 @@ class QualityModel(nn.Module):
         self.backbone_model_cfg = dict(backbone.model_cfg)
         self.clip: Any = backbone.clip
         self.tokenizer = backbone.tokenizer()
-        self.text_encoder = TextEncoder(self.clip)
         cfg = self.config
         self.prompt_learner: TextPromptLearner | None = None
         if cfg.hand_prompts is None:
@@ -141,11 +139,19 @@ class QualityModel(nn.Module):
             self.register_buffer(
                 "hand_tokens", self.tokenizer(list(cfg.hand_prompts)), persistent=False
             )
-        self.visual: VisualPromptedEncoder | None = None
+        vit = self.clip.visual
+        self.visual: VisualPrompts | None = None
         if cfg.visual_prompts:
-            self.visual = VisualPromptedEncoder(
-                self.clip.visual, cfg.vpt_tokens, cfg.vpt_deep_layers, cfg.vpt_dropout
+            self.visual = VisualPrompts(
+                oc.vision_width(vit),
+                len(oc.vision_blocks(vit)),
+                oc.patch_size(vit),
+                cfg.vpt_tokens,
+                cfg.vpt_deep_layers,
+                cfg.vpt_dropout,
             )
+        self.image_tower = PromptedVisionTower(vit, self.visual)
+        self.text_tower = TextTower(self.clip)
         self.register_buffer("logit_scale", torch.tensor(backbone.logit_scale), persistent=False)
         #: state-dict keys that differ from the base CLIP (saved in checkpoints)
         self.adapted_keys: set[str] = set(self.parameter_names(("text_context", "visual_prompts")))
@@ -159,22 +165,23 @@ class QualityModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images ``[N, 3, H, W]``."""
-        feats = self.visual(images) if self.visual is not None else self.clip.encode_image(images)
-        return l2_normalize(feats)
+        return l2_normalize(self.image_tower(images))
 
-    def quality_text_features(self) -> torch.Tensor:
+    def quality_text_features(self, truncate: bool = False) -> torch.Tensor:
         """L2-normalised ``[t_hq, t_lq]`` (learned context or hand prompts)."""
         if self.prompt_learner is not None:
-            emb = self.prompt_learner()
-            feats = self.text_encoder(emb, self.prompt_learner.tokens)
+            feats = self.text_tower(self.prompt_learner(), self.prompt_learner.tokens, truncate)
         else:
-            feats = self.text_encoder.encode_tokens(self.hand_tokens)
+            feats = self.text_tower.encode_tokens(self.hand_tokens, truncate)
         return l2_normalize(feats)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_text(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
         """L2-normalised features of hard prompts through this model's text tower."""
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return l2_normalize(self.text_encoder.encode_tokens(tokens))
+        return self.encode_tokens(self.tokenizer(list(texts)).to(self.device), truncate)
+
+    def encode_tokens(self, tokens: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+        """L2-normalised features of tokenised hard prompts."""
+        return l2_normalize(self.text_tower.encode_tokens(tokens, truncate))
 
     def logits_from_features(
         self, image_features: torch.Tensor, text_features: torch.Tensor
@@ -217,26 +224,22 @@ class QualityModel(nn.Module):
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """Named parameter groups (method.md 6, 7), keyed by state-dict name."""
-        named = dict(self.named_parameters())
         k = self.config.finetune_blocks
-        n_text = len(self.clip.transformer.resblocks)
-        n_img = len(self.clip.visual.transformer.resblocks)
-        prefixes: dict[str, list[str]] = {
-            "text_context": ["prompt_learner.ctx"],
-            "visual_prompts": ["visual."],
-            "text_blocks": [
-                f"clip.transformer.resblocks.{i}." for i in range(max(0, n_text - k), n_text)
-            ],
-            "image_blocks": [
-                f"clip.visual.transformer.resblocks.{i}." for i in range(max(0, n_img - k), n_img)
-            ],
-            "ln_final": ["clip.ln_final."],
-            "ln_post": ["clip.visual.ln_post."],
+        text_blocks = list(self.text_tower.blocks())
+        img_blocks = list(oc.vision_blocks(self.clip.visual))
+        modules: dict[str, list[nn.Module]] = {
+            "text_context": [self.prompt_learner] if self.prompt_learner is not None else [],
+            "visual_prompts": [self.visual] if self.visual is not None else [],
+            "text_blocks": text_blocks[len(text_blocks) - k :] if k else [],
+            "image_blocks": img_blocks[len(img_blocks) - k :] if k else [],
+            "ln_final": [self.clip.ln_final],
+            "ln_post": [self.clip.visual.ln_post],
         }
-        return {
-            group: {n: p for n, p in named.items() if any(n.startswith(pre) for pre in pres)}
-            for group, pres in prefixes.items()
-        }
+        owner = {id(p): n for n, p in self.named_parameters()}
+        out: dict[str, dict[str, nn.Parameter]] = {}
+        for group, mods in modules.items():
+            out[group] = {owner[id(p)]: p for m in mods for p in m.parameters() if id(p) in owner}
+        return out
 
     def parameter_names(self, groups: Iterable[str]) -> list[str]:
         all_groups = self.parameter_groups()
@@ -269,6 +272,11 @@ class QualityModel(nn.Module):
         sd = self.state_dict()
         return {k: sd[k].detach().cpu().contiguous() for k in sorted(self.adapted_keys) if k in sd}
 
+    @property
+    def is_random(self) -> bool:
+        """Whether the backbone has random weights (announced; scores mean nothing)."""
+        return self.backbone_pretrained.get("kind") == "random"
+
     def describe(self) -> str:
         p = self.backbone_pretrained
         if p.get("kind") == "random":
@@ -283,93 +291,3 @@ class QualityModel(nn.Module):
             else "no visual prompts"
         )
         return f"{self.backbone_name} ({w}), {vp}"
-
-
-def create_model(
-    backbone: str | None = None,
-    pretrained: str | os.PathLike[str] | None = DEFAULT,
-    checkpoint: str | os.PathLike[str] | None = None,
-    device: str | torch.device = "cpu",
-    visual_prompts: bool | None = None,
-    *,
-    seed: int | None = None,
-    config: ModelConfig | None = None,
-    preprocess: PreprocessConfig | None = None,
-    cache_dir: str | None = None,
-) -> QualityModel:
-    """Build a :class:`QualityModel`, optionally restoring a grmpiqa checkpoint.
-
-    Args:
-        backbone: open_clip model name, ``"test-tiny"`` or ``"local-dir:PATH"``; default:
-            the checkpoint's, else ``"ViT-B-16-quickgelu"``.
-        pretrained: open_clip tag, a weights file, or ``None`` for random weights
-            (announced on stderr); default: the checkpoint's, else ``"openai"``.
-        checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors).
-        device: torch device.
-        visual_prompts: use VPT-deep; default: the checkpoint's, else True.
-        seed: seed of a random backbone and of the prompts' init; default: the
-            checkpoint's, else 0.
-        config: full :class:`ModelConfig` (``visual_prompts`` overrides its field).
-        preprocess: preprocessing; default: the checkpoint's, else the released test
-            transform.
-
-    Example:
-        >>> model = create_model("test-tiny", pretrained=None, visual_prompts=False)
-        >>> model.score(torch.rand(2, 3, 224, 224)).shape
-        torch.Size([2])
-    """
-    from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
-
-    tensors: dict[str, torch.Tensor] | None = None
-    meta: dict[str, Any] = {}
-    if checkpoint is not None:
-        tensors, meta = read_checkpoint(checkpoint)
-    bmeta = meta.get("backbone", {})
-    name = backbone or bmeta.get("name") or DEFAULT_BACKBONE
-    ident = bmeta.get("pretrained", {}) if name == bmeta.get("name") else {}
-    if seed is None:
-        seed = int(ident.get("seed", meta.get("seed", 0)))
-    if pretrained is DEFAULT:
-        kind = ident.get("kind")
-        if kind == "random":
-            pretrained = None
-        elif kind == "tag":
-            pretrained = ident["tag"]
-        elif kind == "file":
-            pretrained = ident["path"]
-            if not Path(pretrained).is_file():
-                raise CheckpointError(
-                    f"{checkpoint}: trained on weights from {pretrained}, which is not on this "
-                    "machine; pass the same weights with --pretrained FILE"
-                )
-        else:
-            pretrained = default_pretrained(name)
-    if config is None:
-        config = (
-            ModelConfig.from_dict(meta["model_config"]) if "model_config" in meta else ModelConfig()
-        )
-    if visual_prompts is not None and visual_prompts != config.visual_prompts:
-        if checkpoint is not None:
-            raise CheckpointError(
-                f"{checkpoint}: was trained with visual_prompts={config.visual_prompts}; "
-                f"cannot load it with visual_prompts={visual_prompts}"
-            )
-        config = replace(config, visual_prompts=visual_prompts)
-    if preprocess is None:
-        preprocess = (
-            PreprocessConfig.from_dict(meta["preprocess"]) if "preprocess" in meta else None
-        )
-
-    bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        model = QualityModel(bb, config, preprocess)
-    if checkpoint is not None and tensors is not None:
-        if bmeta.get("pretrained") and bmeta.get("pretrained") != bb.pretrained:
-            print(
-                f"grmpiqa: WARNING: {checkpoint} was trained on {bmeta.get('pretrained')}, "
-                f"loading it onto {bb.pretrained}",
-                file=sys.stderr,
-            )
-        apply_checkpoint(model, tensors, meta, source=str(checkpoint))
-    return model.to(device).eval()

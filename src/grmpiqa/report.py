@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from grmpiqa.metrics import METRICS, fit_logistic
+from grmpiqa.metrics import METRICS, fit_monotone
 from grmpiqa.utils import atomic_open, atomic_path
 
 if TYPE_CHECKING:
@@ -116,9 +116,12 @@ def metric_definitions(logistic: str) -> dict[str, str]:
         "target": "normalised labels: MOS min-max normalised to [0, 1], higher is better",
         "srcc": "Spearman rank correlation of raw predictions (scipy.stats.spearmanr)",
         "plcc": "Pearson correlation of raw predictions (as the released code)",
-        "plcc_logistic": f"Pearson correlation after fitting the {fit} (scipy curve_fit)",
+        "plcc_logistic": f"Pearson correlation after fitting the {fit} (scipy curve_fit); "
+        "where that fit is degenerate (a step, as for nearly constant predictions) the raw "
+        "PLCC, said so under warnings",
         "krcc": "Kendall tau-b (scipy.stats.kendalltau)",
-        "rmse": "RMSE between logistic-mapped predictions and normalised labels",
+        "rmse": "RMSE between logistic-mapped predictions and normalised labels (a linear "
+        "map where the logistic fit is degenerate)",
         "summary": "median, mean and population std (ddof 0) over splits; NaN splits left out",
     }
 
@@ -209,16 +212,14 @@ def write_scatter(result: ProtocolResult, split: SplitResult, path: Path) -> Pat
     ax.scatter(pred, mos, s=14, alpha=0.7, edgecolors="none")
     with warnings.catch_warnings():  # a failed fit only means no curve on the plot
         warnings.simplefilter("ignore")
-        f = fit_logistic(pred, mos, result.config.get("logistic", "4")) if pred.size > 5 else None
-    if f is not None and np.ptp(pred) > 0:
+        f = fit_monotone(pred, mos, result.config.get("logistic", "4")) if pred.size > 5 else None
+    if f is not None:
         xs = np.linspace(pred.min(), pred.max(), 200)
-        ax.plot(
-            xs,
-            f(xs),
-            color="C3",
-            lw=1.5,
-            label=f"{result.config.get('logistic', '4')}-param logistic",
-        )
+        if f.kind == "linear":  # a degenerate logistic is not drawn as if it were a fit
+            label = "linear fit (logistic degenerate: raw PLCC reported)"
+        else:
+            label = f"{result.config.get('logistic', '4')}-param logistic"
+        ax.plot(xs, f(xs), color="C3", lw=1.5, label=label)
         ax.legend(loc="best", fontsize=8)
     m = split.metrics
     ax.set_xlabel("prediction")

@@ -9,7 +9,9 @@ import torch
 
 from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.model import DEFAULT, QualityModel, create_model
+from grmpiqa.factory import DEFAULT, create_model, resolve_device
+from grmpiqa.model import QualityModel
+from grmpiqa.precision import PRECISIONS
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True) -> None:
@@ -45,13 +47,11 @@ def pretrained_arg(value: str | None) -> Any:
 
 
 def device_arg(value: str) -> torch.device:
+    """``--device`` -> a torch device that exists here (one-line error otherwise)."""
     try:
-        dev = torch.device(value)
-    except RuntimeError as err:
-        raise GrmpiqaError(f"--device {value}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GrmpiqaError(f"--device {value}: CUDA is not available on this machine")
-    return dev
+        return resolve_device(value)
+    except GrmpiqaError as err:
+        raise GrmpiqaError(f"--{err}") from None
 
 
 def model_from_args(
@@ -70,43 +70,66 @@ def model_from_args(
 
 def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     """The stage-2 settings (method.md 7) as flags: every :class:`FinetuneConfig` field
-    a user sets (``--lambda``, ``--lr``, ``--max-epochs``, ...); read them back with
-    :func:`finetune_config_from_args`."""
-    from grmpiqa.precision import PRECISIONS
+    a user sets (``--lambda``, ``--lr``, ``--max-epochs``, ...), defaults taken from the
+    dataclass; read them back with :func:`finetune_config_from_args`."""
+    from grmpiqa.finetune import FinetuneConfig
 
+    d = FinetuneConfig()
     g = parser.add_argument_group("fine-tuning (stage 2)")
     g.add_argument(
         "--lambda",
         dest="lam",
         type=float,
-        default=5.0,
-        help="QGR lambda (default 5; 0 = plain fine-tuning)",
+        default=d.lam,
+        help=f"QGR lambda (default {d.lam:g}; 0 = plain fine-tuning)",
     )
     g.add_argument("--no-distill", action="store_true", help="no teacher and no L_s at all")
-    g.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate (default {d.lr:g})")
     g.add_argument(
-        "--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)"
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help=f"SGD weight decay (default {d.weight_decay:g})",
     )
-    g.add_argument("--max-epochs", type=int, default=2000, help="epoch limit (default 2000)")
     g.add_argument(
-        "--eval-every", type=int, default=5, help="epochs between evaluations (default 5)"
+        "--max-epochs", type=int, default=d.max_epochs, help=f"epoch limit (default {d.max_epochs})"
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help=f"epochs between evaluations (default {d.eval_every})",
     )
     g.add_argument(
         "--patience",
         type=int,
-        default=5,
-        help="evaluations without improvement before lr decays (default 5)",
+        default=d.patience,
+        help=f"evaluations without improvement before lr decays (default {d.patience})",
     )
     g.add_argument(
-        "--lr-decay", type=float, default=0.3, help="lr factor on a plateau (default 0.3)"
+        "--lr-decay",
+        type=float,
+        default=d.lr_decay,
+        help=f"lr factor on a plateau (default {d.lr_decay:g})",
     )
     g.add_argument(
-        "--min-lr", type=float, default=5e-7, help="stop once lr falls below (default 5e-7)"
+        "--min-lr",
+        type=float,
+        default=d.min_lr,
+        help=f"stop once lr falls below (default {d.min_lr:g})",
     )
     g.add_argument(
-        "--batch-size", type=int, default=None, help="shots per step (default: all in one batch)"
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="shots per step (default: all in one batch)",
     )
-    g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help=f"fp32, bf16 (matmuls in bf16) or auto (bf16 where fast) (default {d.precision})",
+    )
     g.add_argument(
         "--no-cache",
         action="store_true",
@@ -115,9 +138,9 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cache-augmentations",
         type=int,
-        default=8,
+        default=d.cache_augmentations,
         metavar="K",
-        help="augmented views per image in the cache's bank (default 8)",
+        help=f"augmented views per image in the cache's bank (default {d.cache_augmentations})",
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from grmpiqa.cli.common import add_backbone_args, device_arg, pretrained_arg
-from grmpiqa.model import DEFAULT
+from grmpiqa.demo import MIN_PRISTINE
+from grmpiqa.factory import DEFAULT
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--pristine",
         default=None,
         metavar="DIR",
-        help="your own pristine photos (at least 4) instead of scikit-image's samples",
+        help=f"your own pristine photos (at least {MIN_PRISTINE}) instead of scikit-image's "
+        "samples",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_backbone_args(p)

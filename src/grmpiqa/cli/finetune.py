@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Fine-tune a stage-1 checkpoint on N shots of a dataset split (method.md 7): "
         "text context, the last 4 blocks of both towers, ln_final and ln_post train; a frozen CLIP "
         "teacher keeps scene knowledge through the gradient rule. Writes OUT (a checkpoint for "
-        "`grmpiqa score --checkpoint`), OUT.state.pt (resume), OUT.log.jsonl (history) and "
-        "OUT.splits.csv (the split used).",
+        "`grmpiqa score --checkpoint`), OUT.state.safetensors (resume), OUT.log.jsonl (history) "
+        "and OUT.splits.csv (the split used). An existing run at OUT is refused unless --resume "
+        "or --overwrite is given.",
     )
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec KIND:PATH")
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.safetensors)")
@@ -52,7 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default="train_srcc",
         help="figure the lr schedule watches (default: SRCC on the shots, or on --val)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt if present")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from OUT.state.safetensors if present"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run at OUT (state, log)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_backbone_args(p)
     p.set_defaults(func=run)
@@ -79,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     splits_csv = out.with_suffix(".splits.csv")
-    write_splits(dataset, [split], splits_csv)
     extra = {
         "init": str(args.init) if args.init else None,
         "data": dataset.spec,
@@ -101,9 +106,11 @@ def run(args: argparse.Namespace) -> int:
         val=val,
         out=out,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=progress,
         extra=extra,
     )
+    write_splits(dataset, [split], splits_csv)  # after training: a failed run leaves no split
     last = result.history[-1] if result.history else {}
     srcc = last.get("train_srcc")
     figure = f", train SRCC {srcc:.4f}" if isinstance(srcc, float) else ""

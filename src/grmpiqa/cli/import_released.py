@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
-from grmpiqa.checkpoint import import_released
 from grmpiqa.cli.common import pretrained_arg
+from grmpiqa.released import import_released
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

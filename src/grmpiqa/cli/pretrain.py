@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Meta-prompt pre-training (method.md 6): one task per distortion type of each "
             "--tasks dataset (kadid:, tid2013:, or a 'grmpiqa synth' folder as kadid:DIR). "
             "Only the prompts train; CLIP stays frozen. OUT (.safetensors) is rewritten after "
-            "every epoch together with its resume state (stage1.safetensors -> stage1.state.pt), "
-            "from which --resume continues, and a JSON-lines log (stage1.log.jsonl)."
+            "every epoch together with its resume state (stage1.safetensors -> "
+            "stage1.state.safetensors), from which --resume continues, and a JSON-lines log "
+            "(stage1.log.jsonl)."
         ),
     )
     p.add_argument(
@@ -89,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="FILE",
         help="JSON-lines log (default: OUT with suffix .log.jsonl)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUT's .state.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's state")
     p.add_argument("--no-cache", action="store_true", help="decode images again every epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")

@@ -1,23 +1,29 @@
-"""``grmpiqa synth``: KADID-style distortions of pristine photos (stage-1 tasks, method.md 6)."""
+"""``grmpiqa synth``: KADID-style distortions of pristine photos (stage-1 tasks, method.md 6).
+
+The defaults come from :class:`grmpiqa.data.synth.SynthConfig`; the type list from the
+distortion registry (:mod:`grmpiqa.data.distortions`).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from grmpiqa.errors import GrmpiqaError
+from grmpiqa.data.distortions import list_distortions
+from grmpiqa.data.synth import SynthConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from grmpiqa.data.synth import TYPE_NAMES
-
+    d = SynthConfig()
+    types = list_distortions()
     p = subparsers.add_parser(
         "synth",
         help="synthesise KADID-10k-style distortions of pristine images",
         description=(
-            "Write the 25 KADID-10k distortion types at increasing severities, in "
+            f"Write the {len(types)} KADID-10k distortion types at increasing severities, in "
             "KADID-10k's layout (images/, dmos.csv), readable as the dataset 'kadid:OUT'. "
-            "Labels: dmos = 5 - 4 * level / levels. Types: "
-            + ", ".join(f"{i + 1:02d} {n}" for i, n in enumerate(TYPE_NAMES))
+            "Labels: dmos = 5 - 4 * level / levels. Nothing is half-written: the inputs are "
+            "checked first and the output is moved into place at the end. Types: "
+            + ", ".join(f"{t.id:02d} {t.name}" for t in types)
             + "."
         ),
     )
@@ -27,20 +33,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--types",
         nargs="+",
         metavar="TYPE",
-        help="distortion types by name or id (1..25), space or comma separated; default all",
+        default=d.types,
+        help=f"distortion types by name or id (1..{len(types)}), space or comma separated; "
+        "default all",
     )
-    p.add_argument("--levels", type=int, default=5, help="severity levels per type (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
-        "--workers", type=int, default=1, help="worker processes (0: every CPU; default 1)"
+        "--levels",
+        type=int,
+        default=d.levels,
+        help=f"severity levels per type (default {d.levels})",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help=f"worker processes (0: every CPU; default {d.workers})",
     )
     p.add_argument(
         "--compress-level",
         type=int,
-        default=1,
+        default=d.compress_level,
         choices=range(10),
         metavar="0-9",
-        help="PNG (zlib) compression level (default 1: fast, larger files)",
+        help=f"PNG (zlib) compression level (default {d.compress_level}: fast, larger files)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -49,8 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     from grmpiqa.data.synth import synthesize
 
-    if args.levels < 1:
-        raise GrmpiqaError(f"--levels must be at least 1, not {args.levels}")
     result = synthesize(
         args.pristine,
         args.out,

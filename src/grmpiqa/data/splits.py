@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from grmpiqa.data.datasets import Dataset, _read_csv
+from grmpiqa.data.datasets import Dataset
+from grmpiqa.data.readers import normalize_name, read_csv
 from grmpiqa.errors import DatasetError
 from grmpiqa.utils import atomic_open
 
@@ -236,12 +237,12 @@ def read_splits(
     else:
         file = Path(path)
         where = str(file)
-        header, rows = _read_csv(file, ["img_name"], what="split file")
+        header, rows = read_csv(file, ["img_name"], what="split file")
         available = [h for h in header if "split" in h.lower()]
         index_of = {name: i for i, name in enumerate(dataset.names)}
         table_opt: list[dict[str, str] | None] = [None] * n
         for line, r in rows:
-            name = r["img_name"].replace("\\", "/")
+            name = normalize_name(r["img_name"])
             i = index_of.get(name)
             if i is None:
                 raise DatasetError(f"{file}, row {line}: {name!r} is not an item of {dataset.spec}")

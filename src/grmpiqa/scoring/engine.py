@@ -142,68 +142,83 @@ def _score_shared_prefix(
     split: int,
 ) -> torch.Tensor:
     """Scores ``[N, len(models)]`` of checkpoints whose image towers agree before block
-    ``split``: embedding and blocks ``0..split-1`` run once, the rest per checkpoint.
+    ``split`` (:func:`shared_prefix_blocks`): the embedding and blocks ``0..split-1`` run
+    once (``image_tower.hidden``), blocks ``split..`` and the head per checkpoint
+    (``image_tower.forward_from``); both are the tower's exact fast path.
 
-    Equal to :func:`_score_tensor` per model (the same operations in the same order).
+    Equal to :func:`_score_tensor` per model up to float rounding (tested to 1e-5).
     """
     first = models[0]
-    assert first.visual is not None
     x = x.to(first.device, non_blocking=True)
     out = []
     with autocast(first.device, precision):
-        h = first.visual.blocks(first.visual.embed(x), 0, split)
+        hidden = first.image_tower.hidden(x, split)
         for m, text in zip(models, texts, strict=True):
-            assert m.visual is not None
-            feats = l2_normalize(m.visual.head(m.visual.blocks(h, split, None)))
+            feats = l2_normalize(m.image_tower.forward_from(hidden, split))
             out.append(torch.softmax(m.logits_from_features(feats, text).float(), dim=-1)[:, 0])
     return torch.stack(out, dim=1).cpu()
+
+
+def _tensor_names(model: QualityModel, modules: Sequence[torch.nn.Module]) -> list[str]:
+    """State-dict keys of the parameters and buffers of ``modules`` inside ``model``."""
+    prefix = {id(mod): name for name, mod in model.named_modules()}
+    keys: list[str] = []
+    for mod in modules:
+        base = prefix[id(mod)]
+        keys.extend(f"{base}.{k}" if base else k for k in mod.state_dict())
+    return keys
 
 
 def shared_prefix_blocks(models: Sequence[QualityModel]) -> int | None:
     """How many leading image blocks several checkpoints share exactly, or None.
 
-    They share block ``i`` when the backbone architecture, the visual prompt layout, every
-    tensor the embedding uses (patch embedding, positions, ln_pre, input prompts, prompt
-    projection) and every tensor of blocks ``0..i`` (with the deep prompts they insert)
-    are equal. That holds for stage-2 checkpoints fine-tuned from one stage-1 checkpoint.
+    They share blocks ``0..s-1`` when the backbone architecture and the prompt layout
+    agree and every tensor the embedding uses (patch embedding, positions, ``ln_pre``,
+    input prompts, prompt projection) and every tensor of those blocks (with the deep
+    prompts inserted before them) are equal. Stage-2 checkpoints fine-tuned from one
+    stage-1 checkpoint (method.md 7) share every block before their fine-tuned ones.
     """
     if len(models) < 2 or any(m.visual is None for m in models):
         return None
-    v0 = models[0].visual
+    m0 = models[0]
+    v0, t0 = m0.visual, m0.image_tower
     assert v0 is not None
     for m in models[1:]:
-        v = m.visual
+        v, t = m.visual, m.image_tower
         assert v is not None
         if (
-            m.backbone_model_cfg != models[0].backbone_model_cfg
-            or m.device != models[0].device
-            or (v.num_tokens, v.deep_layers, v.n_blocks)
-            != (v0.num_tokens, v0.deep_layers, v0.n_blocks)
+            m.backbone_model_cfg != m0.backbone_model_cfg
+            or m.device != m0.device
+            or (v.num_tokens, v.deep_layers, t.n_blocks, t.fast)
+            != (v0.num_tokens, v0.deep_layers, t0.n_blocks, t0.fast)
         ):
             return None
     states = [m.state_dict() for m in models]
-    block_prefix = "clip.visual.transformer.resblocks."
-    head_keys = ("clip.visual.ln_post.", "clip.visual.proj", "visual.prompt_norm.")
 
-    def same(keys: list[str]) -> bool:
+    def same(keys: Sequence[str]) -> bool:
         return all(k in s and torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys)
 
-    embed_keys = [
-        k
-        for k in states[0]
-        if (k.startswith("clip.visual.") and not k.startswith(block_prefix))
-        or k.startswith(("visual.prompt_embeddings", "visual.prompt_proj."))
+    blocks = t0.block_modules()
+    block_keys = [_tensor_names(m0, [b]) for b in blocks]
+    in_blocks = {k for keys in block_keys for k in keys}
+    head = {id(p) for p in t0.head_parameters()}
+    vit_keys = _tensor_names(m0, [m0.clip.visual])
+    head_keys = {n for n, p in m0.named_parameters() if id(p) in head}
+    embed_keys = [k for k in vit_keys if k not in in_blocks and k not in head_keys]
+    prompt_keys = [
+        k for k in _tensor_names(m0, [v0]) if not k.endswith("deep_prompt_embeddings")
     ]
-    embed_keys = [k for k in embed_keys if not k.startswith(head_keys)]
-    if not same(embed_keys):
+    prompt_keys = [k for k in prompt_keys if ".prompt_norm." not in k]
+    if not same(embed_keys + prompt_keys):
         return None
+    deep_key = _tensor_names(m0, [v0])
+    deep_key = [k for k in deep_key if k.endswith("deep_prompt_embeddings")]
     split = 0
-    for i in range(v0.n_blocks):
-        keys = [k for k in states[0] if k.startswith(f"{block_prefix}{i}.")]
-        if not same(keys):
+    for i in range(t0.n_blocks):
+        if not same(block_keys[i]):
             break
-        if 1 <= i <= v0.deep_layers:
-            deep = [s["visual.deep_prompt_embeddings"][i - 1] for s in states]
+        if 1 <= i <= v0.deep_layers and deep_key:
+            deep = [s[deep_key[0]][i - 1] for s in states]
             if not all(torch.equal(d, deep[0]) for d in deep[1:]):
                 break
         split = i + 1

@@ -56,7 +56,8 @@ def build_models(
     """
     import torch
 
-    from grmpiqa.model import DEFAULT, ModelConfig, create_model
+    from grmpiqa.factory import DEFAULT, create_model
+    from grmpiqa.model import ModelConfig
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

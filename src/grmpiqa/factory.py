@@ -1,0 +1,152 @@
+"""``create_model``: backbone + config + checkpoint -> a ready :class:`QualityModel`.
+
+The one entry point that turns names and files into a model (as open_clip's factory):
+it resolves the backbone (:mod:`grmpiqa.backbone`), reads a checkpoint
+(:mod:`grmpiqa.checkpoint`) and builds the model (:mod:`grmpiqa.model`).
+
+Example:
+    >>> model = create_model("test-tiny", pretrained=None, visual_prompts=False)
+    >>> model.score(torch.rand(2, 3, 224, 224)).shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grmpiqa.backbone import DEFAULT_BACKBONE, default_pretrained, load_backbone
+from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
+from grmpiqa.errors import CheckpointError, GrmpiqaError
+from grmpiqa.log import GrmpiqaWarning
+from grmpiqa.model import ModelConfig, QualityModel
+from grmpiqa.transforms import PreprocessConfig
+
+__all__ = ["DEFAULT", "create_model", "resolve_device", "pretrained_from_identity"]
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Sentinel: "take it from the checkpoint, else the library default".
+DEFAULT: Any = _Default()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device; :class:`GrmpiqaError` when it does not exist here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise GrmpiqaError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GrmpiqaError(f"device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise GrmpiqaError(
+                f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GrmpiqaError(f"device {device}: MPS is not available on this machine")
+    return dev
+
+
+def pretrained_from_identity(ident: dict[str, Any], name: str, source: str = "") -> Any:
+    """The ``pretrained`` argument that reproduces a recorded weights identity."""
+    kind = ident.get("kind")
+    if kind == "random":
+        return None
+    if kind == "tag":
+        return str(ident["tag"])
+    if kind == "file":
+        path = str(ident["path"])
+        if not Path(path).is_file():
+            raise CheckpointError(
+                f"{source}: trained on weights from {path}, which is not on this machine; "
+                "pass the same weights with --pretrained FILE"
+            )
+        return path
+    return default_pretrained(name)
+
+
+def create_model(
+    backbone: str | None = None,
+    pretrained: str | os.PathLike[str] | None = DEFAULT,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    visual_prompts: bool | None = None,
+    *,
+    seed: int | None = None,
+    config: ModelConfig | None = None,
+    preprocess: PreprocessConfig | None = None,
+    cache_dir: str | None = None,
+) -> QualityModel:
+    """Build a :class:`QualityModel`, optionally restoring a grmpiqa checkpoint.
+
+    Args:
+        backbone: open_clip model name, ``"test-tiny"`` or ``"local-dir:PATH"``; default:
+            the checkpoint's, else ``"ViT-B-16-quickgelu"``.
+        pretrained: open_clip tag, a weights file, or ``None`` for random weights
+            (announced with a :class:`~grmpiqa.log.RandomWeightsWarning`); default: the
+            checkpoint's, else ``"openai"`` (random for architectures without tags).
+        checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors).
+        device: torch device.
+        visual_prompts: use VPT-deep; default: the checkpoint's, else True.
+        seed: seed of a random backbone and of the prompts' init; default: the
+            checkpoint's, else 0.
+        config: full :class:`ModelConfig` (``visual_prompts`` overrides its field).
+        preprocess: preprocessing; default: the checkpoint's, else the released test
+            transform.
+    """
+    dev = resolve_device(device)
+    tensors: dict[str, torch.Tensor] | None = None
+    meta: dict[str, Any] = {}
+    if checkpoint is not None:
+        tensors, meta = read_checkpoint(checkpoint)
+    source = str(checkpoint)
+    bmeta = meta.get("backbone", {})
+    name = backbone or bmeta.get("name") or DEFAULT_BACKBONE
+    ident = bmeta.get("pretrained", {}) if name == bmeta.get("name") else {}
+    try:
+        if seed is None:
+            seed = int(ident.get("seed", meta.get("seed", 0)))
+        if pretrained is DEFAULT:
+            pretrained = pretrained_from_identity(ident, name, source)
+        if config is None:
+            config = (
+                ModelConfig.from_dict(meta["model_config"])
+                if "model_config" in meta
+                else ModelConfig()
+            )
+        if preprocess is None and "preprocess" in meta:
+            preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{source}: invalid metadata ({err})") from None
+    if visual_prompts is not None and visual_prompts != config.visual_prompts:
+        if checkpoint is not None:
+            raise CheckpointError(
+                f"{checkpoint}: was trained with visual_prompts={config.visual_prompts}; "
+                f"cannot load it with visual_prompts={visual_prompts}"
+            )
+        config = replace(config, visual_prompts=visual_prompts)
+
+    bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = QualityModel(bb, config, preprocess)
+    if checkpoint is not None and tensors is not None:
+        if bmeta.get("pretrained") and bmeta.get("pretrained") != bb.pretrained:
+            warnings.warn(
+                f"{checkpoint} was trained on {bmeta.get('pretrained')}, loading it onto "
+                f"{bb.pretrained}",
+                GrmpiqaWarning,
+                stacklevel=2,
+            )
+        apply_checkpoint(model, tensors, meta, source=source)
+    return model.to(dev).eval()
