@@ -29,6 +29,9 @@ from grmpiqa.cli import main  # noqa: E402
 from grmpiqa.scoring import BatchScorer  # noqa: E402
 from grmpiqa.scoring.outputs import read_rows  # noqa: E402
 
+# Ray starts slowly on 2 cores: these count as long runs (the fast CI pass skips them)
+pytestmark = pytest.mark.slow
+
 TINY = ["--backbone", "test-tiny", "--no-progress"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
