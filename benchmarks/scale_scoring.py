@@ -200,7 +200,7 @@ def bench_adapters(args: argparse.Namespace, work: Path) -> dict[str, object]:
     return {
         "adapters": args.adapters,
         "shared_blocks": together.split,
-        "blocks": models[0].visual.n_blocks if models[0].visual is not None else None,
+        "blocks": models[0].image_tower.n_blocks,
         "together_s": best_t,
         "separate_s": best_s,
         "speedup": best_s / best_t,
