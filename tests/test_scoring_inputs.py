@@ -24,6 +24,15 @@ from grmpiqa.scoring.inputs import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _propagate(monkeypatch):
+    """caplog listens at the root; the CLI handler (installed by other tests) stops
+    propagation of the grmpiqa logger."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("grmpiqa"), "propagate", True)
+
+
 def test_brace_expansion_ranges_padding_and_lists():
     assert expand_braces("d/shard-{0000..0003}.tar") == [f"d/shard-{i:04d}.tar" for i in range(4)]
     assert expand_braces("{8..10}") == ["8", "9", "10"]
