@@ -81,3 +81,26 @@ def test_truncated_and_non_image_files(tmp_path):
         load_image(txt)
     with pytest.raises(ImageError, match="missing.png: no such file"):
         load_image(tmp_path / "missing.png")
+
+
+def test_large_jpeg_decodes_at_reduced_scale_when_allowed(tmp_path):
+    from grmpiqa.transforms import PreprocessConfig
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    big = small.resize((2400, 1800), Image.Resampling.BICUBIC)
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=95)
+    full = load_image(path)
+    reduced = load_image(path, min_side=488)
+    assert full.size == (2400, 1800)
+    assert min(reduced.size) >= 488 and reduced.size[0] < 2400  # the DCT scaled it down
+    # after the eval transform the inputs barely differ (both are resized to 244 px)
+    tf = PreprocessConfig().eval_transform()
+    diff = (tf(full) - tf(reduced)).abs()
+    assert float(diff.mean()) < 0.02
+    # PNGs and small JPEGs decode in full
+    png = tmp_path / "big.png"
+    big.save(png)
+    assert load_image(png, min_side=488).size == (2400, 1800)
+    assert load_image(path, min_side=1000).size == (2400, 1800)

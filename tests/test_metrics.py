@@ -11,7 +11,6 @@ import pytest
 from scipy import stats
 
 import grmpiqa.metrics as M
-from grmpiqa.baselines import RidgeProbe
 
 
 def _sigmoid_data(n: int = 60, seed: int = 0, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -134,33 +133,3 @@ def test_summarize_median_mean_population_std_and_nan():
 
 def test_module_doctest():
     assert doctest.testmod(M).failed == 0
-
-
-# --- the linear probe's ridge ------------------------------------------------------------
-
-
-def test_ridge_recovers_linear_map_with_small_alpha():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((60, 8))
-    w = rng.standard_normal(8)
-    y = x @ w + 0.5
-    probe = RidgeProbe.fit(x, y, seed=0)
-    assert probe.alpha == min(probe.alphas)
-    assert np.allclose(probe.weights, w, atol=0.02)
-    assert probe.bias == pytest.approx(0.5, abs=0.02)
-    xt = rng.standard_normal((10, 8))
-    assert np.allclose(probe.predict(xt), xt @ w + 0.5, atol=0.05)
-    assert len(probe.cv_mse) == 13 and probe.folds == 5
-
-
-def test_ridge_prefers_strong_regularisation_on_noise_and_is_seeded():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((40, 30))
-    y = rng.standard_normal(40)  # unrelated to x
-    probe = RidgeProbe.fit(x, y, seed=3)
-    assert probe.alpha >= 10.0
-    again = RidgeProbe.fit(x, y, seed=3)
-    assert again.cv_mse == probe.cv_mse and again.alpha == probe.alpha
-    # more features than samples (dual form) works too
-    wide = RidgeProbe.fit(rng.standard_normal((12, 64)), rng.random(12), seed=0)
-    assert np.isfinite(wide.weights).all()

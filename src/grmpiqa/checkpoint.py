@@ -150,6 +150,8 @@ def apply_checkpoint(
     if unknown:
         raise CheckpointError(f"{source}: tensors this model does not have, e.g. {unknown[:3]}")
     for k, v in tensors.items():
+        if v.is_floating_point() != own[k].is_floating_point():
+            raise CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, not {own[k].dtype}")
         if tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(
                 f"{source}: tensor {k} has shape {tuple(v.shape)}, the model expects "

@@ -22,7 +22,6 @@ smoke run.
 from __future__ import annotations
 
 import os
-import sys
 import textwrap
 import time
 from collections.abc import Sequence
@@ -37,10 +36,13 @@ from PIL import Image
 from grmpiqa.errors import BackboneError, GrmpiqaError
 from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.images import is_image_file, load_image
+from grmpiqa.log import get_logger
 from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.utils import atomic_open, atomic_path
 
 __all__ = ["DemoPlan", "DemoResult", "demo_images", "plan_for", "run_demo"]
+
+logger = get_logger("demo")
 
 # scikit-image sample photos bundled in its wheel (public domain or CC0, per their
 # docstrings): name -> skimage.data loader. Task and target contents never overlap; the
@@ -160,18 +162,23 @@ class DemoResult:
     summary: dict[str, Any]
     scores: list[dict[str, Any]]
     seconds: dict[str, float]
+    text: str = ""
+    notice: str | None = None
 
 
 def _say(msg: str) -> None:
-    print(f"grmpiqa demo: {msg}", file=sys.stderr, flush=True)
+    logger.info("demo: %s", msg)
+
+
+def banner(lines: Sequence[str]) -> str:
+    """``lines`` in a box of exclamation marks (the demo's loud notices)."""
+    width = max(len(s) for s in lines) + 4
+    rows = ["!" * width, *(f"! {s.ljust(width - 4)} !" for s in lines), "!" * width]
+    return "\n".join(rows)
 
 
 def _banner(lines: Sequence[str]) -> None:
-    width = max(len(s) for s in lines) + 4
-    print("!" * width, file=sys.stderr)
-    for s in lines:
-        print(f"! {s.ljust(width - 4)} !", file=sys.stderr)
-    print("!" * width, file=sys.stderr, flush=True)
+    logger.warning("\n%s", banner(lines))
 
 
 # --- images -------------------------------------------------------------------------------
@@ -425,13 +432,18 @@ def _run_demo(
         },
     )
     _write_scores_csv(root / "scores.csv", scores)
-    print(format_summary(result))
-    print(_scores_table(scores))
-    print(f"report:     {report_dir / 'report.md'}")
-    print(f"checkpoint: {ckpt}  (grmpiqa score --checkpoint {ckpt} PHOTOS...)")
-    print(f"total time: {seconds['total']:.0f} s")
+    text = "\n".join(
+        [
+            format_summary(result),
+            _scores_table(scores),
+            f"report:     {report_dir / 'report.md'}",
+            f"checkpoint: {ckpt}  (grmpiqa score --checkpoint {ckpt} PHOTOS...)",
+            f"total time: {seconds['total']:.0f} s",
+        ]
+    )
+    notice = None
     if random_bb:
-        _banner(
+        notice = banner(
             [
                 "These numbers come from a RANDOM backbone: the pipeline ran, the",
                 "scores mean nothing.",
@@ -447,6 +459,8 @@ def _run_demo(
         summary=result.summary,
         scores=scores,
         seconds=seconds,
+        text=text,
+        notice=notice,
     )
 
 

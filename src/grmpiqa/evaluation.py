@@ -43,7 +43,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.precision import autocast
+from grmpiqa.results import ProtocolResult, SplitResult
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -190,74 +191,6 @@ def ablation_name(config: ProtocolConfig) -> str | None:
 def split_seed(seed: int, index: int) -> int:
     """The training seed of split ``index``: a hash of (seed, index), < 2**31."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] % (2**31))
-
-
-@dataclass
-class SplitResult:
-    """One split's outcome.
-
-    Attributes:
-        index: split number ``k``.
-        metrics: :data:`grmpiqa.metrics.METRICS` on the test set.
-        seconds: wall time of the split (model copy, training, prediction).
-        n_train, n_test: numbers of shots and test images.
-        test_indices: dataset indices of the test images, in prediction order.
-        predictions: the method's score for each test image.
-        history: the fine-tuning history (one dict per evaluation); empty if untrained.
-        info: method details (epochs, stopped, best_epoch, ridge alpha, ...).
-    """
-
-    index: int
-    metrics: dict[str, float]
-    seconds: float
-    n_train: int
-    n_test: int
-    test_indices: list[int]
-    predictions: list[float]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def summary_dict(self) -> dict[str, Any]:
-        """The per-split entry of report.json: metrics, seconds and scalar details."""
-        d: dict[str, Any] = {"index": self.index, **self.metrics, "seconds": self.seconds}
-        d["n_train"], d["n_test"] = self.n_train, self.n_test
-        for k, v in self.info.items():
-            if isinstance(v, str | int | float | bool) or v is None:
-                d[k] = v
-        return d
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SplitResult:
-        m = {
-            k: (math.nan if d["metrics"].get(k) is None else float(d["metrics"][k]))
-            for k in METRICS
-        }
-        return cls(
-            index=int(d["index"]),
-            metrics=m,
-            seconds=float(d["seconds"]),
-            n_train=int(d["n_train"]),
-            n_test=int(d["n_test"]),
-            test_indices=[int(i) for i in d["test_indices"]],
-            predictions=[math.nan if p is None else float(p) for p in d["predictions"]],
-            history=list(d.get("history", [])),
-            info=dict(d.get("info", {})),
-        )
-
-
-@dataclass
-class ProtocolResult:
-    """The outcome of :func:`run_protocol`: config record, splits, summary."""
-
-    config: dict[str, Any]
-    dataset: Dataset
-    splits: list[SplitResult]
-    summary: dict[str, dict[str, float | int]]
-    warnings: list[str] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
 
 
 # --- models -------------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grmpiqa.metrics import METRICS, fit_monotone
-from grmpiqa.utils import atomic_open, atomic_path
+from grmpiqa.utils import atomic_open, atomic_path, json_safe
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from grmpiqa.evaluation import ProtocolResult, SplitResult
+    from grmpiqa.results import ProtocolResult, SplitResult
 
 __all__ = ["REPORT_FORMAT", "median_split", "read_report", "write_report"]
 
@@ -49,25 +49,10 @@ _METRIC_TITLES = {
 }
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None (JSON has no NaN), numpy scalars -> Python, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (NaN written as null)."""
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(_json_safe(obj), fh, indent=2, allow_nan=False)
+        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
         fh.write("\n")
     return Path(path)
 

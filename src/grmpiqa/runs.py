@@ -23,8 +23,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from grmpiqa.errors import RunError
-from grmpiqa.utils import atomic_open, atomic_path, remove_stale_temporaries
+from grmpiqa.utils import atomic_open, atomic_path, json_safe, remove_stale_temporaries
 
 __all__ = [
     "RunFiles",
@@ -54,24 +52,6 @@ _META_KEY = "grmpiqa-run"
 STATE_SUFFIX = ".state.safetensors"
 LOG_SUFFIX = ".log.jsonl"
 LEGACY_STATE_SUFFIX = ".state.pt"
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` as plain JSON values: non-finite floats -> None, NumPy and torch scalars ->
-    Python numbers, tuples -> lists, paths -> strings (recursively)."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.generic, torch.Tensor)) and getattr(obj, "ndim", 0) == 0:
-        obj = obj.item()
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
 
 
 def diff_records(saved: Any, now: Any, prefix: str = "") -> list[str]:

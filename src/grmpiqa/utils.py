@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import stat
@@ -81,6 +82,28 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
                     candidate.unlink()
                     removed.append(candidate)
     return removed
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON values: non-finite floats -> None, NumPy and torch scalars
+    -> Python numbers, arrays and tuples -> lists, paths -> strings (recursively).
+
+    >>> json_safe({"a": (1.5, float("nan")), "b": np.float32(2.0)})
+    {'a': [1.5, None], 'b': 2.0}
+    """
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.generic, torch.Tensor)) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
 
 
 def seed_everything(seed: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from grmpiqa.cli.common import add_backbone_args, device_arg, pretrained_arg
 from grmpiqa.demo import MIN_PRISTINE
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from grmpiqa.demo import run_demo
 
-    run_demo(
+    result = run_demo(
         args.out,
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained) if args.pretrained is not None else DEFAULT,
@@ -48,4 +49,7 @@ def run(args: argparse.Namespace) -> int:
         pristine=args.pristine,
         progress=not args.no_progress,
     )
+    print(result.text)
+    if result.notice:
+        print(result.notice, file=sys.stderr, flush=True)
     return 0
