@@ -29,25 +29,32 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
 
 
 def load_image(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | bytes,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     min_side: int | None = None,
+    name: str | None = None,
 ) -> Image.Image:
-    """Decode ``path`` fully into an RGB image; raise :class:`ImageError` naming the file.
+    """Decode a file (or its bytes) fully into an RGB image; :class:`ImageError` names it.
 
     ``min_side``: the image will only be used at this size or smaller (e.g. resized to
     244 x 244), so a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8, the DCT's
     own scaling, much faster for large photos) as long as both sides stay at least
     ``min_side``. Other formats decode in full. EXIF orientation is applied after.
+    ``name`` is what errors call the image (default: the path, or ``<image bytes>``).
     """
-    path = Path(path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return load_image_bytes(
+            bytes(source), name or "<image bytes>", max_pixels, min_side=min_side
+        )
+    path = Path(source)
+    label = name or str(path)
     try:
-        return _decode(path, str(path), max_pixels, min_side)
+        return _decode(path, label, max_pixels, min_side)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
+        raise ImageError(f"{label}: is a directory, not an image") from None
 
 
 def load_image_bytes(

@@ -1,38 +1,65 @@
-"""``grmpiqa score PATH...``: one quality score per image, higher is better."""
+"""``grmpiqa score PATH...``: one quality score per image, higher is better.
+
+Inputs, outputs and resume are described in :mod:`grmpiqa.scoring.inputs` and
+:mod:`grmpiqa.scoring.outputs`; docs/scoring-at-scale.md walks through them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import io
-import json
+import contextlib
+import hashlib
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.cli.common import add_backbone_args, device_arg
 from grmpiqa.errors import GrmpiqaError, ImageError
-from grmpiqa.images import DEFAULT_MAX_PIXELS, is_image_file
-from grmpiqa.precision import PRECISIONS
-from grmpiqa.scoring import iter_scores
-from grmpiqa.utils import atomic_open
+from grmpiqa.images import DEFAULT_MAX_PIXELS
+from grmpiqa.precision import PRECISIONS, describe_choice
+from grmpiqa.scoring.engine import BatchScorer, Result, check_workers, score_pending
+from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
+from grmpiqa.scoring.outputs import (
+    Columns,
+    FileSink,
+    PartsSink,
+    Sink,
+    StdoutSink,
+    check_output_dir,
+    check_output_file,
+)
 
-LIST_SUFFIXES = (".txt", ".csv", ".lst", ".list")
-_PATH_COLUMNS = ("path", "img_name", "image", "image_name", "file", "filename", "name")
+__all__ = ["collect_paths", "register", "run"]
+
+#: Images per part when --out-dir splits a folder, list or table (shards: one part each).
+DEFAULT_PART_SIZE = 10_000
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "score",
-        help="score images (folders, globs, files, or a .txt/.csv list of paths)",
+        help="score images (folders, globs, lists, Parquet/CSV tables, tar shards)",
         description="Print one quality score in (0, 1) per image, higher is better. Folders "
-        "are walked recursively; globs and .txt/.csv lists of paths are accepted.",
+        "are walked recursively; globs, .txt/.csv lists, Parquet/CSV tables and "
+        "webdataset tar shards ('shards/shard-{0000..0099}.tar') are accepted. Results go "
+        "to stdout, one file (-o) or one part per shard (--out-dir), on this machine or on "
+        "Ray (--engine ray). See docs/scoring-at-scale.md.",
     )
     p.add_argument(
-        "paths", nargs="+", metavar="PATH", help="image, folder, glob, or .txt/.csv list"
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image, folder, glob, .txt/.csv list, .parquet table, or .tar shard(s) with {a..b}",
     )
-    p.add_argument("--checkpoint", default=None, help="grmpiqa .safetensors checkpoint (prompts)")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=None,
+        metavar="CKPT",
+        help="grmpiqa .safetensors checkpoint; repeat it for one score column per checkpoint",
+    )
     add_backbone_args(p)
     p.add_argument(
         "--batch-size", type=int, default=32, help="images per forward pass (default 32)"
@@ -43,10 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=None,
         help="DataLoader processes decoding images (default: min(4, CPUs - 1), 0 = in-process)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast")
-    p.add_argument(
-        "--output", "-o", default=None, help="write FILE.csv or FILE.json instead of stdout"
-    )
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16 or auto")
     p.add_argument(
         "--skip-bad",
         action="store_true",
@@ -63,150 +87,287 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "fine-tuning recorded (e.g. CLIVE MOS 0-100)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    g = p.add_argument_group("inputs")
+    g.add_argument("--path-column", default=None, help="image path column of .csv/.parquet tables")
+    g.add_argument(
+        "--id-column", default=None, help="column of .csv/.parquet tables copied to 'id'"
+    )
+
+    o = p.add_argument_group("outputs")
+    o.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="write FILE.csv, FILE.json or FILE.parquet (rows saved as they are scored in "
+        "FILE.partial; FILE itself is written atomically at the end)",
+    )
+    o.add_argument(
+        "--out-dir",
+        default=None,
+        help="write one part per tar shard (or per --part-size images) and manifest.json here",
+    )
+    o.add_argument(
+        "--format",
+        choices=("csv", "json", "parquet"),
+        default="csv",
+        help="format of the --out-dir parts (default csv)",
+    )
+    o.add_argument(
+        "--part-size",
+        type=int,
+        default=DEFAULT_PART_SIZE,
+        help=f"images per part for folders, lists and tables (default {DEFAULT_PART_SIZE})",
+    )
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with an interrupted run: skip complete parts (--out-dir) or the images "
+        "already in FILE.partial (-o)",
+    )
+    o.add_argument(
+        "--overwrite", action="store_true", help="replace the parts of an earlier run in --out-dir"
+    )
+
+    r = p.add_argument_group("engine")
+    r.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help="local (default) or ray"
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join, e.g. 10.0.0.1:6379 or auto (default: a local Ray on 127.0.0.1)",
+    )
+    r.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="scoring actors (default: one per GPU share, or 1 with every CPU)",
+    )
+    r.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
+    r.add_argument(
+        "--cpus-per-actor", type=float, default=None, help="CPUs per actor (default: see docs)"
+    )
     p.set_defaults(func=run)
 
 
-def collect_paths(args: list[str]) -> list[str]:
-    """Expand folders (recursively), globs and list files into image paths, in order."""
-    out: list[str] = []
-    for arg in args:
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(
-                str(Path(root) / f)
-                for root, _, files in os.walk(path)
-                for f in files
-                if is_image_file(f)
-            )
-            if not found:
-                raise GrmpiqaError(f"{arg}: no image files in this folder")
-            out.extend(found)
-        elif path.is_file():
-            if path.suffix.lower() in LIST_SUFFIXES:
-                out.extend(_read_list(path))
-            else:
-                out.append(str(path))
-        elif glob.has_magic(arg):
-            found = sorted(p for p in glob.glob(arg, recursive=True) if Path(p).is_file())
-            if not found:
-                raise GrmpiqaError(f"{arg}: no files match this pattern")
-            out.extend(found)
-        else:
-            raise GrmpiqaError(f"{arg}: no such file or folder")
-    return out
-
-
-def _read_list(path: Path) -> list[str]:
-    """Paths from a text list (one per line) or a CSV with a path column.
-
-    Relative paths are taken relative to the list file's folder.
-    """
+def _checkpoint_id(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise GrmpiqaError(f"{path}: cannot read list of paths ({err})") from None
-    rows: list[str]
-    if path.suffix.lower() == ".csv":
-        reader = csv.reader(io.StringIO(text))
-        table = [r for r in reader if r and any(c.strip() for c in r)]
-        if not table:
-            raise GrmpiqaError(f"{path}: empty list of paths")
-        header = [c.strip().lower() for c in table[0]]
-        col = next((header.index(c) for c in _PATH_COLUMNS if c in header), None)
-        if col is None:
-            col = 0
-            body = table if not _looks_like_header(table[0][0]) else table[1:]
-        else:
-            body = table[1:]
-        rows = [r[col].strip() for r in body if len(r) > col and r[col].strip()]
-    else:
-        rows = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    if not rows:
-        raise GrmpiqaError(f"{path}: empty list of paths")
-    base = path.parent
-    return [r if Path(r).is_absolute() else str(base / r) for r in rows]
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as err:
+        raise GrmpiqaError(f"{path}: cannot read checkpoint ({err.strerror or err})") from None
+    return {"file": Path(path).name, "sha256": h.hexdigest()}
 
 
-def _looks_like_header(cell: str) -> bool:
-    return not is_image_file(cell.strip())
+def _score_names(checkpoints: list[str | None]) -> list[str]:
+    if len(checkpoints) == 1:
+        return ["score"]
+    names: list[str] = []
+    for i, c in enumerate(checkpoints):
+        stem = Path(str(c)).stem
+        name = f"score_{stem}"
+        if name in names:
+            name = f"score_{stem}_{i}"
+        names.append(name)
+    return names
+
+
+def _validate(args: argparse.Namespace) -> str | None:
+    """Check the flags and the output path before any work; return the -o format."""
+    if args.batch_size < 1:
+        raise GrmpiqaError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise GrmpiqaError(f"--workers must be 0 (decode in-process) or more, got {args.workers}")
+    if args.part_size < 1:
+        raise GrmpiqaError(f"--part-size must be at least 1, got {args.part_size}")
+    if args.max_pixels < 1:
+        raise GrmpiqaError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    if args.output is not None and args.out_dir is not None:
+        raise GrmpiqaError("use -o FILE or --out-dir DIR, not both")
+    if args.resume and args.output is None and args.out_dir is None:
+        raise GrmpiqaError("--resume needs -o FILE or --out-dir DIR (stdout cannot resume)")
+    if args.overwrite and args.out_dir is None:
+        raise GrmpiqaError("--overwrite goes with --out-dir")
+    if args.resume and args.overwrite:
+        raise GrmpiqaError("--resume and --overwrite contradict each other")
+    if args.engine != "ray":
+        given = [
+            f
+            for f, v in (
+                ("--ray-address", args.ray_address),
+                ("--actors", args.actors),
+                ("--cpus-per-actor", args.cpus_per_actor),
+            )
+            if v is not None
+        ] + (["--gpus-per-actor"] if args.gpus_per_actor else [])
+        if given:
+            raise GrmpiqaError(f"{', '.join(given)} need --engine ray")
+    out_fmt = None
+    if args.output is not None:
+        out_fmt = check_output_file(args.output)
+    if args.out_dir is not None:
+        check_output_dir(args.out_dir, args.format)
+    return out_fmt
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise GrmpiqaError(f"--batch-size must be at least 1, got {args.batch_size}")
-    out_format = "csv"
-    if args.output is not None:
-        suffix = Path(args.output).suffix.lower()
-        if suffix not in (".csv", ".json"):
-            raise GrmpiqaError(f"{args.output}: output must end in .csv or .json")
-        out_format = suffix[1:]
-    paths = collect_paths(args.paths)
-    model = model_from_args(args, checkpoint=args.checkpoint)
+    out_fmt = _validate(args)
+    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
+    options = InputOptions(args.path_column, args.id_column, args.skip_bad)
+    groups = collect(args.paths, options)
+    part_size = args.part_size if args.out_dir is not None else sys.maxsize
+    parts = plan_parts(groups, part_size)
+    n_images = sum(len(p.items) for p in parts)
+
+    from grmpiqa.scoring.ray import build_models
+
+    device = device_arg(args.device) if args.engine == "local" else None
+    models = build_models(
+        checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu")
+    )
+    names = _score_names(checkpoints)
     to_mos = None
     if args.scale == "mos":
         from grmpiqa.scale import require_score_scale
 
-        mos_scale = require_score_scale(model, args.checkpoint or model.describe())
-        to_mos = mos_scale.to_mos
-        print(f"grmpiqa: scores on the scale {mos_scale.describe()}", file=sys.stderr)
-    workers = args.workers
-    if workers is None:
-        workers = max(0, min(4, (os.cpu_count() or 1) - 1))
-    print(f"grmpiqa: scoring {len(paths)} images with {model.describe()}", file=sys.stderr)
+        scales = [
+            require_score_scale(m, str(c) if c else m.describe())
+            for m, c in zip(models, checkpoints, strict=True)
+        ]
+        to_mos = [sc.to_mos for sc in scales]
+        for name, sc in zip(names, scales, strict=True):
+            print(f"grmpiqa: {name} on the scale {sc.describe()}", file=sys.stderr)
+    where = "on Ray" if args.engine == "ray" else f"on {device}"
+    print(
+        f"grmpiqa: scoring {n_images} images in {len(parts)} part(s) {where} with "
+        f"{models[0].describe()}"
+        + (f", {len(models)} checkpoints" if len(models) > 1 else "")
+        + f", precision {describe_choice(args.precision, device or 'cpu')}",
+        file=sys.stderr,
+    )
+    fingerprint = {
+        "models": [
+            {
+                "backbone": m.backbone_name,
+                "pretrained": m.backbone_pretrained,
+                "checkpoint": _checkpoint_id(c),
+                "config": m.config.to_dict(),
+                "preprocess": m.preprocess.to_dict(),
+            }
+            for m, c in zip(models, checkpoints, strict=True)
+        ],
+        "precision": args.precision,
+        "max_pixels": args.max_pixels,
+        "scale": args.scale,
+        "columns": names,
+    }
+    has_key = any(s.in_tar for p in parts for s in p.items)
+    sink: Sink
+    if args.out_dir is not None:
+        cols = Columns(tuple(names), key=has_key, id=args.id_column is not None, error=True)
+        sink = PartsSink(
+            args.out_dir, args.format, parts, cols, fingerprint, args.resume, args.overwrite
+        )
+    elif args.output is not None:
+        assert out_fmt is not None
+        cols = Columns(
+            tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
+        )
+        sink = FileSink(args.output, out_fmt, parts, cols, fingerprint, args.resume)
+    else:
+        cols = Columns(
+            tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
+        )
+        sink = StdoutSink(parts, cols)
 
-    scores: list[float | None] = [None] * len(paths)
-    errors: list[str] = [""] * len(paths)
-    for batch in iter_scores(
-        model,
-        paths,
-        args.batch_size,
-        precision=args.precision,
-        num_workers=workers,
-        progress=not args.no_progress,
-        max_pixels=args.max_pixels,
-    ):
-        if batch.errors and not args.skip_bad:
-            raise ImageError(batch.errors[0][1])
-        values = batch.scores.tolist() if to_mos is None else to_mos(batch.scores.numpy()).tolist()
-        for i, s in zip(batch.indices, values, strict=True):
-            scores[i] = s
-        for i, msg in batch.errors:
-            errors[i] = msg
-    n_bad = sum(1 for e in errors if e)
-    if n_bad:
-        print(f"grmpiqa: {n_bad} of {len(paths)} files could not be scored", file=sys.stderr)
-    _write(paths, scores, errors, args.output, out_format, args.skip_bad)
+    pending = sink.pending()
+    results: Iterator[list[Result]]
+    if args.engine == "ray":
+        from grmpiqa.scoring.ray import score_pending_ray
+
+        if len(models) > 1:
+            split = BatchScorer(models, names=names, precision=args.precision).split
+            if split:
+                print(f"grmpiqa: the checkpoints share image blocks 0-{split - 1}", file=sys.stderr)
+        del models
+        scorer_kwargs: dict[str, Any] = {
+            "checkpoint": checkpoints[0] if len(checkpoints) == 1 else None,
+            "checkpoints": None if len(checkpoints) == 1 else [str(c) for c in checkpoints],
+            "names": None if len(checkpoints) == 1 else [n[len("score_") :] for n in names],
+            "backbone": args.backbone,
+            "pretrained": args.pretrained,
+            "seed": args.seed,
+            "device": "cuda" if args.gpus_per_actor > 0 else "cpu",
+            "precision": args.precision,
+            "max_pixels": args.max_pixels,
+        }
+        results = score_pending_ray(
+            pending,
+            scorer_kwargs,
+            args.batch_size,
+            address=args.ray_address,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+            progress=not args.no_progress,
+        )
+    else:
+        workers = args.workers
+        if workers is None:
+            workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+        check_workers(workers)
+        scorer = BatchScorer(
+            models, names=names, precision=args.precision, max_pixels=args.max_pixels
+        )
+        if scorer.split:
+            print(
+                f"grmpiqa: the checkpoints share image blocks 0-{scorer.split - 1}: they run once",
+                file=sys.stderr,
+            )
+        results = score_pending(
+            scorer, pending, args.batch_size, num_workers=workers, progress=not args.no_progress
+        )
+
+    if to_mos is not None:
+        results = _on_label_scale(results, to_mos)
+    try:
+        with contextlib.closing(results):  # type: ignore[type-var]
+            for batch in results:
+                bad = [r for r in batch if r[3]]
+                if bad and not args.skip_bad:
+                    sink.add([r for r in batch if not r[3]])
+                    raise ImageError(str(bad[0][3]))
+                sink.add(batch)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    if sink.n_errors:
+        print(f"grmpiqa: {sink.n_errors} of {n_images} files could not be scored", file=sys.stderr)
     return 0
 
 
-def _write(
-    paths: list[str],
-    scores: list[float | None],
-    errors: list[str],
-    output: str | None,
-    fmt: str,
-    with_errors: bool,
-) -> None:
-    if fmt == "json":
-        rows = []
-        for p, s, e in zip(paths, scores, errors, strict=True):
-            row: dict[str, object] = {"path": p, "score": s}
-            if with_errors:
-                row["error"] = e or None
-            rows.append(row)
-        text = json.dumps(rows, indent=1) + "\n"
-    else:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "score", "error"] if with_errors else ["path", "score"])
-        for p, s, e in zip(paths, scores, errors, strict=True):
-            cell = "" if s is None else f"{s:.6f}"
-            w.writerow([p, cell, e] if with_errors else [p, cell])
-        text = buf.getvalue()
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        with atomic_open(output, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        print(f"grmpiqa: wrote {len(paths)} rows to {output}", file=sys.stderr)
+def _on_label_scale(
+    results: Iterator[list[Result]], to_mos: Sequence[Callable[[Any], Any]]
+) -> Iterator[list[Result]]:
+    """Each score column mapped to its checkpoint's recorded MOS scale (``--scale mos``)."""
+    try:
+        for batch in results:
+            yield [
+                (
+                    part,
+                    item,
+                    None if sc is None else [float(f(v)) for f, v in zip(to_mos, sc, strict=True)],
+                    err,
+                )
+                for part, item, sc, err in batch
+            ]
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()

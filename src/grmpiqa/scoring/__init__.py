@@ -1,0 +1,31 @@
+"""Scoring images at any scale (see docs/scoring-at-scale.md).
+
+* :mod:`~grmpiqa.scoring.engine` - :class:`BatchScorer`, shared by the API
+  (:meth:`QualityModel.score`), ``grmpiqa score`` (local and Ray engines) and
+  :class:`grmpiqa.ray.Scorer`;
+* :mod:`~grmpiqa.scoring.inputs` - folders, globs, lists, tables, tar shards -> parts;
+* :mod:`~grmpiqa.scoring.outputs` - CSV/JSON/Parquet files and parts, manifest, resume;
+* :mod:`~grmpiqa.scoring.ray` - the Ray Data engine and ``Scorer`` (imported on demand).
+"""
+
+from grmpiqa.scoring.engine import (
+    BatchScorer,
+    ImageListDataset,
+    ScoredBatch,
+    _score_tensor,
+    iter_scores,
+    score_inputs,
+    shared_prefix_blocks,
+    text_features,
+)
+
+__all__ = [
+    "BatchScorer",
+    "ImageListDataset",
+    "ScoredBatch",
+    "_score_tensor",
+    "iter_scores",
+    "score_inputs",
+    "shared_prefix_blocks",
+    "text_features",
+]

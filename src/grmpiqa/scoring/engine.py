@@ -1,0 +1,504 @@
+"""The batch scorer shared by the API, ``grmpiqa score`` (local and Ray engines) and Ray.
+
+Contract: every image is decoded and preprocessed on its own (the model's eval
+transform), the models run in eval mode, so a score does not depend on the batch it is
+in; the quality text features are computed once per run; decoding runs in DataLoader
+workers (local engine) or in the Ray actor; on CUDA batches are pinned and copied
+without blocking.
+
+The model is called through two functions only, :func:`text_features` and
+:func:`_score_tensor` (one checkpoint), plus :func:`_score_shared_prefix` for several
+checkpoints that share their frozen prefix (``--checkpoint A --checkpoint B``): the
+frozen blocks run once and only the fine-tuned blocks run per checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from grmpiqa.errors import GrmpiqaError, ImageError
+from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
+from grmpiqa.precision import autocast, check_precision
+from grmpiqa.prompts import l2_normalize
+from grmpiqa.scoring.inputs import ImageSource, decode_source
+
+if TYPE_CHECKING:
+    from grmpiqa.model import QualityModel
+
+#: What one item to score may be: a path, a PIL image, an ImageSource, or encoded bytes
+#: with the name errors should use.
+Item = Any
+
+
+def _decode(item: Item, max_pixels: int) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, ImageSource):
+        return decode_source(item, max_pixels)
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], bytes | bytearray):
+        return load_image(bytes(item[0]), max_pixels, name=str(item[1]))
+    if isinstance(item, str | os.PathLike):
+        return decode_source(ImageSource(os.fspath(item)), max_pixels)
+    raise ImageError(f"cannot score an object of type {type(item).__name__}")
+
+
+def prepare(item: Item, transform: Any, max_pixels: int) -> tuple[torch.Tensor | None, str | None]:
+    """Decode and preprocess one item: ``(tensor, None)`` or ``(None, error message)``."""
+    try:
+        return transform(_decode(item, max_pixels)), None
+    except ImageError as err:
+        return None, str(err)
+
+
+class ImageListDataset(Dataset[tuple[int, torch.Tensor | None, str | None]]):
+    """Items (paths, PIL images, :class:`ImageSource`) -> ``(index, tensor or None, error)``."""
+
+    def __init__(self, items: Sequence[Item], transform: Any, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.items = items
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        tensor, err = prepare(self.items[i], self.transform, self.max_pixels)
+        return i, tensor, err
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> Any:
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, e) for i, t, e in batch if t is None]
+    idx = [i for i, _ in ok]
+    tensor = torch.stack([t for _, t in ok]) if ok else None
+    return idx, tensor, bad
+
+
+@dataclass
+class ScoredBatch:
+    """Scores of the readable items of one batch and the errors of the others.
+
+    ``scores`` is ``[len(indices)]`` for one model (:func:`iter_scores`) and
+    ``[len(indices), n_models]`` from :class:`BatchScorer`.
+    """
+
+    indices: list[int]
+    scores: torch.Tensor
+    errors: list[tuple[int, str]]
+
+
+def check_workers(num_workers: int) -> int:
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise GrmpiqaError(
+            f"number of DataLoader workers must be 0 (decode in-process) or more, got {num_workers}"
+        )
+    return num_workers
+
+
+def check_batch_size(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise GrmpiqaError(f"batch size must be at least 1, got {batch_size}")
+    return batch_size
+
+
+# -- the model calls -------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def text_features(model: QualityModel, precision: str) -> torch.Tensor:
+    """The two quality prompt features, computed once per scoring run (eval mode)."""
+    with autocast(model.device, precision):
+        return model.quality_text_features().float()
+
+
+@torch.inference_mode()
+def _score_tensor(
+    model: QualityModel, x: torch.Tensor, precision: str, text: torch.Tensor | None = None
+) -> torch.Tensor:
+    """p(high quality) of preprocessed images ``[N, 3, H, W]`` (method.md 1), on the CPU."""
+    x = x.to(model.device, non_blocking=True)
+    if text is None:
+        text = text_features(model, precision)
+    with autocast(model.device, precision):
+        logits = model.logits_from_features(model.encode_image(x), text)
+    return torch.softmax(logits.float(), dim=-1)[:, 0].cpu()
+
+
+@torch.inference_mode()
+def _score_shared_prefix(
+    models: Sequence[QualityModel],
+    x: torch.Tensor,
+    precision: str,
+    texts: Sequence[torch.Tensor],
+    split: int,
+) -> torch.Tensor:
+    """Scores ``[N, len(models)]`` of checkpoints whose image towers agree before block
+    ``split`` (:func:`shared_prefix_blocks`): the embedding and blocks ``0..split-1`` run
+    once (``image_tower.hidden``), blocks ``split..`` and the head per checkpoint
+    (``image_tower.forward_from``); both are the tower's exact fast path.
+
+    Equal to :func:`_score_tensor` per model up to float rounding (tested to 1e-5).
+    """
+    first = models[0]
+    x = x.to(first.device, non_blocking=True)
+    out = []
+    with autocast(first.device, precision):
+        hidden = first.image_tower.hidden(x, split)
+        for m, text in zip(models, texts, strict=True):
+            feats = l2_normalize(m.image_tower.forward_from(hidden, split))
+            out.append(torch.softmax(m.logits_from_features(feats, text).float(), dim=-1)[:, 0])
+    return torch.stack(out, dim=1).cpu()
+
+
+def _tensor_names(model: QualityModel, modules: Sequence[torch.nn.Module]) -> list[str]:
+    """State-dict keys of the parameters and buffers of ``modules`` inside ``model``."""
+    prefix = {id(mod): name for name, mod in model.named_modules()}
+    keys: list[str] = []
+    for mod in modules:
+        base = prefix[id(mod)]
+        keys.extend(f"{base}.{k}" if base else k for k in mod.state_dict())
+    return keys
+
+
+def shared_prefix_blocks(models: Sequence[QualityModel]) -> int | None:
+    """How many leading image blocks several checkpoints share exactly, or None.
+
+    They share blocks ``0..s-1`` when the backbone architecture and the prompt layout
+    agree and every tensor the embedding uses (patch embedding, positions, ``ln_pre``,
+    input prompts, prompt projection) and every tensor of those blocks (with the deep
+    prompts inserted before them) are equal. Stage-2 checkpoints fine-tuned from one
+    stage-1 checkpoint (method.md 7) share every block before their fine-tuned ones.
+    """
+    if len(models) < 2 or any(m.visual is None for m in models):
+        return None
+    m0 = models[0]
+    v0, t0 = m0.visual, m0.image_tower
+    assert v0 is not None
+    for m in models[1:]:
+        v, t = m.visual, m.image_tower
+        assert v is not None
+        if (
+            m.backbone_model_cfg != m0.backbone_model_cfg
+            or m.device != m0.device
+            or (v.num_tokens, v.deep_layers, t.n_blocks, t.fast)
+            != (v0.num_tokens, v0.deep_layers, t0.n_blocks, t0.fast)
+        ):
+            return None
+    states = [m.state_dict() for m in models]
+
+    def same(keys: Sequence[str]) -> bool:
+        return all(k in s and torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys)
+
+    blocks = t0.block_modules()
+    block_keys = [_tensor_names(m0, [b]) for b in blocks]
+    in_blocks = {k for keys in block_keys for k in keys}
+    head = {id(p) for p in t0.head_parameters()}
+    vit_keys = _tensor_names(m0, [m0.clip.visual])
+    head_keys = {n for n, p in m0.named_parameters() if id(p) in head}
+    embed_keys = [k for k in vit_keys if k not in in_blocks and k not in head_keys]
+    prompt_keys = [
+        k for k in _tensor_names(m0, [v0]) if not k.endswith("deep_prompt_embeddings")
+    ]
+    prompt_keys = [k for k in prompt_keys if ".prompt_norm." not in k]
+    if not same(embed_keys + prompt_keys):
+        return None
+    deep_key = _tensor_names(m0, [v0])
+    deep_key = [k for k in deep_key if k.endswith("deep_prompt_embeddings")]
+    split = 0
+    for i in range(t0.n_blocks):
+        if not same(block_keys[i]):
+            break
+        if 1 <= i <= v0.deep_layers and deep_key:
+            deep = [s[deep_key[0]][i - 1] for s in states]
+            if not all(torch.equal(d, deep[0]) for d in deep[1:]):
+                break
+        split = i + 1
+    return split or None
+
+
+# -- the batch scorer --------------------------------------------------------------------------
+
+
+class BatchScorer:
+    """Scores batches of images with one or several models (one score column each).
+
+    Puts the models in eval mode. Text features are computed here, once. With several
+    models that share their leading image blocks (:func:`shared_prefix_blocks`) those run
+    once per batch; otherwise each model runs in full. All models must use the same
+    preprocessing.
+
+    Args:
+        models: one :class:`QualityModel` or several (``--checkpoint`` repeated).
+        names: score column suffixes, one per model (default ``score`` for one model,
+            ``score_0``, ``score_1``, ... for several).
+        precision: ``fp32``, ``bf16`` or ``auto`` (see :mod:`grmpiqa.precision`).
+        max_pixels: larger images are refused before decoding.
+    """
+
+    def __init__(
+        self,
+        models: QualityModel | Sequence[QualityModel],
+        *,
+        names: Sequence[str] | None = None,
+        precision: str = "fp32",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        share_prefix: bool = True,
+    ) -> None:
+        self.models = [models] if not isinstance(models, Sequence) else list(models)
+        if not self.models:
+            raise GrmpiqaError("no model to score with")
+        check_precision(precision)
+        self.precision = precision
+        self.max_pixels = max_pixels
+        pre = self.models[0].preprocess
+        for m in self.models[1:]:
+            if m.preprocess != pre:
+                raise GrmpiqaError(
+                    "checkpoints scored together must use the same preprocessing; got "
+                    f"{pre} and {m.preprocess} (score them in separate runs)"
+                )
+        if names is None:
+            names = (
+                ["score"]
+                if len(self.models) == 1
+                else [f"score_{i}" for i in range(len(self.models))]
+            )
+        if len(names) != len(self.models) or len(set(names)) != len(names):
+            raise GrmpiqaError(f"need one distinct score column name per model, got {list(names)}")
+        self.columns = list(names)
+        for m in self.models:
+            m.eval()
+        self.transform = pre.eval_transform()
+        self.texts = [text_features(m, precision) for m in self.models]
+        self.split = shared_prefix_blocks(self.models) if share_prefix else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[0].device
+
+    def score_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores ``[N, n_models]`` of preprocessed images ``[N, 3, H, W]``."""
+        if x.shape[0] == 0:
+            return torch.empty(0, len(self.models))
+        if len(self.models) == 1:
+            return _score_tensor(self.models[0], x, self.precision, self.texts[0])[:, None]
+        if self.split is not None:
+            return _score_shared_prefix(self.models, x, self.precision, self.texts, self.split)
+        return torch.stack(
+            [
+                _score_tensor(m, x, self.precision, t)
+                for m, t in zip(self.models, self.texts, strict=True)
+            ],
+            dim=1,
+        )
+
+    def score_items(self, items: Sequence[Item], decode_threads: int = 1) -> ScoredBatch:
+        """Decode (in ``decode_threads`` threads) and score one batch of items."""
+        if decode_threads > 1 and len(items) > 1:
+            with ThreadPoolExecutor(decode_threads) as pool:
+                prepared = list(
+                    pool.map(lambda it: prepare(it, self.transform, self.max_pixels), items)
+                )
+        else:
+            prepared = [prepare(it, self.transform, self.max_pixels) for it in items]
+        idx = [i for i, (t, _) in enumerate(prepared) if t is not None]
+        bad = [(i, e) for i, (t, e) in enumerate(prepared) if t is None and e is not None]
+        if idx:
+            x = torch.stack([prepared[i][0] for i in idx])  # type: ignore[misc]
+            scores = self.score_tensor(x)
+        else:
+            scores = torch.empty(0, len(self.models))
+        return ScoredBatch(idx, scores, bad)
+
+    def iter_batches(
+        self,
+        items: Sequence[Item],
+        batches: Sequence[Sequence[int]] | int = 32,
+        *,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> Iterator[ScoredBatch]:
+        """Score ``items`` batch by batch, decoding in ``num_workers`` DataLoader workers.
+
+        ``batches`` is a batch size or explicit lists of item indices (the CLI keeps a
+        batch inside one output part). Indices in the results refer to ``items``.
+        """
+        check_workers(num_workers)
+        if isinstance(batches, int):
+            size = check_batch_size(batches)
+            batches = [
+                list(range(s, min(s + size, len(items)))) for s in range(0, len(items), size)
+            ]
+        ds = ImageListDataset(items, self.transform, self.max_pixels)
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(
+            ds,
+            batch_sampler=[list(b) for b in batches],
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=cuda,
+            persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        total = sum(len(b) for b in batches)
+        bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
+        try:
+            for idx, tensor, bad in loader:
+                scores = (
+                    self.score_tensor(tensor)
+                    if tensor is not None
+                    else torch.empty(0, len(self.models))
+                )
+                bar.update(len(idx) + len(bad))
+                yield ScoredBatch(idx, scores, bad)
+        finally:
+            bar.close()
+
+
+# -- API helpers (QualityModel.score, benchmarks) ------------------------------------------------
+
+
+def iter_scores(
+    model: QualityModel,
+    items: Sequence[str | os.PathLike[str] | Image.Image],
+    batch_size: int = 32,
+    *,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[ScoredBatch]:
+    """Score images batch by batch (1-D scores); failures come back as ``(index, message)``."""
+    check_batch_size(batch_size)
+    check_workers(num_workers)
+    was_training = model.training
+    try:
+        scorer = BatchScorer(model, precision=precision, max_pixels=max_pixels)
+        for b in scorer.iter_batches(items, batch_size, num_workers=num_workers, progress=progress):
+            yield ScoredBatch(b.indices, b.scores[:, 0], b.errors)
+    finally:
+        model.train(was_training)
+
+
+def _as_batch(
+    inputs: Any,
+) -> torch.Tensor | list[Any]:
+    """One path / PIL image / ``[3, H, W]`` tensor becomes a batch of one."""
+    if isinstance(inputs, torch.Tensor):
+        if not inputs.is_floating_point():
+            raise GrmpiqaError(
+                f"expected a float tensor with values in [0, 1], got dtype {inputs.dtype} "
+                "(for 8-bit pixels use tensor.float() / 255)"
+            )
+        if inputs.ndim == 3:
+            inputs = inputs.unsqueeze(0)
+        if inputs.ndim != 4 or inputs.shape[1] != 3:
+            raise GrmpiqaError(
+                f"expected an image tensor [3, H, W] or a batch [N, 3, H, W], got shape "
+                f"{tuple(inputs.shape)}"
+            )
+        if inputs.numel():
+            lo, hi = float(inputs.min()), float(inputs.max())
+            if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
+                raise GrmpiqaError(
+                    f"image tensor values must lie in [0, 1], got min {lo:g}, max {hi:g}"
+                )
+        return inputs
+    if isinstance(inputs, str | os.PathLike | Image.Image | bytes):
+        return [inputs]
+    if isinstance(inputs, Sequence):
+        return list(inputs)
+    raise GrmpiqaError(
+        f"cannot score an object of type {type(inputs).__name__}: pass paths, PIL images or a "
+        "float tensor"
+    )
+
+
+def score_inputs(
+    model: QualityModel,
+    inputs: Any,
+    batch_size: int = 32,
+    *,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Scores of one or several paths / PIL images, or of a float tensor ``[N, 3, H, W]``
+    (or ``[3, H, W]``) in [0, 1]; bad input raises :class:`GrmpiqaError`."""
+    check_batch_size(batch_size)
+    check_workers(num_workers)
+    batch = _as_batch(inputs)
+    if isinstance(batch, torch.Tensor):
+        x = model.preprocess.preprocess_tensor(batch.cpu())
+        was_training = model.training
+        try:
+            scorer = BatchScorer(model, precision=precision)
+            parts = [
+                scorer.score_tensor(x[i : i + batch_size])[:, 0]
+                for i in range(0, len(x), batch_size)
+            ]
+        finally:
+            model.train(was_training)
+        return torch.cat(parts) if parts else torch.empty(0)
+    out = torch.full((len(batch),), float("nan"))
+    for b in iter_scores(
+        model, batch, batch_size, precision=precision, num_workers=num_workers, progress=progress
+    ):
+        if b.errors:
+            raise ImageError(b.errors[0][1])
+        out[b.indices] = b.scores
+    return out
+
+
+# -- scoring a plan of parts (grmpiqa score, local engine) ---------------------------------------
+
+#: One result: (part index, item index in the part, scores or None, error or None).
+Result = tuple[int, int, list[float] | None, str | None]
+
+
+def plan_batches(
+    pending: Sequence[tuple[Any, Sequence[int]]], batch_size: int
+) -> tuple[list[ImageSource], list[tuple[int, int]], list[list[int]]]:
+    """Flatten ``(part, item indices)`` into items, their (part, item) places, and batches
+    of at most ``batch_size`` that never cross a part (the same batches in every engine)."""
+    check_batch_size(batch_size)
+    items: list[ImageSource] = []
+    where: list[tuple[int, int]] = []
+    batches: list[list[int]] = []
+    for part, todo in pending:
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s : s + batch_size]
+            batches.append(list(range(len(items), len(items) + len(chunk))))
+            for i in chunk:
+                items.append(part.items[i])
+                where.append((part.index, i))
+    return items, where, batches
+
+
+def score_pending(
+    scorer: BatchScorer,
+    pending: Sequence[tuple[Any, Sequence[int]]],
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> Iterator[list[Result]]:
+    """Score the pending items of a plan in this process; one list of results per batch."""
+    items, where, batches = plan_batches(pending, batch_size)
+    for b in scorer.iter_batches(items, batches, num_workers=num_workers, progress=progress):
+        out: list[Result] = []
+        rows = b.scores.tolist()
+        for k, i in enumerate(b.indices):
+            out.append((*where[i], rows[k], None))
+        for i, msg in b.errors:
+            out.append((*where[i], None, msg))
+        yield out
