@@ -1,10 +1,11 @@
 """The one precision policy: what runs in bf16 and what stays fp32.
 
-``"fp32"`` runs everything in fp32. ``"bf16"`` runs the matrix multiplications
-(linear layers, attention, convolutions) in bf16 under autocast, while parameters, the
-residual stream between transformer blocks, layer norms, losses and gradients stay
-fp32: on CPUs a bf16 residual stream makes every element-wise op convert back and
-forth and was measured slower than fp32 (see ``benchmarks/README.md``). ``"auto"`` picks
+``"fp32"`` runs everything in fp32. ``"bf16"`` runs the image tower's matrix
+multiplications (linear layers, attention, the patch convolution) in bf16 under
+autocast, while parameters, the residual stream between transformer blocks, layer
+norms, losses and gradients stay fp32. The text tower always runs in fp32: it encodes a
+handful of prompts, too little work for bf16 to pay for casting its weights (autocast
+casts frozen weights again at every call; measured 5x slower than fp32 on CPU). ``"auto"`` picks
 bf16 where the hardware has fast bf16 (CUDA with bf16 support; x86 CPUs with AMX or
 AVX512-BF16) and fp32 elsewhere.
 

@@ -235,7 +235,8 @@ class TextTower(nn.Module):
     ``forward(embeddings, tokens)`` = positional embedding -> transformer (causal mask)
     -> ``ln_final`` -> pool at EOT -> projection; with unmodified embeddings it equals
     ``clip.encode_text`` (tested). ``truncate=True`` runs only the positions up to the
-    last pooled token (exact for a causal tower; falls back to the full tower otherwise).
+    last pooled token (exact for a causal tower; falls back to the full tower otherwise). It runs in fp32 under any
+    autocast: its work (a few prompts) is too small for bf16 to pay off.
     """
 
     clip: Any
@@ -261,7 +262,10 @@ class TextTower(nn.Module):
         """Unnormalised text features ``[n, D]`` of prompt embeddings ``[n, T, W]``."""
         cut = self.truncate if truncate is None else truncate
         length = oc.pooled_positions(self.clip, tokens) if cut else None
-        return oc.text_forward(self.clip, embeddings.float(), tokens, length)
+        # always fp32 (grmpiqa.precision): a handful of prompts is too little work for
+        # bf16 to pay for casting the tower's weights, which autocast redoes every call
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return oc.text_forward(self.clip, embeddings.float(), tokens, length)
 
     def encode_tokens(self, tokens: torch.Tensor, truncate: bool | None = None) -> torch.Tensor:
         return self(self.embed(tokens), tokens, truncate)
