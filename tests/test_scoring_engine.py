@@ -121,3 +121,27 @@ def test_score_items_reports_bad_items_and_keeps_order(tiny_model, tmp_path):
     assert res.errors[0][0] == 1 and "bad.jpg" in res.errors[0][1]
     ref = tiny_model.score(good)
     torch.testing.assert_close(res.scores[:, 0], ref, rtol=0, atol=2e-6)
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_nearly_the_same_scores(tiny_model, tmp_path):
+    """A 12-megapixel JPEG decodes at 1/4 scale (>= 2x the 244 px resize); the scores
+    stay within 0.005 of the full decode, and reduced_decode=False is the full decode."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    paths = []
+    for i, angle in enumerate((0, 90)):
+        big = small.rotate(angle, expand=True).resize((4000, 3000), Image.Resampling.BICUBIC)
+        paths.append(tmp_path / f"big{i}.jpg")
+        big.save(paths[-1], quality=92)
+    reduced = BatchScorer(tiny_model)
+    full = BatchScorer(tiny_model, reduced_decode=False)
+    assert reduced.min_side == 488 and full.min_side is None
+    a = reduced.score_items(paths).scores[:, 0]
+    b = full.score_items(paths).scores[:, 0]
+    assert float((a - b).abs().max()) < 0.005
+    direct = torch.stack(
+        [tiny_model.preprocess.eval_transform()(grmpiqa.images.load_image(p)) for p in paths]
+    )
+    torch.testing.assert_close(b, full.score_tensor(direct)[:, 0], rtol=0, atol=1e-6)

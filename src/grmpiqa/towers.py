@@ -235,8 +235,9 @@ class TextTower(nn.Module):
     ``forward(embeddings, tokens)`` = positional embedding -> transformer (causal mask)
     -> ``ln_final`` -> pool at EOT -> projection; with unmodified embeddings it equals
     ``clip.encode_text`` (tested). ``truncate=True`` runs only the positions up to the
-    last pooled token (exact for a causal tower; falls back to the full tower otherwise). It runs in fp32 under any
-    autocast: its work (a few prompts) is too small for bf16 to pay off.
+    last pooled token (exact for a causal tower; falls back to the full tower otherwise).
+    It runs in fp32 under any autocast: its work (a few prompts) is too small for bf16 to
+    pay for casting its weights.
     """
 
     clip: Any

@@ -67,6 +67,13 @@ class PreprocessConfig:
         stats_for(self.stats)
 
     @property
+    def decode_min_side(self) -> int:
+        """The smallest short side a decoded image needs for this preprocessing: twice the
+        resize target, so a reduced-scale JPEG decode keeps 2x oversampling before the
+        (antialiased) resize."""
+        return 2 * self.resize
+
+    @property
     def mean(self) -> tuple[float, ...]:
         return stats_for(self.stats)[0]
 

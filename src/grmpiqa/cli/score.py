@@ -80,6 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (pixels)"
     )
     p.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="decode large JPEGs in full (default: at a reduced DCT scale down to twice the "
+        "model's input resize, which changes the preprocessed input by interpolation rounding)",
+    )
+    p.add_argument(
         "--scale",
         choices=("prob", "mos"),
         default="prob",
@@ -263,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "precision": args.precision,
         "max_pixels": args.max_pixels,
+        "full_decode": args.full_decode,
         "scale": args.scale,
         "columns": names,
     }
@@ -305,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
             "device": "cuda" if args.gpus_per_actor > 0 else "cpu",
             "precision": args.precision,
             "max_pixels": args.max_pixels,
+            "reduced_decode": not args.full_decode,
         }
         results = score_pending_ray(
             pending,
@@ -322,7 +330,11 @@ def run(args: argparse.Namespace) -> int:
             workers = max(0, min(4, (os.cpu_count() or 1) - 1))
         check_workers(workers)
         scorer = BatchScorer(
-            models, names=names, precision=args.precision, max_pixels=args.max_pixels
+            models,
+            names=names,
+            precision=args.precision,
+            max_pixels=args.max_pixels,
+            reduced_decode=not args.full_decode,
         )
         if scorer.split:
             print(

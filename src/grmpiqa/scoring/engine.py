@@ -39,22 +39,24 @@ if TYPE_CHECKING:
 Item = Any
 
 
-def _decode(item: Item, max_pixels: int) -> Image.Image:
+def _decode(item: Item, max_pixels: int, min_side: int | None = None) -> Image.Image:
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, ImageSource):
-        return decode_source(item, max_pixels)
+        return decode_source(item, max_pixels, min_side)
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], bytes | bytearray):
-        return load_image(bytes(item[0]), max_pixels, name=str(item[1]))
+        return load_image(bytes(item[0]), max_pixels, name=str(item[1]), min_side=min_side)
     if isinstance(item, str | os.PathLike):
-        return decode_source(ImageSource(os.fspath(item)), max_pixels)
+        return decode_source(ImageSource(os.fspath(item)), max_pixels, min_side)
     raise ImageError(f"cannot score an object of type {type(item).__name__}")
 
 
-def prepare(item: Item, transform: Any, max_pixels: int) -> tuple[torch.Tensor | None, str | None]:
+def prepare(
+    item: Item, transform: Any, max_pixels: int, min_side: int | None = None
+) -> tuple[torch.Tensor | None, str | None]:
     """Decode and preprocess one item: ``(tensor, None)`` or ``(None, error message)``."""
     try:
-        return transform(_decode(item, max_pixels)), None
+        return transform(_decode(item, max_pixels, min_side)), None
     except ImageError as err:
         return None, str(err)
 
@@ -62,16 +64,23 @@ def prepare(item: Item, transform: Any, max_pixels: int) -> tuple[torch.Tensor |
 class ImageListDataset(Dataset[tuple[int, torch.Tensor | None, str | None]]):
     """Items (paths, PIL images, :class:`ImageSource`) -> ``(index, tensor or None, error)``."""
 
-    def __init__(self, items: Sequence[Item], transform: Any, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        items: Sequence[Item],
+        transform: Any,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int | None = None,
+    ):
         self.items = items
         self.transform = transform
         self.max_pixels = max_pixels
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        tensor, err = prepare(self.items[i], self.transform, self.max_pixels)
+        tensor, err = prepare(self.items[i], self.transform, self.max_pixels, self.min_side)
         return i, tensor, err
 
 
@@ -205,9 +214,7 @@ def shared_prefix_blocks(models: Sequence[QualityModel]) -> int | None:
     vit_keys = _tensor_names(m0, [m0.clip.visual])
     head_keys = {n for n, p in m0.named_parameters() if id(p) in head}
     embed_keys = [k for k in vit_keys if k not in in_blocks and k not in head_keys]
-    prompt_keys = [
-        k for k in _tensor_names(m0, [v0]) if not k.endswith("deep_prompt_embeddings")
-    ]
+    prompt_keys = [k for k in _tensor_names(m0, [v0]) if not k.endswith("deep_prompt_embeddings")]
     prompt_keys = [k for k in prompt_keys if ".prompt_norm." not in k]
     if not same(embed_keys + prompt_keys):
         return None
@@ -242,6 +249,10 @@ class BatchScorer:
             ``score_0``, ``score_1``, ... for several).
         precision: ``fp32``, ``bf16`` or ``auto`` (see :mod:`grmpiqa.precision`).
         max_pixels: larger images are refused before decoding.
+        reduced_decode: let large JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8)
+            down to twice the resize target (``PreprocessConfig.decode_min_side``); the
+            preprocessed input then differs by interpolation rounding only (measured in
+            ``benchmarks/score_throughput.py``). False decodes every image in full.
     """
 
     def __init__(
@@ -252,6 +263,7 @@ class BatchScorer:
         precision: str = "fp32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         share_prefix: bool = True,
+        reduced_decode: bool = True,
     ) -> None:
         self.models = [models] if not isinstance(models, Sequence) else list(models)
         if not self.models:
@@ -278,6 +290,7 @@ class BatchScorer:
         for m in self.models:
             m.eval()
         self.transform = pre.eval_transform()
+        self.min_side = pre.decode_min_side if reduced_decode else None
         self.texts = [text_features(m, precision) for m in self.models]
         self.split = shared_prefix_blocks(self.models) if share_prefix else None
 
@@ -306,10 +319,13 @@ class BatchScorer:
         if decode_threads > 1 and len(items) > 1:
             with ThreadPoolExecutor(decode_threads) as pool:
                 prepared = list(
-                    pool.map(lambda it: prepare(it, self.transform, self.max_pixels), items)
+                    pool.map(
+                        lambda it: prepare(it, self.transform, self.max_pixels, self.min_side),
+                        items,
+                    )
                 )
         else:
-            prepared = [prepare(it, self.transform, self.max_pixels) for it in items]
+            prepared = [prepare(it, self.transform, self.max_pixels, self.min_side) for it in items]
         idx = [i for i, (t, _) in enumerate(prepared) if t is not None]
         bad = [(i, e) for i, (t, e) in enumerate(prepared) if t is None and e is not None]
         if idx:
@@ -338,7 +354,7 @@ class BatchScorer:
             batches = [
                 list(range(s, min(s + size, len(items)))) for s in range(0, len(items), size)
             ]
-        ds = ImageListDataset(items, self.transform, self.max_pixels)
+        ds = ImageListDataset(items, self.transform, self.max_pixels, self.min_side)
         cuda = self.device.type == "cuda"
         loader = DataLoader(
             ds,

@@ -84,10 +84,14 @@ class ImageSource:
         return f"{self.path}\0{self.member}" if self.in_tar else self.path
 
 
-def decode_source(src: ImageSource | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_source(
+    src: ImageSource | str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> Image.Image:
     """Decode one image source into an RGB ``PIL.Image`` (or raise :class:`ImageError`).
 
     Plain files must be regular files (a FIFO named ``x.jpg`` would block forever).
+    ``min_side``: a large JPEG may decode at a reduced DCT scale down to this short side
+    (:func:`grmpiqa.images.load_image`).
     """
     if isinstance(src, str):
         src = ImageSource(src)
@@ -100,7 +104,7 @@ def decode_source(src: ImageSource | str, max_pixels: int = DEFAULT_MAX_PIXELS) 
             raise ImageError(f"{src.label}: cannot read shard ({err.strerror or err})") from None
         if len(data) != src.size:
             raise ImageError(f"{src.label}: shard is truncated")
-        return load_image(data, max_pixels, name=src.label)
+        return load_image(data, max_pixels, name=src.label, min_side=min_side)
     try:
         st = os.stat(src.path)
     except FileNotFoundError:
@@ -111,7 +115,7 @@ def decode_source(src: ImageSource | str, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise ImageError(f"{src.label}: is a directory, not an image")
     if not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{src.label}: not a regular file")
-    return load_image(src.path, max_pixels, name=src.label)
+    return load_image(src.path, max_pixels, name=src.label, min_side=min_side)
 
 
 # -- brace expansion ----------------------------------------------------------------------

@@ -111,6 +111,7 @@ class Scorer:
         device: str | None = None,
         precision: str = "fp32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        reduced_decode: bool = True,
         path_column: str = "path",
         bytes_column: str = "bytes",
         name_column: str | None = None,
@@ -129,7 +130,13 @@ class Scorer:
         cols = None
         if len(ckpts) > 1:
             cols = [f"score_{n}" for n in (names or range(len(ckpts)))]
-        self.engine = BatchScorer(models, names=cols, precision=precision, max_pixels=max_pixels)
+        self.engine = BatchScorer(
+            models,
+            names=cols,
+            precision=precision,
+            max_pixels=max_pixels,
+            reduced_decode=reduced_decode,
+        )
         self.path_column = path_column
         self.bytes_column = bytes_column
         self.name_column = name_column

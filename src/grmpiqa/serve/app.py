@@ -141,7 +141,7 @@ def _prepare(engine: ScoringEngine, up: Upload, max_pixels: int) -> tuple[Any, s
     if up.error is not None:
         return None, up.error, up.reason or "bad_data"
     try:
-        img = decode(up, max_pixels)
+        img = decode(up, max_pixels, engine.model.preprocess.decode_min_side)
         with torch.inference_mode():
             return engine.preprocess(img), None, ""
     except ImageError as err:

@@ -124,11 +124,13 @@ def _from_json(body: bytes) -> list[Upload]:
     return out
 
 
-def decode(upload: Upload, max_pixels: int) -> Image.Image:
-    """Decode an upload; raises :class:`ImageError` (subclasses tell the reason)."""
+def decode(upload: Upload, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """Decode an upload (as ``grmpiqa score`` decodes files: a large JPEG may decode at a
+    reduced scale down to ``min_side``); raises :class:`ImageError` (subclasses tell
+    the reason)."""
     if upload.data is None:
         raise ImageError(upload.error or f"{upload.name}: no data")
-    return load_image_bytes(upload.data, upload.name, max_pixels)
+    return load_image_bytes(upload.data, upload.name, max_pixels, min_side=min_side)
 
 
 def reason_of(err: ImageError) -> str:
