@@ -1,177 +1,264 @@
-"""Scoring throughput: plain open_clip ``encode_image`` vs. the prompted QualityModel.
+"""Scoring speed against the hardware limit, in one process (issue 12, item 1).
 
-ViT-B-16-quickgelu with RANDOM weights (speed does not depend on the values), in one
-process, fp32 and bf16 autocast, batch sizes 1/8/32. Peak memory is the process's RSS
-high-water mark, reset before each configuration (Linux ``/proc/self/clear_refs``).
+ViT-B-16-quickgelu with RANDOM weights (speed does not depend on the values):
 
-With ../shared/data/clive-dev present it also measures end to end scoring (decode +
-preprocess in DataLoader workers + model) against model-only throughput on the same
-images, and the largest |bf16 - fp32| score difference over those images.
+1. the machine's matmul rate (4096^3, fp32 and bf16), the reference for everything else;
+2. model only, one batch (default 32), configurations measured interleaved (the fastest
+   repetition of each is kept): plain open_clip ``encode_image`` in fp32, under bf16
+   autocast and with bf16 weights (optionally ``torch.compile``), and the prompted model
+   (grmpiqa's image tower with 100 VPT tokens) in fp32 and in its bf16 policy;
+   throughput, GFLOP/s and the fraction of the bf16 matmul rate, counting both the
+   issue's nominal 53.9 GFLOP per image (297 tokens, every row) and the 36.2 GFLOP the
+   exact fast path executes (prompt rows as keys/values only, CLS-only last block);
+3. the configuration ``--precision auto`` picks here, and bf16 vs fp32 scores on CLIVE;
+4. end to end (decode, resize, model: ``BatchScorer`` with DataLoader workers, the
+   engine of ``grmpiqa score``) against model only on the same images, for CLIVE (500 px
+   JPEG/BMP) and for generated 12-megapixel JPEGs, with the reduced-scale JPEG decode
+   and without; and how far the reduced decode moves the scores.
 
 Usage:
-    python benchmarks/score_throughput.py [--iters 3] [--batch-sizes 1 8 32] [--workers 2]
+    python benchmarks/score_throughput.py [--batch 32] [--reps 2] [--workers 1]
+        [--clive-images 64] [--big-images 16] [--compile] [--threads N]
 
-The last stdout line is one JSON object (the bf16 batch-32 case plus the extras).
+The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
 import json
 import os
-import sys
+import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import grmpiqa
-from grmpiqa.precision import autocast
-from grmpiqa.scoring import score_inputs, text_features
+from grmpiqa.images import load_image
+from grmpiqa.precision import autocast, describe_choice, resolve_precision
+from grmpiqa.scoring import BatchScorer
 
 CLIVE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "clive-dev" / "ChallengeDB_release"
 )
+KODAK = Path(__file__).resolve().parents[2] / "shared" / "data" / "pristine" / "kodak"
+BACKBONE = "ViT-B-16-quickgelu"
+W, HEADS, MLP, BLOCKS, PATCHES, PROMPTS = 768, 12, 3072, 12, 196, 100
 
 
-def reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+def vit_gflop(q_rows: list[int], kv_rows: int) -> float:
+    """GFLOP of the patch embedding and the blocks (queries on ``q_rows[i]`` rows of block
+    i, keys/values on ``kv_rows``); 2 FLOP per multiply-add."""
+    f = 2.0 * PATCHES * 3 * 16 * 16 * W
+    for q in q_rows:
+        f += 2 * q * W * W + 2 * kv_rows * W * 2 * W  # Q; K and V
+        f += 2 * 2 * q * kv_rows * W  # scores and weighted values
+        f += 2 * q * W * W + 2 * 2 * q * W * MLP  # output projection; MLP
+    return f / 1e9
 
 
-def peak_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+PLAIN_GFLOP = vit_gflop([197] * BLOCKS, 197)
+NOMINAL_GFLOP = vit_gflop([197 + PROMPTS] * BLOCKS, 197 + PROMPTS)  # every row computed
+FAST_GFLOP = vit_gflop([197] * (BLOCKS - 1) + [1], 197 + PROMPTS)  # what the tower runs
 
 
-@torch.inference_mode()
-def time_fn(fn, x: torch.Tensor, iters: int) -> tuple[float, float]:
-    """images/s and peak RSS (MiB) of ``fn(x)`` over ``iters`` calls after one warm-up."""
-    fn(x)
-    reset_peak()
+def matmul_tflops(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def interleave(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Fastest seconds per call of each function, calls alternating, after a warm-up."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def big_jpegs(folder: Path, n: int) -> list[Path]:
+    """``n`` 4000x3000 JPEGs (12 MP) upscaled from Kodak photos (or from noise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(KODAK.glob("*.png")) if KODAK.is_dir() else []
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        if sources:
+            img = Image.open(sources[i % len(sources)]).convert("RGB")
+        else:
+            img = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+        if img.height > img.width:
+            img = img.rotate(90, expand=True)
+        path = folder / f"big{i:03d}.jpg"
+        img.resize((4000, 3000), Image.Resampling.BICUBIC).save(path, quality=92)
+        out.append(path)
+    return out
+
+
+def end_to_end(
+    model: grmpiqa.QualityModel,
+    paths: list[Path],
+    precision: str,
+    batch: int,
+    workers: int,
+    reduced: bool,
+) -> dict[str, float]:
+    """img/s of decode + preprocess + model through the engine, and of the model alone on
+    the same preprocessed images; plus the scores."""
+    scorer = BatchScorer(model, precision=precision, reduced_decode=reduced)
     t0 = time.perf_counter()
-    for _ in range(iters):
-        fn(x)
-    dt = time.perf_counter() - t0
-    return x.shape[0] * iters / dt, peak_mib()
+    scores = torch.cat(
+        [b.scores[:, 0] for b in scorer.iter_batches(paths, batch, num_workers=workers)]
+    )
+    e2e = time.perf_counter() - t0
+    tf = model.preprocess.eval_transform()
+    x = torch.stack([tf(load_image(p, min_side=scorer.min_side)) for p in paths])
+    t0 = time.perf_counter()
+    for s in range(0, len(x), batch):
+        scorer.score_tensor(x[s : s + batch])
+    model_only = time.perf_counter() - t0
+    return {
+        "e2e_img_s": len(paths) / e2e,
+        "model_img_s": len(paths) / model_only,
+        "ratio": model_only / e2e,
+        "scores": scores,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for end to end")
-    ap.add_argument("--e2e-images", type=int, default=128, help="CLIVE images for end to end")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=max(0, min(4, (os.cpu_count() or 1) - 1)))
+    ap.add_argument("--clive-images", type=int, default=64)
+    ap.add_argument("--big-images", type=int, default=16)
+    ap.add_argument("--compile", action="store_true", help="also try torch.compile (plain)")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    summary: dict[str, object] = {"threads": torch.get_num_threads(), "batch": args.batch}
 
-    model = grmpiqa.create_model("ViT-B-16-quickgelu", pretrained=None)
-    clip = model.clip
-
-    def plain(x: torch.Tensor, precision: str) -> torch.Tensor:
-        with autocast(model.device, precision):
-            return clip.encode_image(x)
-
-    results = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu={os.cpu_count()}")
+    rate = {"fp32": matmul_tflops(torch.float32), "bf16": matmul_tflops(torch.bfloat16)}
+    summary["matmul_tflops"] = rate
     print(
-        f"{'precision':>9} {'batch':>5} {'plain img/s':>12} {'prompted img/s':>15} {'ratio':>6} "
-        f"{'plain MiB':>10} {'prompted MiB':>13}"
+        f"matmul 4096^3: fp32 {rate['fp32']:.3f}, bf16 {rate['bf16']:.3f} TFLOP/s; "
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}"
     )
-    for precision in ("fp32", "bf16"):
-        text = text_features(model, precision)
 
-        def prompted(
-            x: torch.Tensor, precision: str = precision, text: torch.Tensor = text
-        ) -> torch.Tensor:
-            with autocast(model.device, precision):
-                return model.logits_from_features(model.encode_image(x), text)
+    model = grmpiqa.create_model(BACKBONE, pretrained=None).eval()
+    clip = model.clip
+    clip_bf16 = copy.deepcopy(clip).to(torch.bfloat16)
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    xb = x.to(torch.bfloat16)
+    tower = model.image_tower
 
-        for bs in args.batch_sizes:
-            x = torch.randn(bs, 3, 224, 224)
-            iters = max(1, args.iters if bs >= 8 else args.iters * 4)
-            p_ips, p_mem = time_fn(functools.partial(plain, precision=precision), x, iters)
-            q_ips, q_mem = time_fn(prompted, x, iters)
-            row = {
-                "precision": precision,
-                "batch_size": bs,
-                "plain_img_s": round(p_ips, 2),
-                "prompted_img_s": round(q_ips, 2),
-                "ratio": round(q_ips / p_ips, 3),
-                "plain_peak_mib": round(p_mem),
-                "prompted_peak_mib": round(q_mem),
-            }
-            results.append(row)
-            print(
-                f"{precision:>9} {bs:>5} {p_ips:>12.2f} {q_ips:>15.2f} {q_ips / p_ips:>6.3f} "
-                f"{p_mem:>10.0f} {q_mem:>13.0f}",
-                flush=True,
-            )
+    def under(precision: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode(), autocast(model.device, precision):
+                return fn()
 
-    pick = next(
-        (r for r in results if r["precision"] == "bf16" and r["batch_size"] == 32), results[-1]
+        return run
+
+    configs: dict[str, Callable[[], object]] = {
+        "plain fp32": under("fp32", lambda: clip.encode_image(x)),
+        "plain bf16 autocast": under("bf16", lambda: clip.encode_image(x)),
+        "plain bf16 weights": under("fp32", lambda: clip_bf16.encode_image(xb)),
+        "prompted fp32": under("fp32", lambda: tower(x)),
+        "prompted bf16 (grmpiqa policy)": under("bf16", lambda: tower(x)),
+    }
+    if args.compile:
+        compiled = torch.compile(clip_bf16.visual)
+        configs["plain bf16 weights + torch.compile"] = under("fp32", lambda: compiled(xb))
+    seconds = interleave(configs, args.reps)
+    rows = {k: args.batch / v for k, v in seconds.items()}
+    best_plain = max((v, k) for k, v in rows.items() if k.startswith("plain"))
+    prompted = rows["prompted bf16 (grmpiqa policy)"]
+    print(f"\nmodel only, batch {args.batch}:")
+    print(f"{'configuration':38s} {'img/s':>7s} {'GFLOP/s':>8s} {'of bf16 peak':>13s}")
+    for k, v in rows.items():
+        gflop = PLAIN_GFLOP if k.startswith("plain") else NOMINAL_GFLOP
+        print(f"{k:38s} {v:7.2f} {v * gflop:8.0f} {v * gflop / (rate['bf16'] * 1e3):13.2f}")
+    summary["model_only_img_s"] = rows
+    summary["gflop_per_image"] = {
+        "plain": PLAIN_GFLOP,
+        "prompted_nominal": NOMINAL_GFLOP,
+        "prompted_executed": FAST_GFLOP,
+    }
+    summary["prompted_over_fastest_plain"] = prompted / best_plain[0]
+    summary["fastest_plain"] = best_plain[1]
+    summary["flop_fraction_nominal"] = prompted * NOMINAL_GFLOP / (rate["bf16"] * 1e3)
+    summary["flop_fraction_executed"] = prompted * FAST_GFLOP / (rate["bf16"] * 1e3)
+    chosen = resolve_precision("auto", "cpu")
+    summary["auto_precision"] = describe_choice("auto", "cpu")
+    print(
+        f"prompted bf16 / fastest plain ({best_plain[1]}): "
+        f"{summary['prompted_over_fastest_plain']:.2f}; fraction of the bf16 matmul rate: "
+        f"{summary['flop_fraction_nominal']:.2f} at the nominal {NOMINAL_GFLOP:.1f} GFLOP/img, "
+        f"{summary['flop_fraction_executed']:.2f} at the executed {FAST_GFLOP:.1f}"
     )
-    summary: dict[str, object] = dict(pick)
-    summary["table"] = results
+    print(f"--precision auto picks: {summary['auto_precision']}")
 
-    if CLIVE.is_dir():
-        paths = sorted(p for p in (CLIVE / "Images").glob("*") if p.is_file())[: args.e2e_images]
-        bs = 32
-        for precision in ("bf16",):
-            pre = torch.stack(
-                [model.preprocess.eval_transform()(grmpiqa.images.load_image(p)) for p in paths]
+    e2e: dict[str, dict[str, float]] = {}
+    if CLIVE.is_dir() and args.clive_images:
+        paths = sorted((CLIVE / "Images").glob("*.*"))[: args.clive_images]
+        fp32 = model.score(paths, args.batch, precision="fp32")
+        bf16 = model.score(paths, args.batch, precision="bf16")
+        summary["clive_bf16_vs_fp32_max_abs"] = float((fp32 - bf16).abs().max())
+        r = end_to_end(model, paths, chosen, args.batch, args.workers, reduced=True)
+        e2e["clive"] = {k: v for k, v in r.items() if k != "scores"}
+        print(
+            f"CLIVE ({len(paths)} images): bf16 vs fp32 scores max |diff| "
+            f"{summary['clive_bf16_vs_fp32_max_abs']:.4f}"
+        )
+    if args.big_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = big_jpegs(Path(tmp), args.big_images)
+            red = end_to_end(model, paths, chosen, args.batch, args.workers, reduced=True)
+            full = end_to_end(model, paths, chosen, args.batch, args.workers, reduced=False)
+            tf = model.preprocess.eval_transform()
+            dx = max(
+                float((tf(load_image(p)) - tf(load_image(p, min_side=244))).abs().mean())
+                for p in paths
             )
-            text = text_features(model, precision)
-
-            @torch.inference_mode()
-            def model_only(
-                x: torch.Tensor, precision: str = precision, text: torch.Tensor = text
-            ) -> None:
-                for i in range(0, len(x), bs):
-                    with autocast(model.device, precision):
-                        model.logits_from_features(model.encode_image(x[i : i + bs]), text)
-
-            model_only(pre[:bs])
-            t0 = time.perf_counter()
-            model_only(pre)
-            mo = len(paths) / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            model.score(paths, batch_size=bs, precision=precision, num_workers=args.workers)
-            e2e = len(paths) / (time.perf_counter() - t0)
-            print(
-                f"end to end ({precision}, batch {bs}, {args.workers} workers, "
-                f"{len(paths)} CLIVE images): "
-                f"{e2e:.2f} img/s vs model only {mo:.2f} img/s (ratio {e2e / mo:.3f})"
-            )
-            summary.update(
-                e2e_img_s=round(e2e, 2),
-                model_only_img_s=round(mo, 2),
-                e2e_ratio=round(e2e / mo, 3),
-                e2e_workers=args.workers,
-                e2e_images=len(paths),
-            )
-        sub = paths[:64]
-        s32 = score_inputs(model, sub, batch_size=bs, precision="fp32")
-        s16 = score_inputs(model, sub, batch_size=bs, precision="bf16")
-        diff = float((s32 - s16).abs().max())
-        print(f"max |bf16 - fp32| score over {len(sub)} CLIVE images: {diff:.5f}")
-        summary["bf16_max_abs_score_diff"] = round(diff, 6)
-    else:
-        print("../shared/data/clive-dev absent: no end-to-end figure", file=sys.stderr)
+        e2e["12mp_reduced_decode"] = {k: v for k, v in red.items() if k != "scores"}
+        e2e["12mp_full_decode"] = {k: v for k, v in full.items() if k != "scores"}
+        summary["12mp_reduced_vs_full_max_abs_score"] = float(
+            (red["scores"] - full["scores"]).abs().max()
+        )
+        summary["12mp_reduced_vs_full_mean_abs_input"] = dx
+    summary["end_to_end"] = e2e
+    if e2e:
+        print(f"\nend to end ({args.workers} DataLoader worker(s), precision {chosen}):")
+        print(f"{'images':24s} {'e2e img/s':>10s} {'model img/s':>12s} {'ratio':>6s}")
+        for k, r in e2e.items():
+            print(f"{k:24s} {r['e2e_img_s']:10.2f} {r['model_img_s']:12.2f} {r['ratio']:6.2f}")
+    if "12mp_reduced_vs_full_max_abs_score" in summary:
+        print(
+            "12 MP JPEGs, reduced vs full decode: max |score diff| "
+            f"{summary['12mp_reduced_vs_full_max_abs_score']:.5f}, mean |input diff| "
+            f"{summary['12mp_reduced_vs_full_mean_abs_input']:.4f} (normalised units)"
+        )
+    summary["loadavg"] = os.getloadavg()
     print(json.dumps(summary))
 
 
