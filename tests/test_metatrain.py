@@ -221,8 +221,11 @@ def test_validation_and_opt_in_best_selection(kadid: str, tmp_path: Path) -> Non
     result = pretrain(model, [kadid], cfg, out, val=kadid, progress=False)
     meta = grmpiqa.read_metadata(out)["extra"]
     assert meta["selection"] == "best-val" and meta["best_epoch"] == result.best_epoch
+    # every epoch was validated; the checkpoint is the best epoch's, written then
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all("val_srcc" in h for h in result.history)
     figures = meta["val"]["figures"]
-    assert [f["epoch"] for f in figures] == [1, 2]
+    assert [f["epoch"] for f in figures] == list(range(1, meta["best_epoch"] + 1))
     assert all(f["srcc"] is None or -1 <= f["srcc"] <= 1 for f in figures)
     tensors, _ = read_checkpoint(out)
     held = _prompts(model)  # the model ends holding what the checkpoint holds
