@@ -86,9 +86,32 @@ __all__ = [
 logger = get_logger("pretrain")
 
 VARIANTS: tuple[str, ...] = ("reptile", "released")
+OUTER_SCHEDULES: tuple[str, ...] = ("constant", "linear")
+
+#: Defaults of the step-size fields of :class:`PretrainConfig`, per variant (a field left
+#: ``None`` takes its variant's value). ``released``: the authors' values (method.md 6).
+#: ``reptile``: chosen by measurement (docs/pretraining.md, "Choosing the defaults").
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "reptile": {
+        "inner_lr": 1e-3,
+        "outer_lr": 1.0,
+        "outer_schedule": "constant",
+        "inner_passes": 3,
+        "support_batch": 16,
+        "query_batch": 4,
+    },
+    "released": {
+        "inner_lr": 1e-4,
+        "outer_lr": 0.01,
+        "outer_schedule": "constant",
+        "inner_passes": 1,
+        "support_batch": 75,
+        "query_batch": 50,
+    },
+}
 
 # Purposes mixed into the derived seeds, so no two random streams coincide.
-_SPLIT, _AUGMENT, _DROPOUT, _ORDER, _SUBSAMPLE = range(5)
+_SPLIT, _AUGMENT, _DROPOUT, _ORDER, _SUBSAMPLE, _PASS = range(6)
 
 
 @dataclass(frozen=True)
@@ -121,10 +144,12 @@ class PretrainConfig:
 
     epochs: int = 50
     variant: str = "reptile"
-    inner_lr: float = 1e-4
-    outer_lr: float = 0.01
-    support_batch: int = 75
-    query_batch: int = 50
+    inner_lr: float | None = None
+    outer_lr: float | None = None
+    outer_schedule: str | None = None
+    inner_passes: int | None = None
+    support_batch: int | None = None
+    query_batch: int | None = None
     support_fraction: float = 0.8
     seed: int = 0
     precision: str = "fp32"
@@ -140,6 +165,16 @@ class PretrainConfig:
             raise GrmpiqaError(
                 f"unknown variant {self.variant!r}; use one of {', '.join(VARIANTS)}"
             )
+        for name, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.outer_schedule not in OUTER_SCHEDULES:
+            raise GrmpiqaError(
+                f"unknown outer schedule {self.outer_schedule!r}; "
+                f"use one of {', '.join(OUTER_SCHEDULES)}"
+            )
+        if self.inner_passes < 1:  # type: ignore[operator]
+            raise GrmpiqaError(f"inner_passes must be at least 1, got {self.inner_passes}")
         if self.precision not in PRECISIONS:
             raise GrmpiqaError(
                 f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}"
@@ -155,7 +190,7 @@ class PretrainConfig:
                 raise GrmpiqaError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 < self.support_fraction < 1.0:
             raise GrmpiqaError(f"support_fraction must be in (0, 1), got {self.support_fraction}")
-        if self.inner_lr <= 0 or self.outer_lr <= 0:
+        if self.inner_lr <= 0 or self.outer_lr <= 0:  # type: ignore[operator]
             raise GrmpiqaError("inner_lr and outer_lr must be positive")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise GrmpiqaError(f"max_tasks must be at least 1, got {self.max_tasks}")
@@ -169,6 +204,22 @@ class PretrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """The variant-dependent fields of a :class:`PretrainConfig`, resolved and typed."""
+
+    inner_lr: float
+    outer_lr: float
+    outer_schedule: str
+    inner_passes: int
+    support_batch: int
+    query_batch: int
+
+
+def _steps(cfg: PretrainConfig) -> _Steps:
+    return _Steps(**{f.name: getattr(cfg, f.name) for f in fields(_Steps)})
 
 
 # Fields that may change when a run is resumed (they do not change the prompts).
@@ -434,9 +485,11 @@ def pretrain(
     device = model.device
 
     theta = _snapshot(params)
+    theta0 = _to_cpu(theta)  # the initial prompts: displacements are measured from here
+    groups = _group_names(model, params)
     inner_opt: torch.optim.Optimizer | None = None
     if cfg.variant == "released":
-        inner_opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+        inner_opt = torch.optim.Adam(plist, lr=_steps(cfg).inner_lr)
     start_epoch = 0
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": None, "srcc": None, "theta": None}
@@ -451,6 +504,7 @@ def pretrain(
             fingerprint,
             "resume with the same tasks and settings (only --epochs may grow) or start again "
             "with --overwrite",
+            first=("config.variant",),
         )
         start_epoch = int(state.record["epochs_done"])
         theta = {n: v.to(device) for n, v in state.take("theta").items()}
@@ -463,6 +517,7 @@ def pretrain(
         best = dict(state.record.get("best", best))
         best_theta = state.take("best_theta")
         best["theta"] = best_theta or None
+        theta0 = state.take("theta0") or theta0  # states written before 0.2 lack it
         rng_states = state
         run.trim_log(lambda r: int(r.get("epoch", 0)) <= start_epoch)
     else:
@@ -513,6 +568,7 @@ def pretrain(
                 dynamic_ncols=True,
             )
             epoch_records: list[dict[str, Any]] = []
+            theta_start = _to_cpu(theta)
             for d_index, db in enumerate(databases):
                 order = list(range(len(db.tasks)))
                 if cfg.shuffle_tasks:
@@ -525,40 +581,31 @@ def pretrain(
                         query_tf, epoch, tbar
                     )
                 for t_index in order if not sharded else ():
-                    task = db.tasks[t_index]
-                    t0 = time.perf_counter()
                     opt: torch.optim.Optimizer
                     if cfg.variant == "reptile":
-                        _assign(params, theta)  # phi_i starts from theta
-                        opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+                        opt = _reptile_start(params, theta, cfg)
                     else:  # released: no reset; fresh Adam only after the first database
                         if d_index > 0 or inner_opt is None:
-                            inner_opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+                            inner_opt = torch.optim.Adam(plist, lr=_steps(cfg).inner_lr)
                         opt = inner_opt
-                    s_loss, q_loss, n_s, n_q = _run_task(
-                        model, opt, task, cfg, cache, query_tf, epoch, d_index, t_index
+                    moved, rec = _adapt(
+                        model, params, theta, opt, db, d_index, t_index, cfg, cache, query_tf,
+                        epoch,
                     )
                     with torch.no_grad():
-                        for n, p in params.items():
-                            delta[n] += p.detach() - theta[n]
-                    rec = {
-                        "epoch": epoch + 1,
-                        "database": db.spec,
-                        "task": task.name,
-                        "support_loss": s_loss,
-                        "query_loss": q_loss,
-                        "n_support": n_s,
-                        "n_query": n_q,
-                        "seconds": round(time.perf_counter() - t0, 3),
-                    }
+                        for n in delta:
+                            delta[n] += moved[n]
                     epoch_records.append(rec)
                     run.append_log(rec)
-                    tbar.set_postfix(task=f"{Path(db.spec).name}/{task.name}", q=f"{q_loss:.3f}")
+                    tbar.set_postfix(
+                        task=f"{Path(db.spec).name}/{rec['task']}", q=f"{rec['query_loss']:.3f}"
+                    )
                     tbar.update(1)
                 with torch.no_grad():  # outer step (Reptile, first order)
                     k = float(len(order))
+                    step = outer_lr_at(cfg, epoch)
                     for n in theta:
-                        theta[n] = theta[n] + cfg.outer_lr * (delta[n] / k)
+                        theta[n] = theta[n] + step * (delta[n] / k)
             tbar.close()
             if cfg.variant == "reptile":
                 _assign(params, theta)
@@ -568,6 +615,9 @@ def pretrain(
                 "event": "epoch",
                 "support_loss": _mean(r["support_loss"] for r in epoch_records),
                 "query_loss": _mean(r["query_loss"] for r in epoch_records),
+                "inner_displacement": _mean(r["inner_displacement"] for r in epoch_records),
+                "outer_lr": outer_lr_at(cfg, epoch),
+                **_displacements(theta, theta_start, theta0, groups),
                 "seconds": round(time.perf_counter() - t_epoch, 3),
             }
             improved = False
@@ -596,11 +646,15 @@ def pretrain(
                 with _holding(params, theta):
                     save_checkpoint(model, out, extra=extra)
             _save_run_state(
-                run, fingerprint, cfg, epoch + 1, theta, params, inner_opt, history, best
+                run, fingerprint, cfg, epoch + 1, theta, params, inner_opt, history, best, theta0
             )
             result.epochs_done = epoch + 1
             result.best_epoch = best.get("epoch")
-            postfix = {"q": f"{summary['query_loss']:.3f}"}
+            postfix = {
+                "s": f"{summary['support_loss']:.3f}",
+                "q": f"{summary['query_loss']:.3f}",
+                "|theta-theta0|": f"{summary['displacement']['total']:.2e}",
+            }
             if val_ds is not None and summary.get("val_srcc") is not None:
                 postfix["val_srcc"] = f"{summary['val_srcc']:.3f}"
             ebar.set_postfix(postfix)
@@ -651,32 +705,15 @@ def _share_tasks(
     runs the inner loop of its tasks from theta; every task's ``phi_i - theta`` reaches
     every rank exactly and is added to ``delta`` in ``order``, as one process adds it.
     Returns (and logs, on rank 0) the task records in ``order``."""
-    plist = list(params.values())
     ran = 0
 
     def one(t_index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         nonlocal ran
-        task = db.tasks[t_index]
-        t0 = time.perf_counter()
-        _assign(params, theta)  # phi_i starts from theta
-        opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
-        s_loss, q_loss, n_s, n_q = _run_task(
-            model, opt, task, cfg, cache, query_tf, epoch, d_index, t_index
-        )
-        with torch.no_grad():
-            moved = {n: p.detach() - theta[n] for n, p in params.items()}
+        opt = _reptile_start(params, theta, cfg)
+        out = _adapt(model, params, theta, opt, db, d_index, t_index, cfg, cache, query_tf, epoch)
         ran += 1
         tbar.update(1)
-        return moved, {
-            "epoch": epoch + 1,
-            "database": db.spec,
-            "task": task.name,
-            "support_loss": s_loss,
-            "query_loss": q_loss,
-            "n_support": n_s,
-            "n_query": n_q,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+        return out
 
     records = []
     for moved, rec in ctx.share_tasks(order, theta, one):
@@ -687,6 +724,59 @@ def _share_tasks(
         run.append_log(rec)
     tbar.update(len(order) - ran)
     return records
+
+
+def outer_lr_at(cfg: PretrainConfig, epoch: int) -> float:
+    """The outer step size of 0-based ``epoch``: constant, or annealed linearly towards 0
+    (``outer_lr * (1 - epoch / epochs)``, Nichol et al. 2018)."""
+    st = _steps(cfg)
+    lr = st.outer_lr
+    if st.outer_schedule == "linear":
+        return lr * (1.0 - epoch / cfg.epochs)
+    return lr
+
+
+def _reptile_start(
+    params: dict[str, torch.nn.Parameter], theta: dict[str, torch.Tensor], cfg: PretrainConfig
+) -> torch.optim.Optimizer:
+    """Set phi_i to theta and return the fresh inner Adam of a ``reptile`` task."""
+    _assign(params, theta)
+    return torch.optim.Adam(list(params.values()), lr=_steps(cfg).inner_lr)
+
+
+def _adapt(
+    model: QualityModel,
+    params: dict[str, torch.nn.Parameter],
+    theta: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    db: TaskDatabase,
+    d_index: int,
+    t_index: int,
+    cfg: PretrainConfig,
+    cache: _ImageCache,
+    query_tf: Any,
+    epoch: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Run one task's inner loop from the prompts the model holds: ``phi_i - theta``
+    and the task's log record (losses, sizes, inner displacement, seconds)."""
+    task = db.tasks[t_index]
+    t0 = time.perf_counter()
+    s_loss, q_loss, n_s, n_q = _run_task(
+        model, opt, task, cfg, cache, query_tf, epoch, d_index, t_index
+    )
+    with torch.no_grad():
+        moved = {n: p.detach() - theta[n] for n, p in params.items()}
+    return moved, {
+        "epoch": epoch + 1,
+        "database": db.spec,
+        "task": task.name,
+        "support_loss": s_loss,
+        "query_loss": q_loss,
+        "n_support": n_s,
+        "n_query": n_q,
+        "inner_displacement": _norm(moved.values()),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _run_task(
@@ -708,21 +798,34 @@ def _run_task(
     torch.manual_seed(_derive_seed(cfg.seed, _DROPOUT, epoch, d_index, t_index))
     device = model.device
     labels = torch.tensor([it.label for it in task.items], dtype=torch.float32)
-    q_batches = [query[i : i + cfg.query_batch] for i in range(0, len(query), cfg.query_batch)]
+    st = _steps(cfg)
+    sb, qbs = st.support_batch, st.query_batch
+    q_batches = [query[i : i + qbs] for i in range(0, len(query), qbs)]
     q_tensors: dict[int, torch.Tensor] = {}
     s_losses: list[float] = []
     q_losses: list[float] = []
-    for b, start in enumerate(range(0, len(support), cfg.support_batch)):
-        idx = support[start : start + cfg.support_batch]
-        x = torch.stack([support_tf(cache.get(task.items[i], _ImageCache.SUPPORT)) for i in idx])
-        s_losses.append(_step(model, opt, x.to(device), labels[idx].to(device), cfg.precision))
-        qb = b % len(q_batches)
-        if qb not in q_tensors:
-            q_tensors[qb] = torch.stack(
-                [query_tf(cache.get(task.items[i], _ImageCache.QUERY)) for i in q_batches[qb]]
+    b = 0
+    for p in range(st.inner_passes):
+        order = support
+        if p > 0:  # later passes: a fresh seeded order (and fresh augmentation)
+            rng = np.random.default_rng(_seed_seq(cfg.seed, _PASS, epoch, d_index, t_index, p))
+            order = [support[i] for i in rng.permutation(len(support))]
+        for start in range(0, len(order), sb):
+            idx = order[start : start + sb]
+            x = torch.stack(
+                [support_tf(cache.get(task.items[i], _ImageCache.SUPPORT)) for i in idx]
             )
-        qy = labels[q_batches[qb]]
-        q_losses.append(_step(model, opt, q_tensors[qb].to(device), qy.to(device), cfg.precision))
+            s_losses.append(_step(model, opt, x.to(device), labels[idx].to(device), cfg.precision))
+            qb = b % len(q_batches)
+            b += 1
+            if qb not in q_tensors:
+                q_tensors[qb] = torch.stack(
+                    [query_tf(cache.get(task.items[i], _ImageCache.QUERY)) for i in q_batches[qb]]
+                )
+            qy = labels[q_batches[qb]]
+            q_losses.append(
+                _step(model, opt, q_tensors[qb].to(device), qy.to(device), cfg.precision)
+            )
     return _mean(s_losses), _mean(q_losses), len(support), len(query)
 
 
@@ -747,6 +850,48 @@ def _step(
     if any(not bool(torch.isfinite(p).all()) for p in params):
         raise TrainingError("the stage-1 prompts became NaN or infinite; lower --inner-lr")
     return float(loss.detach())
+
+
+def _norm(tensors: Any) -> float:
+    """L2 norm of a collection of tensors taken together."""
+    return float(math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors)))
+
+
+def _group_names(
+    model: QualityModel, params: dict[str, torch.nn.Parameter]
+) -> dict[str, list[str]]:
+    """Trained tensor names by parameter group (``STAGE1_GROUPS``)."""
+    out: dict[str, list[str]] = {}
+    for g in STAGE1_GROUPS:
+        names = [n for n in model.parameter_names([g]) if n in params]
+        if names:
+            out[g] = names
+    return out
+
+
+def _displacements(
+    theta: dict[str, torch.Tensor],
+    theta_start: dict[str, torch.Tensor],
+    theta0: dict[str, torch.Tensor],
+    groups: dict[str, list[str]],
+) -> dict[str, Any]:
+    """How far theta moved: from the run's initial prompts (``displacement``) and in this
+    epoch (``step``), as L2 norms in total and per parameter group, plus the largest
+    change of any single prompt value from the start (``max_abs_displacement``)."""
+    now = _to_cpu(theta)
+    total = {n: now[n] - theta0[n].to(now[n].dtype) for n in now}
+    step = {n: now[n] - theta_start[n] for n in now}
+
+    def by_group(d: dict[str, torch.Tensor]) -> dict[str, float]:
+        rec = {"total": _norm(d.values())}
+        rec.update({g: _norm(d[n] for n in names) for g, names in groups.items()})
+        return rec
+
+    return {
+        "displacement": by_group(total),
+        "step": by_group(step),
+        "max_abs_displacement": max((float(v.abs().max()) for v in total.values()), default=0.0),
+    }
 
 
 def _mean(values: Any) -> float:
@@ -805,11 +950,13 @@ def _save_run_state(
     inner_opt: torch.optim.Optimizer | None,
     history: list[dict[str, Any]],
     best: dict[str, Any],
+    theta0: dict[str, torch.Tensor],
 ) -> None:
     """The resume state after ``epochs_done`` epochs (tensors + JSON, see grmpiqa.runs)."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"theta/{n}": v for n, v in theta.items()})
     tensors.update({f"phi/{n}": p.detach() for n, p in params.items()})
+    tensors.update({f"theta0/{n}": v for n, v in theta0.items()})
     if best.get("theta"):
         tensors.update({f"best_theta/{n}": v for n, v in best["theta"].items()})
     record: dict[str, Any] = {

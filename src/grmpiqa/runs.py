@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,10 +189,19 @@ class RunFiles:
         return RunState(tensors, record)
 
     def check_resume(
-        self, saved: Mapping[str, Any], now: Mapping[str, Any], hint: str = ""
+        self,
+        saved: Mapping[str, Any],
+        now: Mapping[str, Any],
+        hint: str = "",
+        first: Sequence[str] = (),
     ) -> None:
-        """Refuse to resume when the saved fingerprint differs from the current one."""
+        """Refuse to resume when the saved fingerprint differs from the current one.
+
+        Differences under the dotted keys in ``first`` are named before the others (e.g.
+        a variant, which also changes the defaults of other fields).
+        """
         diffs = diff_records(json_safe(dict(saved)), json_safe(dict(now)))
+        diffs.sort(key=lambda d: not any(d.startswith(f"{k}:") for k in first))
         if diffs:
             more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise RunError(

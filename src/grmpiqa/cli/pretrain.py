@@ -12,9 +12,15 @@ from grmpiqa.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from grmpiqa.metatrain import VARIANTS, PretrainConfig
+    from grmpiqa.metatrain import OUTER_SCHEDULES, VARIANT_DEFAULTS, VARIANTS, PretrainConfig
 
     d = PretrainConfig()
+
+    def by_variant(name: str) -> str:
+        """'default: reptile X, released Y' from the config's per-variant defaults."""
+        vals = ", ".join(f"{v} {VARIANT_DEFAULTS[v][name]}" for v in VARIANTS)
+        return f"default: {vals}"
+
     p = subparsers.add_parser(
         "pretrain",
         help="stage 1: meta-learn quality prompts over distortion tasks (Reptile)",
@@ -39,10 +45,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="reptile: phi reset to theta and a fresh Adam per task (default); released: the "
         "authors' code (inner model and Adam carried across tasks and epochs)",
     )
-    p.add_argument("--inner-lr", type=float, default=d.inner_lr, help="inner Adam lr (1e-4)")
-    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="outer step size (0.01)")
-    p.add_argument("--support-batch", type=int, default=d.support_batch, help="default 75")
-    p.add_argument("--query-batch", type=int, default=d.query_batch, help="default 50")
+    p.add_argument(
+        "--inner-lr", type=float, default=None, help=f"inner Adam lr ({by_variant('inner_lr')})"
+    )
+    p.add_argument(
+        "--outer-lr",
+        type=float,
+        default=None,
+        help=f"outer (Reptile) step size ({by_variant('outer_lr')})",
+    )
+    p.add_argument(
+        "--outer-schedule",
+        choices=OUTER_SCHEDULES,
+        default=None,
+        help="outer step size constant, or annealed linearly to 0 over --epochs "
+        f"({by_variant('outer_schedule')})",
+    )
+    p.add_argument(
+        "--inner-passes",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"passes over each task's support set per epoch ({by_variant('inner_passes')})",
+    )
+    p.add_argument("--support-batch", type=int, default=None, help=f"{by_variant('support_batch')}")
+    p.add_argument("--query-batch", type=int, default=None, help=f"{by_variant('query_batch')}")
     p.add_argument(
         "--support-fraction",
         type=float,
@@ -109,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         variant=args.variant,
         inner_lr=args.inner_lr,
         outer_lr=args.outer_lr,
+        outer_schedule=args.outer_schedule,
+        inner_passes=args.inner_passes,
         support_batch=args.support_batch,
         query_batch=args.query_batch,
         support_fraction=args.support_fraction,
@@ -137,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
     if ctx.is_main:
         print(
             f"grmpiqa: pre-training {model.describe()} on {n_tasks} tasks of "
-            f"{len(databases)} dataset(s), {cfg.epochs} epochs, variant {cfg.variant}",
+            f"{len(databases)} dataset(s), {cfg.epochs} epochs, variant {cfg.variant} (inner lr "
+            f"{cfg.inner_lr}, {cfg.inner_passes} pass(es), batches {cfg.support_batch}/"
+            f"{cfg.query_batch}; outer lr {cfg.outer_lr}, {cfg.outer_schedule})",
             file=sys.stderr,
         )
     result = pretrain(
