@@ -327,3 +327,82 @@ def test_cli_synth_pretrain_score(tmp_path: Path, capsys: pytest.CaptureFixture[
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [line.rsplit(",", 1) for line in lines if not line.startswith("path,")]
     assert len(rows) == 3 and all(0.0 < float(s) < 1.0 for _, s in rows)
+
+
+def test_step_size_defaults_depend_on_the_variant() -> None:
+    from grmpiqa.metatrain import VARIANT_DEFAULTS, outer_lr_at
+
+    released = PretrainConfig(variant="released")
+    assert (released.inner_lr, released.outer_lr, released.outer_schedule) == (
+        1e-4,
+        0.01,
+        "constant",
+    )  # the authors' values, exactly
+    assert (released.inner_passes, released.support_batch, released.query_batch) == (1, 75, 50)
+    reptile = PretrainConfig()
+    assert reptile.variant == "reptile"
+    assert {k: getattr(reptile, k) for k in VARIANT_DEFAULTS["reptile"]} == VARIANT_DEFAULTS[
+        "reptile"
+    ]
+    assert PretrainConfig(variant="released", outer_lr=0.5).outer_lr == 0.5  # explicit wins
+    assert PretrainConfig.from_dict(released.to_dict()) == released
+    with pytest.raises(GrmpiqaError, match="schedule"):
+        PretrainConfig(outer_schedule="cosine")
+    with pytest.raises(GrmpiqaError, match="inner_passes"):
+        PretrainConfig(inner_passes=0)
+    lin = PretrainConfig(epochs=4, outer_lr=1.0, outer_schedule="linear")
+    assert [outer_lr_at(lin, e) for e in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert outer_lr_at(PretrainConfig(epochs=4, outer_lr=0.3), 3) == 0.3
+
+
+def test_log_shows_losses_and_displacement_of_theta(kadid: str, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    model = _model()
+    before = _prompts(model)
+    cfg = PretrainConfig(epochs=2, inner_passes=2, **FAST)
+    result = pretrain(model, [kadid], cfg, out, progress=False)
+    log = [json.loads(line) for line in log_path_for(out).read_text().splitlines()]
+    tasks = [r for r in log if "task" in r]
+    assert len(tasks) == 6 and all(r["inner_displacement"] > 0 for r in tasks)
+    epochs = [r for r in log if r.get("event") == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert {"support_loss", "query_loss", "inner_displacement", "outer_lr"} <= set(r)
+        assert (
+            set(r["displacement"])
+            == set(r["step"])
+            == {
+                "total",
+                "text_context",
+                "visual_prompts",
+            }
+        )
+    after = _prompts(model)
+    total = float(torch.sqrt(sum(((after[n] - before[n]).double() ** 2).sum() for n in after)))
+    assert epochs[-1]["displacement"]["total"] == pytest.approx(total, rel=1e-5)
+    assert epochs[0]["step"]["total"] == pytest.approx(epochs[0]["displacement"]["total"])
+    assert result.history[-1]["max_abs_displacement"] == pytest.approx(
+        max(float((after[n] - before[n]).abs().max()) for n in after), rel=1e-5
+    )
+
+
+def test_linear_schedule_fixes_the_horizon_for_resume(kadid: str, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    cfg = PretrainConfig(epochs=1, outer_schedule="linear", **FAST)
+    pretrain(_model(), [kadid], cfg, out, progress=False)
+    longer = PretrainConfig(**{**cfg.to_dict(), "epochs": 2})
+    with pytest.raises(GrmpiqaError, match="epochs"):
+        pretrain(_model(), [kadid], longer, out, resume=True, progress=False)
+
+
+def test_cli_step_size_flags(kadid: str, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    args = ["pretrain", "--tasks", kadid, "--out", str(out), "--epochs", "1"]
+    args += ["--vpt-tokens", "4", "--backbone", "test-tiny", "--pretrained", "random"]
+    args += ["--no-progress", "--variant", "released", "--inner-passes", "2"]
+    args += ["--outer-schedule", "linear", "--support-batch", "4", "--query-batch", "4"]
+    assert main(args) == 0
+    conf = grmpiqa.read_metadata(out)["extra"]["config"]
+    assert conf["variant"] == "released" and conf["inner_passes"] == 2
+    assert conf["outer_schedule"] == "linear" and conf["support_batch"] == 4
+    assert conf["inner_lr"] == 1e-4 and conf["outer_lr"] == 0.01  # the variant's defaults

@@ -12,13 +12,17 @@ Only the prompt parameters train (``STAGE1_GROUPS``); every CLIP weight stays fr
 bit-identical. Two variants:
 
 * ``reptile`` (default, textbook): for every task phi starts from theta with a fresh
-  inner Adam; the model ends each epoch holding theta.
+  inner Adam; the model ends each epoch holding theta. Its step sizes are its own
+  (``VARIANT_DEFAULTS``, chosen by measurement, docs/pretraining.md): with the
+  authors' values (inner Adam 1e-4, one step per batch of 75, outer 0.01) a reset inner
+  model moves theta by about 1e-6 per epoch and nothing is learned (method.md 6).
 * ``released``: what the authors' ``pretrain.py`` does. A separate inner model phi is
   never reset to theta: it trains on sequentially across all tasks and epochs. The
   tasks of the *first* database share one inner Adam, carried over from the last Adam
   used (across epochs too); every later database creates a fresh Adam for each of its
   tasks, which then carries on into the next epoch's first database. theta (the saved
-  prompts) follows the same outer interpolation towards the snapshots phi_i.
+  prompts) follows the same outer interpolation towards the snapshots phi_i. Its
+  defaults are the authors' hyper-parameters.
 
 Every random choice (split, task order, augmentation, prompt dropout) is derived from
 ``(seed, epoch, database, task)``, so a run stopped after epoch k and resumed from its
@@ -31,7 +35,11 @@ runs its sequential chain on every rank (docs/distributed.md). Rank 0 writes the
 Example:
     >>> import grmpiqa
     >>> model = grmpiqa.create_model("test-tiny", pretrained=None)  # doctest: +SKIP
-    >>> cfg = grmpiqa.PretrainConfig(epochs=2, support_batch=8, query_batch=4)
+    >>> cfg = grmpiqa.PretrainConfig(epochs=2)
+    >>> cfg.inner_lr, cfg.outer_lr, cfg.inner_passes, cfg.support_batch, cfg.query_batch
+    (0.001, 1.0, 3, 16, 4)
+    >>> grmpiqa.PretrainConfig(variant="released").outer_lr
+    0.01
     >>> grmpiqa.pretrain(model, ["kadid:synth"], cfg, "stage1.safetensors")  # doctest: +SKIP
 """
 
@@ -116,7 +124,13 @@ _SPLIT, _AUGMENT, _DROPOUT, _ORDER, _SUBSAMPLE, _PASS = range(6)
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Hyper-parameters of stage 1 (defaults: the released code, method.md 6).
+    """Hyper-parameters of stage 1 (method.md 6).
+
+    The step-size fields (``inner_lr``, ``outer_lr``, ``outer_schedule``,
+    ``inner_passes``, ``support_batch``, ``query_batch``) left ``None`` take their
+    variant's default from ``VARIANT_DEFAULTS``: the authors' values for ``released``
+    (1e-4, 0.01, constant, 1, 75, 50), measured ones for ``reptile`` (1e-3, 1.0,
+    constant, 3, 16, 4; docs/pretraining.md). After construction they hold numbers.
 
     Attributes:
         epochs: meta-epochs; each runs every database's tasks once.
@@ -124,6 +138,12 @@ class PretrainConfig:
             ``"released"`` (the authors' behaviour; see the module docstring).
         inner_lr: Adam learning rate of the inner loop.
         outer_lr: interpolation step of the outer (Reptile) update.
+        outer_schedule: ``"constant"``, or ``"linear"``: ``outer_lr * (1 - e / epochs)``
+            in 0-based epoch ``e`` (Nichol et al. 2018; the horizon is ``epochs``, so a
+            resumed run must keep it).
+        inner_passes: passes over a task's support set per epoch (each support step
+            followed by a step on the next query batch; later passes in a fresh seeded
+            order with fresh augmentation; released: 1).
         support_batch, query_batch: batch sizes (released: 75 and 50).
         support_fraction: share of a task's images in its support set, re-drawn each
             epoch (released: 0.8; the rest is the query set).
@@ -347,7 +367,10 @@ def _fingerprint(
     model: QualityModel, databases: Sequence[TaskDatabase], cfg: PretrainConfig, val: Dataset | None
 ) -> dict[str, Any]:
     """Everything that must match for ``--resume`` to continue the same run."""
-    conf = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    resumable = set(_RESUMABLE_FIELDS)
+    if cfg.outer_schedule == "linear":  # the annealing horizon is --epochs: it must not change
+        resumable.discard("epochs")
+    conf = {k: v for k, v in cfg.to_dict().items() if k not in resumable}
     return {
         "config": conf,
         "tasks": [
