@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,12 @@ from grmpiqa.data import load_dataset
 from grmpiqa.errors import DatasetError, GrmpiqaError
 from grmpiqa.losses import quality_loss
 from grmpiqa.metatrain import (
+    _AUGMENT,
+    _DROPOUT,
+    _ORDER,
     PretrainConfig,
+    _derive_seed,
+    _seed_seq,
     build_tasks,
     log_path_for,
     pretrain,
@@ -26,7 +32,7 @@ from grmpiqa.metatrain import (
     state_path_for,
 )
 from grmpiqa.runs import RunFiles
-from grmpiqa.transforms import stage1_query_transform
+from grmpiqa.transforms import stage1_query_transform, stage1_support_transform
 
 TINY = grmpiqa.ModelConfig(vpt_tokens=4)
 FAST = {"support_batch": 4, "query_batch": 4}
@@ -406,3 +412,81 @@ def test_cli_step_size_flags(kadid: str, tmp_path: Path) -> None:
     assert conf["variant"] == "released" and conf["inner_passes"] == 2
     assert conf["outer_schedule"] == "linear" and conf["support_batch"] == 4
     assert conf["inner_lr"] == 1e-4 and conf["outer_lr"] == 0.01  # the variant's defaults
+
+
+@pytest.fixture(scope="module")
+def kadid_small(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return "kadid:" + str(_make_kadid(tmp_path_factory.mktemp("tasks2") / "k2", refs=2, types=2))
+
+
+def _authors_released_loop(
+    model: grmpiqa.QualityModel, specs: list[str], cfg: PretrainConfig
+) -> dict[str, torch.Tensor]:
+    """The authors' ``pretrain.py`` loop restated on its own (method.md 6): one inner
+    model that is never reset, the first database's tasks sharing one Adam carried over
+    from the last one used, a fresh Adam per task of every later database, per support
+    batch one step then one on the next query batch, and after each database
+    ``theta += outer_lr * mean_i(phi_i - theta)``. Only the seed derivations (which
+    stream feeds which choice) are taken from grmpiqa."""
+    model.set_trainable(grmpiqa.STAGE1_GROUPS)
+    params = model.trainable_parameters()
+    plist = list(params.values())
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    databases = build_tasks(specs, seed=cfg.seed)
+    query_tf = stage1_query_transform(cfg.stats)
+    opt: torch.optim.Optimizer | None = None
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        assert opt is not None
+        opt.zero_grad(set_to_none=True)
+        quality_loss(model(x), y).backward()
+        opt.step()
+
+    model.train()
+    for epoch in range(cfg.epochs):
+        for d, db in enumerate(databases):
+            order = np.random.default_rng(_seed_seq(cfg.seed, _ORDER, epoch, d))
+            snapshots = []
+            for t in order.permutation(len(db.tasks)).tolist():
+                if d > 0 or opt is None:
+                    opt = torch.optim.Adam(plist, lr=cfg.inner_lr)
+                task = db.tasks[t]
+                support, query = split_task(task, cfg.support_fraction, cfg.seed, epoch, d, t)
+                aug = random.Random(_derive_seed(cfg.seed, _AUGMENT, epoch, d, t))
+                support_tf = stage1_support_transform(cfg.stats, aug)
+                torch.manual_seed(_derive_seed(cfg.seed, _DROPOUT, epoch, d, t))
+                y = torch.tensor([it.label for it in task.items], dtype=torch.float32)
+                sb, qb = cfg.support_batch, cfg.query_batch
+                q_batches = [query[i : i + qb] for i in range(0, len(query), qb)]
+                for b, start in enumerate(range(0, len(support), sb)):
+                    idx = support[start : start + sb]
+                    step(torch.stack([support_tf(task.items[i].load()) for i in idx]), y[idx])
+                    q = q_batches[b % len(q_batches)]
+                    step(torch.stack([query_tf(task.items[i].load()) for i in q]), y[q])
+                snapshots.append({n: p.detach().clone() for n, p in params.items()})
+            with torch.no_grad():
+                for n in theta:
+                    delta = torch.zeros_like(theta[n])
+                    for snap in snapshots:
+                        delta += snap[n] - theta[n]
+                    theta[n] = theta[n] + cfg.outer_lr * (delta / float(len(snapshots)))
+    return theta
+
+
+def test_released_is_the_authors_loop_bit_for_bit(
+    kadid: str, kadid_small: str, tmp_path: Path
+) -> None:
+    """``variant="released"`` with its defaults (the authors' step sizes) saves exactly
+    the theta of the restated authors' loop, over two databases and two epochs."""
+    specs = [kadid_small, kadid]
+    cfg = PretrainConfig(epochs=2, variant="released", support_batch=3, query_batch=2)
+    assert (cfg.inner_lr, cfg.outer_lr, cfg.inner_passes) == (1e-4, 0.01, 1)
+    out = tmp_path / "released.safetensors"
+    pretrain(_model(), specs, cfg, out, progress=False)
+    saved, _ = read_checkpoint(out)
+    expected = _authors_released_loop(_model(), specs, cfg)
+    assert set(saved) == set(expected)
+    for n, v in expected.items():
+        assert torch.equal(saved[n], v), n
+    moved = max(float((expected[n] - v).abs().max()) for n, v in _prompts(_model()).items())
+    assert moved > 0  # the comparison is not between two untouched initial states

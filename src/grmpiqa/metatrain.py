@@ -79,13 +79,16 @@ from grmpiqa.runs import (
 from grmpiqa.transforms import stage1_query_transform, stage1_support_transform, stats_for
 
 __all__ = [
+    "OUTER_SCHEDULES",
     "VARIANTS",
+    "VARIANT_DEFAULTS",
     "PretrainConfig",
     "PretrainResult",
     "Task",
     "TaskDatabase",
     "build_tasks",
     "evaluate",
+    "outer_lr_at",
     "pretrain",
     "log_path_for",
     "state_path_for",
@@ -600,8 +603,20 @@ def pretrain(
                 delta = {n: torch.zeros_like(v) for n, v in theta.items()}
                 if sharded:  # the tasks over the ranks, delta as in one process
                     epoch_records += _share_tasks(
-                        ctx, run, model, params, theta, delta, db, d_index, order, cfg, cache,
-                        query_tf, epoch, tbar
+                        ctx,
+                        run,
+                        model,
+                        params,
+                        theta,
+                        delta,
+                        db,
+                        d_index,
+                        order,
+                        cfg,
+                        cache,
+                        query_tf,
+                        epoch,
+                        tbar,
                     )
                 for t_index in order if not sharded else ():
                     opt: torch.optim.Optimizer
@@ -612,7 +627,16 @@ def pretrain(
                             inner_opt = torch.optim.Adam(plist, lr=_steps(cfg).inner_lr)
                         opt = inner_opt
                     moved, rec = _adapt(
-                        model, params, theta, opt, db, d_index, t_index, cfg, cache, query_tf,
+                        model,
+                        params,
+                        theta,
+                        opt,
+                        db,
+                        d_index,
+                        t_index,
+                        cfg,
+                        cache,
+                        query_tf,
                         epoch,
                     )
                     with torch.no_grad():
