@@ -11,6 +11,11 @@ Usage::
 
     python benchmarks/pretrain_speed.py                       # 25 tasks x 20 images
     python benchmarks/pretrain_speed.py --tasks 3 --images 10 # a shrunk run
+    python benchmarks/pretrain_speed.py --variant released    # the authors' step sizes
+
+Batch sizes and inner passes are the variant's defaults (``VARIANT_DEFAULTS``) unless
+given: ``reptile`` makes 3 passes with batches 16/4, ``released`` one with 75/50, so a
+``reptile`` meta-epoch does three times the image passes of a ``released`` one.
 
 Prints a table, then as the LAST stdout line one JSON object with the figures.
 """
@@ -91,6 +96,8 @@ def child(args: argparse.Namespace) -> None:
     n_train = sum(p.numel() for p in model.set_trainable(grmpiqa.STAGE1_GROUPS))
     cfg = grmpiqa.PretrainConfig(
         epochs=1,
+        variant=args.variant,
+        inner_passes=args.inner_passes,
         support_batch=args.support_batch,
         query_batch=args.query_batch,
         precision=args.precision,
@@ -118,6 +125,7 @@ def child(args: argparse.Namespace) -> None:
                 "model_load_seconds": round(load_s, 2),
                 "query_loss": epoch["query_loss"],
                 "trainable_params": n_train,
+                "config": cfg.to_dict(),
                 "torch_threads": torch.get_num_threads(),
             }
         )
@@ -130,8 +138,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20, help="images per task (default 20)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--backbone", default="ViT-B-16-quickgelu")
-    ap.add_argument("--support-batch", type=int, default=75)
-    ap.add_argument("--query-batch", type=int, default=50)
+    ap.add_argument("--variant", default="reptile", choices=["reptile", "released"])
+    ap.add_argument("--inner-passes", type=int, default=None, help="default: the variant's")
+    ap.add_argument("--support-batch", type=int, default=None, help="default: the variant's")
+    ap.add_argument("--query-batch", type=int, default=None, help="default: the variant's")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -151,9 +161,16 @@ def main() -> None:
             cmd = [
                 sys.executable, __file__, "--child", "--spec", spec, "--precision", prec,
                 "--tasks", str(args.tasks), "--images", str(args.images),
-                "--backbone", args.backbone, "--support-batch", str(args.support_batch),
-                "--query-batch", str(args.query_batch), "--threads", str(args.threads),
+                "--backbone", args.backbone, "--threads", str(args.threads),
+                "--variant", args.variant,
             ]  # fmt: skip
+            for flag, value in (
+                ("--inner-passes", args.inner_passes),
+                ("--support-batch", args.support_batch),
+                ("--query-batch", args.query_batch),
+            ):
+                if value is not None:
+                    cmd += [flag, str(value)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
@@ -168,10 +185,12 @@ def main() -> None:
             rows.append(row)
 
     n_s = math.floor(0.8 * args.images)
+    conf = rows[0]["config"]
     print(
-        f"Stage-1 meta-epoch, {args.backbone} (RANDOM weights), {args.tasks} tasks x "
-        f"{args.images} images ({n_s} support / {args.images - n_s} query per task), "
-        f"batches {args.support_batch}/{args.query_batch}; data: {source}"
+        f"Stage-1 meta-epoch, {args.backbone} (RANDOM weights), variant {args.variant}, "
+        f"{args.tasks} tasks x {args.images} images ({n_s} support / {args.images - n_s} "
+        f"query per task), {conf['inner_passes']} inner pass(es), batches "
+        f"{conf['support_batch']}/{conf['query_batch']}; data: {source}"
     )
     full = args.tasks == FULL_TASKS and args.images == FULL_IMAGES
     print(
@@ -192,8 +211,10 @@ def main() -> None:
                 "weights": "random",
                 "tasks": args.tasks,
                 "images_per_task": args.images,
-                "support_batch": args.support_batch,
-                "query_batch": args.query_batch,
+                "variant": args.variant,
+                "inner_passes": conf["inner_passes"],
+                "support_batch": conf["support_batch"],
+                "query_batch": conf["query_batch"],
                 "data": source,
                 "data_build_seconds": round(build_s, 1),
                 "cpu": platform.processor() or platform.machine(),

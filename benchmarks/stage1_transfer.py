@@ -7,6 +7,13 @@ against the severity labels, per distortion type and overall, for
 * ``untrained``: the initial prompts (the starting point of both variants),
 * ``reptile``: ``grmpiqa.pretrain`` with the default :class:`PretrainConfig`,
 * ``released``: ``variant="released"`` with the authors' hyper-parameters,
+* ``probe``: no prompts at all: a ridge regression from the frozen image embeddings
+  (untrained prompts, the model's eval transform) to the labels, fitted on the
+  pre-training images (its penalty chosen by 4-fold cross-validation grouped by scene)
+  and applied to the held-out ones: how much a linear read-out of the same frozen
+  features can rank unseen content,
+* ``probe/type``: the same with one regression per distortion type, the most a linear
+  read-out that knows the type can do,
 
 plus how far theta moved in every epoch (L2 norm of theta - theta_0 and of the epoch's
 step, from the run's log records). Each seed draws a fresh random backbone and prompt
@@ -47,7 +54,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-METHODS = ("untrained", "reptile", "released")
+VARIANTS = ("reptile", "released")
+METHODS = ("untrained", "reptile", "released", "probe", "probe/type")
+LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
 def _shared_data() -> Path:
@@ -131,6 +140,71 @@ def heldout_metrics(scores: np.ndarray, labels: np.ndarray, types: list[str]) ->
     }
 
 
+def embeddings(model: Any, ds: Any, batch_size: int) -> np.ndarray:
+    """Frozen L2-normalised image embeddings (eval transform) of every image of ``ds``."""
+    import torch
+
+    from grmpiqa.images import load_image
+
+    tf = model.preprocess.eval_transform()
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch_size):
+            x = torch.stack([tf(load_image(p)) for p in ds.paths[i : i + batch_size]])
+            out.append(model.encode_image(x.to(model.device)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def _ridge(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge regression on standardised features, fitted on (xa, ya), applied to xb."""
+    mu, sd = xa.mean(0), xa.std(0) + 1e-8
+    a, b = (xa - mu) / sd, (xb - mu) / sd
+    w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ (ya - ya.mean()))
+    return b @ w + ya.mean()
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, refs: list[str], folds: int = 4) -> float:
+    """The ridge penalty with the best mean per-fold SRCC, folds grouped by scene."""
+    from scipy.stats import spearmanr
+
+    scenes = sorted(set(refs))
+    fold_of = {r: i % folds for i, r in enumerate(scenes)}
+    f = np.asarray([fold_of[r] for r in refs])
+    best, best_lam = -np.inf, LAMBDAS[0]
+    for lam in LAMBDAS:
+        vals = []
+        for k in range(min(folds, len(scenes))):
+            tr, te = f != k, f == k
+            if tr.sum() < 2 or te.sum() < 2:
+                continue
+            vals.append(spearmanr(_ridge(x[tr], y[tr], x[te], lam), y[te])[0])
+        m = float(np.nanmean(vals)) if vals else -np.inf
+        if m > best:
+            best, best_lam = m, lam
+    return best_lam
+
+
+def probe_scores(
+    x_train: np.ndarray, train: Any, x_held: np.ndarray, held: Any, per_type: bool
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Held-out predictions of the linear probe(s) and the penalties chosen."""
+    y = np.asarray(train.labels, dtype=np.float64)
+    refs = [str(it.ref) for it in train.items]
+    if not per_type:
+        lam = fit_probe(x_train, y, refs)
+        return _ridge(x_train, y, x_held, lam), {"all": lam}
+    pred = np.zeros(len(held))
+    lams: dict[str, float] = {}
+    t_train, t_held = _types_of(train), _types_of(held)
+    for g in sorted(set(t_held)):
+        a = np.asarray([t == g for t in t_train])
+        b = np.asarray([t == g for t in t_held])
+        lams[g] = fit_probe(x_train[a], y[a], [r for r, m in zip(refs, a, strict=True) if m])
+        pred[b] = _ridge(x_train[a], y[a], x_held[b], lams[g])
+    return pred, lams
+
+
 def _prompts(model: Any) -> dict[str, Any]:
     import grmpiqa
 
@@ -139,7 +213,7 @@ def _prompts(model: Any) -> dict[str, Any]:
 
 
 def run_seed(
-    args: argparse.Namespace, seed: int, train_spec: str, held: Any, tmp: Path
+    args: argparse.Namespace, seed: int, train: Any, train_spec: str, held: Any, tmp: Path
 ) -> dict[str, Any]:
     import grmpiqa
 
@@ -158,7 +232,13 @@ def run_seed(
     scores = model.score(held.paths, batch_size=args.batch_size).numpy()
     rec["methods"]["untrained"] = heldout_metrics(scores, labels, types)
     rec["vpt_tokens"] = model.config.vpt_tokens
-    for variant in ("reptile", "released"):
+    x_train = embeddings(model, train, args.batch_size)
+    x_held = embeddings(model, held, args.batch_size)
+    for method, per_type in (("probe", False), ("probe/type", True)):
+        pred, lams = probe_scores(x_train, train, x_held, held, per_type)
+        rec["methods"][method] = heldout_metrics(pred, labels, types)
+        rec["methods"][method]["ridge_penalty"] = lams
+    for variant in args.variants:
         epochs = args.epochs if variant == "reptile" else args.released_epochs
         cfg = grmpiqa.PretrainConfig(epochs=epochs, variant=variant, seed=seed)
         model = fresh()
@@ -239,7 +319,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="scoring batch size")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--work", default=None, help="keep the synthesised sets here")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="pre-training variants to run (default both; none: untrained and probes only)",
+    )
     args = ap.parse_args()
+    methods = ["untrained", *args.variants, "probe", "probe/type"]
     if args.released_epochs is None:
         args.released_epochs = args.epochs
     if args.vpt_tokens is None and args.backbone == "test-tiny":
@@ -263,10 +351,11 @@ def main() -> None:
         held_spec = make_set(held_files, work / "heldout", args.size, args.types, 0)
         synth_s = time.perf_counter() - t0
         held = load_dataset(held_spec)
+        train = load_dataset(train_spec)
         runs = []
         for seed in args.seeds:
             print(f"stage1_transfer: seed {seed} ...", file=sys.stderr, flush=True)
-            runs.append(run_seed(args, seed, train_spec, held, Path(tmpdir)))
+            runs.append(run_seed(args, seed, train, train_spec, held, Path(tmpdir)))
     total_s = time.perf_counter() - t_all
 
     type_ids = sorted(runs[0]["methods"]["untrained"]["per_type"])
@@ -284,24 +373,24 @@ def main() -> None:
         f"{args.size or 'original'} px; reptile {args.epochs} epochs, released "
         f"{args.released_epochs} epochs; seeds {args.seeds} (mean+-sd over {n})"
     )
-    head = f"{'type':<32}" + "".join(f"{m + ' SRCC':>18}" for m in METHODS)
-    head += "".join(f"{m + ' KRCC':>18}" for m in METHODS)
+    head = f"{'type':<32}" + "".join(f"{m + ' SRCC':>18}" for m in methods)
+    head += "".join(f"{m + ' KRCC':>18}" for m in methods)
     print(head)
     for g in type_ids:
         name = f"{g} {TYPE_NAMES[int(g) - 1]}" if g.isdigit() and 0 < int(g) <= 25 else g
-        row = f"{name:<32}" + "".join(f"{_fmt(col(m, 'srcc', g)):>18}" for m in METHODS)
-        row += "".join(f"{_fmt(col(m, 'krcc', g)):>18}" for m in METHODS)
+        row = f"{name:<32}" + "".join(f"{_fmt(col(m, 'srcc', g)):>18}" for m in methods)
+        row += "".join(f"{_fmt(col(m, 'krcc', g)):>18}" for m in methods)
         print(row)
     for label, skey, kkey in (
         ("mean over types", "srcc_mean_per_type", "krcc_mean_per_type"),
         ("pooled (all images)", "srcc_pooled", "krcc_pooled"),
     ):
-        row = f"{label:<32}" + "".join(f"{_fmt(col(m, skey)):>18}" for m in METHODS)
-        row += "".join(f"{_fmt(col(m, kkey)):>18}" for m in METHODS)
+        row = f"{label:<32}" + "".join(f"{_fmt(col(m, skey)):>18}" for m in methods)
+        row += "".join(f"{_fmt(col(m, kkey)):>18}" for m in methods)
         print(row)
     gains: dict[str, Any] = {}
     print("\nGain over untrained prompts (same seed), mean+-sd over seeds:")
-    for variant in ("reptile", "released"):
+    for variant in methods[1:]:
         gains[variant] = {}
         for key in ("srcc_mean_per_type", "srcc_pooled", "krcc_pooled"):
             diffs = [r["methods"][variant][key] - r["methods"]["untrained"][key] for r in runs]
@@ -317,14 +406,13 @@ def main() -> None:
         "\nDisplacement of theta per epoch (L2 norm, mean over seeds): |theta_e - theta_0| / step"
     )
     print(
-        f"{'epoch':>6}"
-        + "".join(f"{v + ' |th-th0|':>22}{v + ' step':>18}" for v in ("reptile", "released"))
+        f"{'epoch':>6}" + "".join(f"{v + ' |th-th0|':>22}{v + ' step':>18}" for v in args.variants)
     )
     epochs_tab = max(args.epochs, args.released_epochs)
     disp: dict[str, list[dict[str, Any]]] = {"reptile": [], "released": []}
     for e in range(epochs_tab):
         row = f"{e + 1:>6}"
-        for v in ("reptile", "released"):
+        for v in args.variants:
             recs = [
                 r["methods"][v]["epochs"][e] for r in runs if e < len(r["methods"][v]["epochs"])
             ]
@@ -349,20 +437,22 @@ def main() -> None:
             )
             row += f"{d:>22.3e}{s:>18.3e}"
         print(row)
-    secs = {v: _ms([r["methods"][v]["seconds"] for r in runs])[0] for v in ("reptile", "released")}
+    secs = {v: _ms([r["methods"][v]["seconds"] for r in runs])[0] for v in args.variants}
     print(
-        f"\nseconds per run (mean): reptile {secs['reptile']:.0f}, released {secs['released']:.0f};"
-        f" synthesis {synth_s:.0f} s; total {total_s:.0f} s"
+        "\nseconds per run (mean): "
+        + "".join(f"{v} {secs[v]:.0f}, " for v in args.variants)
+        + f"synthesis {synth_s:.0f} s; total {total_s:.0f} s"
     )
+
     summary = {
         m: {
             k: dict(zip(("mean", "sd"), _ms(col(m, k)), strict=True))
             for k in ("srcc_mean_per_type", "krcc_mean_per_type", "srcc_pooled", "krcc_pooled")
         }
-        for m in METHODS
+        for m in methods
     }
     per_type = {
-        g: {m: {k: _ms(col(m, k, g))[0] for k in ("srcc", "krcc")} for m in METHODS}
+        g: {m: {k: _ms(col(m, k, g))[0] for k in ("srcc", "krcc")} for m in methods}
         for g in type_ids
     }
     print(
@@ -381,14 +471,14 @@ def main() -> None:
                 "heldout_distorted": len(held),
                 "epochs": {"reptile": args.epochs, "released": args.released_epochs},
                 "seeds": args.seeds,
-                "configs": {v: runs[0]["methods"][v]["config"] for v in ("reptile", "released")},
+                "configs": {v: runs[0]["methods"][v]["config"] for v in args.variants},
                 "summary": summary,
                 "gain_over_untrained": gains,
                 "per_type": per_type,
                 "displacement_per_epoch": disp,
                 "max_abs_displacement": {
                     v: [r["methods"][v]["max_abs_displacement"] for r in runs]
-                    for v in ("reptile", "released")
+                    for v in args.variants
                 },
                 "seconds": {"synthesis": round(synth_s, 1), "total": round(total_s, 1), **secs},
                 "torch_threads": torch.get_num_threads(),
