@@ -164,8 +164,9 @@ def _ridge(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, lam: float) -> np.nda
     return b @ w + ya.mean()
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, refs: list[str], folds: int = 4) -> float:
-    """The ridge penalty with the best mean per-fold SRCC, folds grouped by scene."""
+def fit_probe(x: np.ndarray, y: np.ndarray, refs: list[str], folds: int = 4) -> tuple[float, float]:
+    """The ridge penalty with the best mean per-fold SRCC (folds grouped by scene), and
+    that SRCC: how well the pre-training images alone say a type is linearly rankable."""
     from scipy.stats import spearmanr
 
     scenes = sorted(set(refs))
@@ -182,27 +183,30 @@ def fit_probe(x: np.ndarray, y: np.ndarray, refs: list[str], folds: int = 4) -> 
         m = float(np.nanmean(vals)) if vals else -np.inf
         if m > best:
             best, best_lam = m, lam
-    return best_lam
+    return best_lam, float(best)
 
 
 def probe_scores(
     x_train: np.ndarray, train: Any, x_held: np.ndarray, held: Any, per_type: bool
-) -> tuple[np.ndarray, dict[str, float]]:
-    """Held-out predictions of the linear probe(s) and the penalties chosen."""
+) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
+    """Held-out predictions of the linear probe(s), the penalties chosen and their
+    cross-validated SRCC on the pre-training images."""
     y = np.asarray(train.labels, dtype=np.float64)
     refs = [str(it.ref) for it in train.items]
     if not per_type:
-        lam = fit_probe(x_train, y, refs)
-        return _ridge(x_train, y, x_held, lam), {"all": lam}
+        lam, cv = fit_probe(x_train, y, refs)
+        return _ridge(x_train, y, x_held, lam), {"all": lam}, {"all": cv}
     pred = np.zeros(len(held))
     lams: dict[str, float] = {}
+    cvs: dict[str, float] = {}
     t_train, t_held = _types_of(train), _types_of(held)
     for g in sorted(set(t_held)):
         a = np.asarray([t == g for t in t_train])
         b = np.asarray([t == g for t in t_held])
-        lams[g] = fit_probe(x_train[a], y[a], [r for r, m in zip(refs, a, strict=True) if m])
+        scenes = [r for r, m in zip(refs, a, strict=True) if m]
+        lams[g], cvs[g] = fit_probe(x_train[a], y[a], scenes)
         pred[b] = _ridge(x_train[a], y[a], x_held[b], lams[g])
-    return pred, lams
+    return pred, lams, cvs
 
 
 def _prompts(model: Any) -> dict[str, Any]:
@@ -235,12 +239,14 @@ def run_seed(
     x_train = embeddings(model, train, args.batch_size)
     x_held = embeddings(model, held, args.batch_size)
     for method, per_type in (("probe", False), ("probe/type", True)):
-        pred, lams = probe_scores(x_train, train, x_held, held, per_type)
+        pred, lams, cvs = probe_scores(x_train, train, x_held, held, per_type)
         rec["methods"][method] = heldout_metrics(pred, labels, types)
         rec["methods"][method]["ridge_penalty"] = lams
+        rec["methods"][method]["cv_srcc_pretraining"] = cvs
     for variant in args.variants:
         epochs = args.epochs if variant == "reptile" else args.released_epochs
-        cfg = grmpiqa.PretrainConfig(epochs=epochs, variant=variant, seed=seed)
+        overrides = args.overrides if variant == "reptile" else {}
+        cfg = grmpiqa.PretrainConfig(epochs=epochs, variant=variant, seed=seed, **overrides)
         model = fresh()
         t0 = time.perf_counter()
         result = grmpiqa.pretrain(
@@ -267,6 +273,24 @@ def run_seed(
         ]
         rec["methods"][variant] = m
     return rec
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs as PretrainConfig keyword arguments (values parsed as JSON,
+    else kept as strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key in ("epochs", "variant", "seed"):
+            raise SystemExit(
+                f"stage1_transfer: --set {pair!r}: want FIELD=VALUE (not epochs, "
+                "variant or seed, which have their own flags)"
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _types_of(ds: Any) -> list[str]:
@@ -326,7 +350,16 @@ def main() -> None:
         default=list(VARIANTS),
         help="pre-training variants to run (default both; none: untrained and probes only)",
     )
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override PretrainConfig fields of the reptile runs (e.g. inner_lr=1e-4 "
+        "outer_lr=0.01 inner_passes=1 support_batch=75 query_batch=50): a step-size sweep",
+    )
     args = ap.parse_args()
+    args.overrides = _overrides(args.set)
     methods = ["untrained", *args.variants, "probe", "probe/type"]
     if args.released_epochs is None:
         args.released_epochs = args.epochs
@@ -372,6 +405,7 @@ def main() -> None:
         f"{runs[0]['vpt_tokens']} VPT tokens; {desc}; pristine longer side "
         f"{args.size or 'original'} px; reptile {args.epochs} epochs, released "
         f"{args.released_epochs} epochs; seeds {args.seeds} (mean+-sd over {n})"
+        + (f"; reptile overrides {args.overrides}" if args.overrides else "")
     )
     head = f"{'type':<32}" + "".join(f"{m + ' SRCC':>18}" for m in methods)
     head += "".join(f"{m + ' KRCC':>18}" for m in methods)
@@ -402,6 +436,15 @@ def main() -> None:
             f"   pooled SRCC {_fmt(g_v['srcc_pooled']['values'])}"
             f"   (min over seeds {g_v['srcc_mean_per_type']['min']:+.3f})"
         )
+    cv = {
+        g: _ms([r["methods"]["probe/type"]["cv_srcc_pretraining"][g] for r in runs])[0]
+        for g in type_ids
+    }
+    ranked = sorted(type_ids, key=lambda g: -cv[g])
+    print(
+        "\nTypes by the per-type probe's cross-validated SRCC on the PRE-TRAINING images "
+        "(mean over seeds): " + ", ".join(f"{g} {cv[g]:+.2f}" for g in ranked)
+    )
     print(
         "\nDisplacement of theta per epoch (L2 norm, mean over seeds): |theta_e - theta_0| / step"
     )
@@ -471,10 +514,12 @@ def main() -> None:
                 "heldout_distorted": len(held),
                 "epochs": {"reptile": args.epochs, "released": args.released_epochs},
                 "seeds": args.seeds,
+                "overrides": args.overrides,
                 "configs": {v: runs[0]["methods"][v]["config"] for v in args.variants},
                 "summary": summary,
                 "gain_over_untrained": gains,
                 "per_type": per_type,
+                "probe_cv_srcc_pretraining": cv,
                 "displacement_per_epoch": disp,
                 "max_abs_displacement": {
                     v: [r["methods"][v]["max_abs_displacement"] for r in runs]
