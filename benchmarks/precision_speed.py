@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from _timing import matmul_tflops
 
 import grmpiqa
 from grmpiqa.feature_cache import frozen_image_blocks
@@ -37,18 +38,6 @@ from grmpiqa.losses import quality_loss
 from grmpiqa.precision import autocast, fast_bf16
 
 BACKBONE = "ViT-B-16-quickgelu"
-
-
-def matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
 
 
 def interleave(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
@@ -158,7 +147,7 @@ def main() -> None:
         results["stage2_cached_epoch"]["fp32_s_per_epoch"] = min(t["fp32"])
         results["stage2_cached_epoch"]["bf16_s_per_epoch"] = min(t["bf16"])
 
-    rate32, rate16 = matmul_tflops(torch.float32), matmul_tflops(torch.bfloat16)
+    rate32, rate16 = matmul_tflops(torch.float32, 2048), matmul_tflops(torch.bfloat16, 2048)
     print(
         f"bf16 available: {fast_bf16('cpu')[1]}; matmul 2048^3: fp32 {rate32:.2f} TFLOP/s, "
         f"bf16 {rate16:.2f} TFLOP/s; threads {torch.get_num_threads()}; "

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import matmul_tflops
 from PIL import Image
 
 import grmpiqa
@@ -66,17 +67,6 @@ def vit_gflop(q_rows: list[int], kv_rows: int) -> float:
 PLAIN_GFLOP = vit_gflop([197] * BLOCKS, 197)
 NOMINAL_GFLOP = vit_gflop([197 + PROMPTS] * BLOCKS, 197 + PROMPTS)  # every row computed
 FAST_GFLOP = vit_gflop([197] * (BLOCKS - 1) + [1], 197 + PROMPTS)  # what the tower runs
-
-
-def matmul_tflops(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
 
 
 def interleave(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
