@@ -603,21 +603,9 @@ def pretrain(
                 delta = {n: torch.zeros_like(v) for n, v in theta.items()}
                 if sharded:  # the tasks over the ranks, delta as in one process
                     epoch_records += _share_tasks(
-                        ctx,
-                        run,
-                        model,
-                        params,
-                        theta,
-                        delta,
-                        db,
-                        d_index,
-                        order,
-                        cfg,
-                        cache,
-                        query_tf,
-                        epoch,
-                        tbar,
-                    )
+                        ctx, run, model, params, theta, delta, db, d_index, order, cfg, cache,
+                        query_tf, epoch, tbar,
+                    )  # fmt: skip
                 for t_index in order if not sharded else ():
                     opt: torch.optim.Optimizer
                     if cfg.variant == "reptile":
@@ -627,17 +615,7 @@ def pretrain(
                             inner_opt = torch.optim.Adam(plist, lr=_steps(cfg).inner_lr)
                         opt = inner_opt
                     moved, rec = _adapt(
-                        model,
-                        params,
-                        theta,
-                        opt,
-                        db,
-                        d_index,
-                        t_index,
-                        cfg,
-                        cache,
-                        query_tf,
-                        epoch,
+                        model, params, theta, opt, db, d_index, t_index, cfg, cache, query_tf, epoch
                     )
                     with torch.no_grad():
                         for n in delta:
