@@ -290,6 +290,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    import grmpiqa
+
+    try:  # fail before the synthesis, not after it
+        grmpiqa.PretrainConfig(**out)
+    except (TypeError, grmpiqa.GrmpiqaError) as err:
+        raise SystemExit(f"stage1_transfer: --set: {err}") from None
     return out
 
 
