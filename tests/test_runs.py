@@ -127,7 +127,8 @@ def test_finetune_stops_at_the_first_non_finite_step_and_keeps_the_last_good_fil
     tmp_path, labels_csv, monkeypatch
 ):
     """The loss turns NaN at epoch 3: training stops with a TrainingError naming the epoch,
-    and the checkpoint and state on disk are those of epoch 2 (the last good one)."""
+    and the state on disk is that of epoch 2 (the last good one; saved after every epoch
+    with save_every=0); no checkpoint is written before a run ends."""
     ft = importlib.import_module("grmpiqa.finetune")
 
     shots = load_dataset(f"csv:{labels_csv}")
@@ -143,12 +144,13 @@ def test_finetune_stops_at_the_first_non_finite_step_and_keeps_the_last_good_fil
     monkeypatch.setattr(ft, "quality_loss", poisoned)
     cfg = FinetuneConfig(max_epochs=5, eval_every=1, cache_augmentations=1)
     with pytest.raises(TrainingError, match=r"epoch 3: the quality loss became nan.*holds epoch 2"):
-        finetune(tiny(), shots, cfg, out=out, progress=False)
-    assert grmpiqa.read_metadata(out)["extra"]["epoch"] == 2
+        finetune(tiny(), shots, cfg, out=out, progress=False, save_every=0)
+    assert not out.exists()
     assert RunFiles(out, "finetune").load_state().record["epoch"] == 2
     monkeypatch.setattr(ft, "quality_loss", real)
     resumed = finetune(tiny(), shots, cfg, out=out, resume=True, progress=False)
     assert resumed.epochs == 5
+    assert grmpiqa.read_metadata(out)["extra"]["epoch"] == 5
 
 
 def test_cli_huge_learning_rate_is_a_one_line_error(tmp_path, labels_csv, capsys):

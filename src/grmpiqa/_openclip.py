@@ -192,14 +192,15 @@ def block_rows(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     """
     b: Any = block
     y = b.ln_1(x)
-    h = x[:, :rows] + b.ls_1(_attention(b.attn, y[:, :rows], y))
+    h = x[:, :rows] + b.ls_1(_attention(b.attn, y, rows))
     return h + b.ls_2(b.mlp(b.ln_2(h)))  # type: ignore[no-any-return]
 
 
-def _attention(
-    attn: nn.MultiheadAttention, q_in: torch.Tensor, kv_in: torch.Tensor
-) -> torch.Tensor:
-    """``attn(q_in, kv_in, kv_in)`` (batch-first, no mask) with the module's own weights."""
+def _attention(attn: nn.MultiheadAttention, kv_in: torch.Tensor, rows: int) -> torch.Tensor:
+    """``attn(q, kv_in, kv_in)`` for the queries ``q = kv_in[:, :rows]`` (batch-first, no
+    mask) with the module's own weights. (No storage pointers are compared, so it also
+    runs under ``torch.func.vmap``.)"""
+    q_in = kv_in[:, :rows]
     b, r, w = q_in.shape
     t = kv_in.shape[1]
     h = attn.num_heads
@@ -208,7 +209,7 @@ def _attention(
     bq = bkv = None
     if bias is not None:
         bq, bkv = bias[:w], bias[w:]
-    if q_in.data_ptr() == kv_in.data_ptr() and r == t:
+    if r == t:
         qkv = F.linear(q_in, weight, bias).view(b, r, 3, h, d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
     else:

@@ -158,6 +158,14 @@ class Context:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (e.g. a stop signal; one process: ``flag``)."""
+        if not self.is_distributed:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self._message_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return bool(t.item() > 0)
+
     def _message_device(self) -> torch.device:
         if "gloo" in self.backend:
             return torch.device("cpu")

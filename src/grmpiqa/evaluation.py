@@ -64,11 +64,14 @@ from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
 from grmpiqa.distributed import Context, current, local
 from grmpiqa.errors import DatasetError, GrmpiqaError
 from grmpiqa.factory import DEFAULT, create_model
+from grmpiqa.feature_cache import FrozenPool, frozen_image_blocks
 from grmpiqa.log import get_logger
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.precision import autocast
+from grmpiqa.prompts import l2_normalize
 from grmpiqa.results import ProtocolResult, SplitResult
+from grmpiqa.runs import DEFAULT_SAVE_EVERY, RunFiles, stop_signals
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -310,6 +313,49 @@ class _TestScorer:
         return torch.cat(out).double().numpy()
 
 
+class _PoolScorer:
+    """Scores test images from the pool's frozen part (issue 21): the hidden state of
+    every image's eval view entering the first trained block is computed once for the
+    whole protocol (in fp32, as the full forward pass keeps its residual stream), and a
+    split only runs the trained blocks and the head on it - the numbers of
+    :class:`_TestScorer`, whose first blocks compute the same state."""
+
+    def __init__(
+        self,
+        pool: FrozenPool,
+        test: Dataset,
+        start_block: int,
+        batch_size: int,
+        precision: str,
+    ) -> None:
+        self.pool = pool
+        self.test = test
+        self.start_block = start_block
+        self.batch_size = batch_size
+        self.precision = precision
+
+    @torch.inference_mode()
+    def __call__(self, model: QualityModel) -> np.ndarray:
+        if len(self.test) == 0:
+            return np.zeros(0)
+        was_training = model.training
+        model.eval()
+        out = []
+        try:
+            hidden = self.pool.eval_hidden(
+                model, self.test, self.start_block, self.precision, dtype=torch.float32
+            )
+            for i in range(0, len(hidden), self.batch_size):
+                h = hidden[i : i + self.batch_size].to(model.device)
+                with autocast(model.device, self.precision):
+                    v = l2_normalize(model.image_tower.forward_from(h, self.start_block))
+                    logits = model.logits_from_features(v, model.quality_text_features())
+                out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out).double().numpy()
+
+
 # --- one split ----------------------------------------------------------------------------
 
 
@@ -322,7 +368,14 @@ def _run_split(
     progress: bool,
     checkpoint: Path | None = None,
     resume: bool = False,
+    *,
+    keep: bool = True,
+    pool: FrozenPool | None = None,
+    save_every: float = DEFAULT_SAVE_EVERY,
 ) -> SplitResult:
+    """Train and score split ``index``. ``checkpoint``: the split's run files (state and
+    log on the save clock; the checkpoint itself only with ``keep``); ``pool``: frozen
+    features shared by the protocol's splits."""
     t0 = time.perf_counter()
     train = split.train(dataset)
     test = split.test_set(dataset)
@@ -333,14 +386,19 @@ def _run_split(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if config.method == "clipiqa":
-            pred = (
-                base.score(test.paths, batch_size=config.batch_size, precision=precision)
-                .double()
-                .numpy()
-            )
+
+            def zero_shot(d: Dataset) -> np.ndarray:
+                s = base.score(d.paths, batch_size=config.batch_size, precision=precision)
+                return s.double().numpy()
+
+            pred = pool.memo("clipiqa", test, zero_shot) if pool else zero_shot(test)
         elif config.method == "linear-probe":
-            f_train = image_features(base, train.paths, config.batch_size, precision=precision)
-            f_test = image_features(base, test.paths, config.batch_size, precision=precision)
+
+            def embed(d: Dataset) -> np.ndarray:
+                return image_features(base, d.paths, config.batch_size, precision=precision)
+
+            f_train = pool.memo("features", train, embed) if pool else embed(train)
+            f_test = pool.memo("features", test, embed) if pool else embed(test)
             probe = RidgeProbe.fit(
                 f_train, train.labels, config.probe_alphas, config.probe_folds, seed
             )
@@ -350,8 +408,9 @@ def _run_split(
             )
         else:
             pred, history, train_info = _train_and_predict(
-                base, train, test, config, seed, progress, checkpoint, resume
-            )
+                base, train, test, config, seed, progress, checkpoint, resume,
+                keep=keep, pool=pool, save_every=save_every,
+            )  # fmt: skip
             info.update(train_info)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -370,6 +429,21 @@ def _run_split(
     )
 
 
+def _frozen_blocks_for(model: QualityModel, groups: Sequence[str]) -> int | None:
+    """:func:`frozen_image_blocks` once ``groups`` train, leaving ``model`` as it was
+    (what trains, and what it records as adapted, which decides how its teacher is
+    built)."""
+    adapted = set(model.adapted_keys)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        model.set_trainable(groups)
+        return frozen_image_blocks(model)
+    finally:
+        model.adapted_keys = adapted
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
 def _train_and_predict(
     base: QualityModel,
     train: Dataset,
@@ -379,6 +453,10 @@ def _train_and_predict(
     progress: bool,
     checkpoint: Path | None = None,
     resume: bool = False,
+    *,
+    keep: bool = True,
+    pool: FrozenPool | None = None,
+    save_every: float = DEFAULT_SAVE_EVERY,
 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
     from grmpiqa.finetune import finetune
 
@@ -387,7 +465,12 @@ def _train_and_predict(
     if config.method == "coop":
         ft = coop_finetune_config(ft)
     model = copy.deepcopy(base)
-    scorer = _TestScorer(model, test, config.batch_size, config.precision)
+    scorer: Callable[[QualityModel], np.ndarray]
+    start_block = _frozen_blocks_for(model, ft.groups)
+    if pool is not None and start_block is not None:
+        scorer = _PoolScorer(pool, test, start_block, config.batch_size, config.precision)
+    else:
+        scorer = _TestScorer(model, test, config.batch_size, config.precision)
     best: dict[str, Any] = {"srcc": -math.inf, "pred": None, "epoch": None}
     on_eval: Callable[[int, QualityModel], dict[str, float]] | None = None
     if config.selection == "best-on-test":
@@ -412,6 +495,9 @@ def _train_and_predict(
         out=checkpoint,
         resume=resume,
         overwrite=not resume,
+        save_every=save_every,
+        checkpoint=keep,
+        pool=pool,
     )
     info: dict[str, Any] = {
         "epochs": int(result.epochs),
@@ -419,7 +505,7 @@ def _train_and_predict(
         "train_seconds": float(result.seconds),
     }
     final = scorer(model)
-    if checkpoint is not None:
+    if checkpoint is not None and keep:
         info["checkpoint"] = checkpoint.name
     if config.selection == "best-on-test" and best["pred"] is not None:
         pred = best["pred"]
@@ -468,6 +554,7 @@ def run_protocol(
     progress: bool = True,
     model: QualityModel | None = None,
     keep_checkpoints: bool = False,
+    save_every: float = DEFAULT_SAVE_EVERY,
 ) -> ProtocolResult:
     """Run the 10-split few-shot protocol (method.md 8); write a report if asked.
 
@@ -483,8 +570,19 @@ def run_protocol(
             config (its backbone identity is recorded as usual).
         keep_checkpoints: trained methods: write each split's final model to
             ``report_dir/splits/split_K.safetensors`` (loadable by ``grmpiqa score
-            --checkpoint``; with ``resume`` an interrupted split continues from its
-            ``.state.safetensors``). Off by default: a ViT-B/16 split checkpoint is ~170 MB.
+            --checkpoint``), and keep its resume state and log. Off by default: a
+            ViT-B/16 split checkpoint is ~170 MB.
+        save_every: seconds between writes of a split's resume state
+            (``report_dir/splits/split_K.state.safetensors``; also written when SIGINT or
+            SIGTERM stops the run, which raises :class:`~grmpiqa.runs.RunInterrupted`).
+            With ``resume`` an interrupted split continues from it, with or without
+            ``keep_checkpoints``; without them it is deleted once the split is done.
+
+    The splits run back to back on one base model, and what fine-tuning keeps frozen
+    is computed once for the whole dataset and shared by every split
+    (:class:`~grmpiqa.feature_cache.FrozenPool`: decoded images, the eval views' frozen
+    hidden states - the test images' too -, the teacher; zero-shot scores and probe
+    features), with the numbers a split computing them itself gets.
 
     Launched on several ranks (torchrun, :mod:`grmpiqa.distributed`), the splits are
     shared out, one per rank at a time, each trained by its rank alone; rank 0 writes
@@ -530,28 +628,35 @@ def run_protocol(
     )
     if ctx.is_distributed:  # the splits over the ranks; the loop below then has nothing to do
         results = _share_splits(
-            ctx, base, dataset, splits, config, out, fingerprint, resume, keep_checkpoints, bar
-        )
+            ctx, base, dataset, splits, config, out, fingerprint, resume, keep_checkpoints, bar,
+            save_every,
+        )  # fmt: skip
         for r in results:
             notes.extend(f"split {r.index}: {w}" for w in r.info.get("metric_warnings", []))
-    for k, split in enumerate(bar if not ctx.is_distributed else ()):
-        res = None
-        if out is not None and resume:
-            res = _load_finished(_split_file(out, k), fingerprint, split)
-        if res is None:
-            ckpt = None
-            if out is not None and keep_checkpoints and config.method in _TRAINED:
-                ckpt = out / "splits" / f"split_{k}.safetensors"
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-            res = _run_split(base, dataset, split, config, k, progress, ckpt, resume)
-            if out is not None:
-                write_json(
-                    _split_file(out, k), {"fingerprint": fingerprint, "result": res.to_dict()}
-                )
-        for w in res.info.get("metric_warnings", []):
-            notes.append(f"split {k}: {w}")
-        results.append(res)
-        bar.set_postfix(srcc=f"{res.metrics['srcc']:.3f}")
+    pool = FrozenPool(max_bytes=_POOL_BUDGET)
+    with stop_signals(enabled=out is not None) as stop:
+        for k, split in enumerate(bar if not ctx.is_distributed else ()):
+            res = None
+            if out is not None and resume:
+                res = _load_finished(_split_file(out, k), fingerprint, split)
+            if res is None:
+                run_path = _split_run(out, k, config)
+                res = _run_split(
+                    base, dataset, split, config, k, progress, run_path, resume,
+                    keep=keep_checkpoints, pool=pool, save_every=save_every,
+                )  # fmt: skip
+                if out is not None:
+                    write_json(
+                        _split_file(out, k), {"fingerprint": fingerprint, "result": res.to_dict()}
+                    )
+                if run_path is not None and not keep_checkpoints:
+                    _remove_split_run(run_path)
+            for w in res.info.get("metric_warnings", []):
+                notes.append(f"split {k}: {w}")
+            results.append(res)
+            bar.set_postfix(srcc=f"{res.metrics['srcc']:.3f}")
+            if stop.requested and k + 1 < len(splits):
+                raise stop.interrupted(f"splits 0-{k} are finished in {out / 'splits'}")
     bar.close()
     summary = summarize_metrics([{**r.metrics, "seconds": r.seconds} for r in results])
     result = ProtocolResult(record, dataset, results, summary, notes)
@@ -559,6 +664,28 @@ def run_protocol(
         write_splits(dataset, splits, out / "splits.csv")
         write_report(result, out)
     return result
+
+
+# Memory the protocol's shared frozen features may take (FrozenPool).
+_POOL_BUDGET = 2 * 1024**3
+
+
+def _split_run(out: Path | None, index: int, config: ProtocolConfig) -> Path | None:
+    """The run files of a trained split (``DIR/splits/split_K.safetensors`` and its
+    state and log), or None."""
+    if out is None or config.method not in _TRAINED:
+        return None
+    path = out / "splits" / f"split_{index}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _remove_split_run(path: Path) -> None:
+    """A finished split's resume state and log, once its record is written."""
+    run = RunFiles(path, "finetune")
+    for p in (run.state, run.log):
+        if p.is_file():
+            p.unlink()
 
 
 def _share_splits(
@@ -572,6 +699,7 @@ def _share_splits(
     resume: bool,
     keep_checkpoints: bool,
     bar: Any,
+    save_every: float = DEFAULT_SAVE_EVERY,
 ) -> list[SplitResult]:
     """The splits over the ranks, one per rank at a time (:mod:`grmpiqa.distributed`).
 
@@ -592,6 +720,7 @@ def _share_splits(
         return done
 
     results = {int(k): SplitResult.from_dict(d) for k, d in ctx.from_main(finished).items()}
+    pool = FrozenPool(max_bytes=_POOL_BUDGET)
     bar.update(len(results))
     todo = [k for k in range(len(splits)) if k not in results]
     if ctx.is_main:
@@ -607,13 +736,13 @@ def _share_splits(
         error: BaseException | None = None
         if ctx.rank < len(round_):
             k = round_[ctx.rank]
-            ckpt = None
-            if out is not None and keep_checkpoints and config.method in _TRAINED:
-                ckpt = out / "splits" / f"split_{k}.safetensors"
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt = _split_run(out, k, config)
             try:
                 with local():  # this split is this rank's alone
-                    own = _run_split(base, dataset, splits[k], config, k, False, ckpt, resume)
+                    own = _run_split(
+                        base, dataset, splits[k], config, k, False, ckpt, resume,
+                        keep=keep_checkpoints, pool=pool, save_every=save_every,
+                    )  # fmt: skip
             except Exception as err:
                 error = err
         gathered = ctx.gather(own.to_dict() if own is not None else None, error)
@@ -625,6 +754,10 @@ def _share_splits(
             if out is not None and ctx.is_main:
                 record = {"fingerprint": fingerprint, "result": res.to_dict()}
                 write_json(_split_file(out, res.index), record)
+        if own is not None and not keep_checkpoints:
+            run_path = _split_run(out, own.index, config)
+            if run_path is not None:
+                _remove_split_run(run_path)
         bar.update(len(round_))
     return [results[k] for k in range(len(splits))]
 

@@ -21,7 +21,12 @@ are the cache's deviations from the released path (``FinetuneConfig(cache=False)
 Memory: ``N * K`` hidden states of ``T * W`` values, where the prompt rows are not
 stored (every trained block replaces them): ViT-B/16 has T = 197, W = 768, i.e. 0.6 MB
 per view in fp32; 50 shots x (8 + 1 eval) views = 272 MB (half in bf16, used when
-fine-tuning in bf16).
+fine-tuning in bf16). The cache lives on the model's device.
+
+Shared by every split of an evaluation (issue 21): :class:`FrozenPool` keeps what does not
+depend on the split - each image decoded and resized once (a uint8 tensor on the device,
+from which the bank's crops and flips are cut on the device with the very numbers of the
+PIL path), the hidden state of its eval view, and the semantic teacher.
 """
 
 from __future__ import annotations
@@ -29,21 +34,30 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
 from grmpiqa.distributed import Context
 from grmpiqa.model import QualityModel
 from grmpiqa.precision import autocast, storage_dtype
-from grmpiqa.transforms import ResizeCropNormalize
+from grmpiqa.transforms import PreprocessConfig, ResizeCropNormalize, _pil_resample
+
+if TYPE_CHECKING:
+    from grmpiqa.data import Dataset
 
 __all__ = [
     "FrozenFeatureCache",
+    "FrozenPool",
     "bank_generator",
     "bank_view",
+    "bank_view_tensor",
+    "eval_view_tensor",
     "build_feature_cache",
     "encode_frozen",
     "epoch_generator",
@@ -90,6 +104,48 @@ def bank_view(
         model.preprocess, train=True, generator=bank_generator(seed, index, view)
     )
     return tf(image)
+
+
+def _normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` -> normalised float, by the operations of the PIL path
+    (``to_tensor``: float, / 255; ``normalize``), hence the same numbers."""
+    return TF.normalize(pixels.to(torch.float32).div(255), list(config.mean), list(config.std))
+
+
+def bank_view_tensor(
+    config: PreprocessConfig, pixels: torch.Tensor, seed: int, index: int, view: int
+) -> torch.Tensor:
+    """:func:`bank_view` of an image already resized to ``config.resize`` and held as a
+    uint8 ``[3, R, R]`` tensor (on any device): the same random draws (crop offsets,
+    then the flip), the crop a slice, the flip a reversal, so exactly the same values."""
+    rng = bank_generator(seed, index, view)
+    span = config.resize - config.crop
+    top = rng.randrange(span) if span > 0 else 0
+    left = rng.randrange(span) if span > 0 else 0
+    x = pixels[:, top : top + config.crop, left : left + config.crop]
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+    return _normalize(x, config)
+
+
+def eval_view_tensor(config: PreprocessConfig, pixels: torch.Tensor) -> torch.Tensor:
+    """The eval transform (centre crop) of a resized uint8 ``[3, R, R]`` image."""
+    off = (config.resize - config.crop) // 2
+    return _normalize(pixels[:, off : off + config.crop, off : off + config.crop], config)
+
+
+def _view(
+    model: QualityModel, image: Image.Image | torch.Tensor, seed: int, index: int, view: int
+) -> torch.Tensor:
+    """View ``view`` (-1: the eval view) of image ``index``, from PIL or a pool tensor."""
+    c = model.preprocess
+    if isinstance(image, torch.Tensor):
+        if view < 0:
+            return eval_view_tensor(c, image)
+        return bank_view_tensor(c, image, seed, index, view)
+    if view < 0:
+        return c.eval_transform()(image)
+    return bank_view(model, image, seed, index, view)
 
 
 @torch.no_grad()
@@ -157,7 +213,7 @@ class FrozenFeatureCache:
 
 def build_feature_cache(
     model: QualityModel,
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image | torch.Tensor],
     *,
     start_block: int,
     augmentations: int = 8,
@@ -167,11 +223,15 @@ def build_feature_cache(
     batch_size: int = 16,
     progress: bool = False,
     context: Context | None = None,
+    eval_hidden: torch.Tensor | None = None,
 ) -> FrozenFeatureCache:
-    """Compute the frozen features of ``images`` (decoded RGB training images).
+    """Compute the frozen features of ``images`` (decoded RGB training images, or their
+    resized uint8 tensors from a :class:`FrozenPool`: the views are then cut on the
+    device, with the same values).
 
     ``teacher`` maps preprocessed views to scene logits (the frozen CLIP of method.md 7).
-    Hidden states are stored in fp32, or bf16 when computing in bf16.
+    Hidden states are stored in fp32, or bf16 when computing in bf16. ``eval_hidden``:
+    the eval views' hidden states, already computed (a pool's); they are not redone.
 
     ``context`` (several ranks, :mod:`grmpiqa.distributed`): each rank computes the
     chunks of ``batch_size`` views it owns (chunk ``c`` on rank ``c mod world``, the same
@@ -183,10 +243,9 @@ def build_feature_cache(
     t0 = time.perf_counter()
     n, k = len(images), augmentations
     store = storage_dtype(precision, model.device)
-    eval_tf = model.preprocess.eval_transform()
-    jobs: list[tuple[int, int]] = [(i, v) for i in range(n) for v in range(-1, k)]  # -1: eval view
+    first = -1 if eval_hidden is None else 0  # -1: the eval view
+    jobs: list[tuple[int, int]] = [(i, v) for i in range(n) for v in range(first, k)]
     hidden: torch.Tensor | None = None
-    eval_hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     shared = context is not None and context.is_distributed
     starts = list(range(0, len(jobs), batch_size))
@@ -199,17 +258,17 @@ def build_feature_cache(
         for s in starts:
             chunk = jobs[s : s + batch_size]
             write = not shared or context is None or context.owns(s // batch_size)
-            x = torch.stack(
-                [
-                    eval_tf(images[i]) if v < 0 else bank_view(model, images[i], seed, i, v)
-                    for i, v in chunk
-                ]
-            ).to(model.device)
+            x = torch.stack([_view(model, images[i], seed, i, v) for i, v in chunk]).to(
+                model.device
+            )
             h = encode_frozen(model, x, start_block, precision).to(store)
             if hidden is None:
                 new = torch.zeros if shared else torch.empty
                 hidden = new((n, k, *h.shape[1:]), dtype=store, device=h.device)
-                eval_hidden = new((n, *h.shape[1:]), dtype=store, device=h.device)
+                if eval_hidden is None:
+                    eval_hidden = new((n, *h.shape[1:]), dtype=store, device=h.device)
+                else:
+                    eval_hidden = eval_hidden.to(device=h.device, dtype=store)
             assert eval_hidden is not None
             if not write:
                 continue
@@ -237,7 +296,7 @@ def build_feature_cache(
             shapes = [s for s in context.all_gather_json(_shape(logits)) if s is not None]
             if logits is None:
                 logits = torch.zeros(shapes[0], dtype=torch.float32, device=hidden.device)
-        for full in (hidden, eval_hidden, logits):
+        for full in (hidden, None if first == 0 else eval_hidden, logits):
             if full is not None:
                 context.all_reduce_(full)
     return FrozenFeatureCache(
@@ -253,3 +312,107 @@ def build_feature_cache(
 
 def _shape(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else list(t.shape)
+
+
+@dataclass
+class FrozenPool:
+    """What stage 2 keeps frozen, computed once for every run on subsets of one dataset
+    (the splits of an evaluation, issue 21), under a memory budget.
+
+    * :meth:`resized`: each image decoded and resized once to the transform's square,
+      kept as a uint8 ``[3, R, R]`` tensor on the model's device (bank views are cut
+      from it by :func:`bank_view_tensor`);
+    * :meth:`eval_hidden`: the hidden state of an image's eval view entering the first
+      trained block (the shots' eval view in the cache, the test images' frozen part);
+    * :meth:`teacher`: the semantic teacher (method.md 7), built once.
+
+    Valid only while the frozen part (the blocks before ``start_block``, the embedding
+    and the visual prompts) is the same in every model it is used with - true for the
+    copies of one base model that an evaluation fine-tunes. Entries are keyed by image
+    path (and ``start_block``, precision); past ``max_bytes`` new ones are computed but
+    not kept.
+    """
+
+    max_bytes: int = 2 * 1024**3
+    nbytes: int = 0
+    _pixels: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+    _hidden: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+    _teacher: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False)
+    _extra: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def _keep(self, store: dict[Any, Any], key: Any, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if self.nbytes + size <= self.max_bytes:
+            store[key] = value
+            self.nbytes += size
+
+    def resized(self, model: QualityModel, data: Dataset) -> list[torch.Tensor]:
+        """The images of ``data``, decoded and resized (``model.preprocess``), as uint8
+        ``[3, R, R]`` tensors on the model's device."""
+        c = model.preprocess
+        out = []
+        for it in data:
+            key = (str(it.path), c.resize, c.interpolation, str(model.device))
+            px = self._pixels.get(key)
+            if px is None:
+                img = it.load().resize((c.resize, c.resize), _pil_resample(c.interpolation))
+                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                px = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().to(model.device)
+                self._keep(self._pixels, key, px)
+            out.append(px)
+        return out
+
+    @torch.no_grad()
+    def eval_hidden(
+        self,
+        model: QualityModel,
+        data: Dataset,
+        start_block: int,
+        precision: str = "fp32",
+        batch_size: int = 16,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """``[N, T, W]`` hidden states of the eval views of ``data`` entering
+        ``start_block``, stored as ``dtype`` (default: the precision's storage type, as
+        the feature cache; fp32 keeps a scoring path's numbers exactly)."""
+        store = dtype or storage_dtype(precision, model.device)
+        keys = [
+            (str(it.path), start_block, precision, str(store), str(model.device)) for it in data
+        ]
+        missing = [i for i, k in enumerate(keys) if k not in self._hidden]
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            pixels = self.resized(model, data.subset(missing))
+            for s in range(0, len(missing), batch_size):
+                x = torch.stack(
+                    [eval_view_tensor(model.preprocess, p) for p in pixels[s : s + batch_size]]
+                )
+                h = encode_frozen(model, x, start_block, precision).to(store)
+                for j, i in enumerate(missing[s : s + batch_size]):
+                    fresh[i] = h[j]
+                    self._keep(self._hidden, keys[i], h[j])
+        rows = [fresh[i] if i in fresh else self._hidden[k] for i, k in enumerate(keys)]
+        return torch.stack(rows)
+
+    def teacher(self, model: QualityModel, scene_prompts: Sequence[str]) -> Any:
+        """The semantic teacher of ``model`` (:func:`grmpiqa.finetune.build_teacher`),
+        built at the first call and shared afterwards."""
+        from grmpiqa.finetune import build_teacher
+
+        key = tuple(scene_prompts)
+        if key not in self._teacher:
+            self._teacher[key] = build_teacher(model, scene_prompts)
+        return self._teacher[key]
+
+    def memo(
+        self, kind: str, data: Dataset, compute: Callable[[Dataset], np.ndarray]
+    ) -> np.ndarray:
+        """Per-image rows of ``compute(data)`` (features, zero-shot scores) for the
+        images of ``data``, each image computed once over all calls with this ``kind``."""
+        keys = [(kind, str(it.path)) for it in data]
+        missing = [i for i, k in enumerate(keys) if k not in self._extra]
+        if missing:
+            rows = compute(data.subset(missing))
+            for j, i in enumerate(missing):
+                self._extra[keys[i]] = rows[j]
+        return np.stack([self._extra[k] for k in keys])

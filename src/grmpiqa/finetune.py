@@ -59,21 +59,33 @@ from grmpiqa.errors import GrmpiqaError, TrainingError
 from grmpiqa.factory import pretrained_from_identity
 from grmpiqa.feature_cache import (
     FrozenFeatureCache,
+    FrozenPool,
     build_feature_cache,
     encode_frozen,
     epoch_generator,
     frozen_image_blocks,
 )
-from grmpiqa.gradient import set_quality_aware_grads
+from grmpiqa.gradient import apply_quality_aware_grads
 from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import STAGE2_GROUPS, QualityModel
 from grmpiqa.precision import PRECISIONS, autocast, storage_dtype
 from grmpiqa.prompts import l2_normalize
-from grmpiqa.runs import RunFiles, RunState, json_safe, optimizer_from_state, optimizer_to_state
+from grmpiqa.runs import (
+    DEFAULT_SAVE_EVERY,
+    RunFiles,
+    RunState,
+    SaveClock,
+    StopRequest,
+    json_safe,
+    optimizer_from_state,
+    optimizer_to_state,
+    stop_signals,
+)
 from grmpiqa.scale import LabelScale, fit_score_scale, label_scale_of
 from grmpiqa.towers import PromptedVisionTower
 from grmpiqa.transforms import ResizeCropNormalize, _pil_resample
+from grmpiqa.utils import first_nonfinite
 
 __all__ = [
     "SCENES",
@@ -113,6 +125,11 @@ SCENE_PROMPTS: tuple[str, ...] = tuple(f"a photo of a {s}" for s in SCENES)
 
 # FinetuneConfig fields that may change when a run is resumed.
 _RESUMABLE_CHANGES = {"max_epochs"}
+#: ``FinetuneConfig.compile`` values: off, or a ``torch.compile`` mode.
+COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
+#: The ``torch.compile`` backend of ``FinetuneConfig.compile`` (tests swap in
+#: ``"aot_eager"``, which checks the wiring without a C++ toolchain's compile time).
+COMPILE_BACKEND = "inductor"
 
 
 @dataclass
@@ -136,6 +153,11 @@ class FinetuneConfig:
             ``on_eval`` returns, a sum ``"a+b"``, or ``"-key"`` for lower-is-better.
         scene_prompts: the hard scene prompts of teacher and student.
         eval_batch_size: batch size when scoring for evaluations.
+        compile: ``"off"`` (default), or a ``torch.compile`` mode (``"default"``,
+            ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``) for the step's
+            forward pass (the trained blocks, both text passes and the losses; the
+            backward passes follow). Opt-in: its dropout masks come from the compiled
+            kernels' own random stream, so numbers differ from eager runs (issue 21).
     """
 
     lam: float = 5.0
@@ -157,6 +179,7 @@ class FinetuneConfig:
     monitor: str = "train_srcc"
     scene_prompts: tuple[str, ...] = SCENE_PROMPTS
     eval_batch_size: int = 32
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         self.groups = tuple(self.groups)
@@ -191,6 +214,10 @@ class FinetuneConfig:
             problems.append("distillation needs at least one scene prompt")
         if not self.groups:
             problems.append("no trainable parameter groups")
+        if self.compile not in COMPILE_MODES:
+            problems.append(
+                f"compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}"
+            )
         if problems:
             raise GrmpiqaError("fine-tuning settings: " + "; ".join(problems))
 
@@ -344,11 +371,18 @@ class PlateauSchedule:
 @dataclass
 class ShotBatch:
     """One step's inputs: labels, the student's normalised image features (with grad),
-    and the frozen teacher's scene logits (None without distillation)."""
+    and the frozen teacher's scene logits (None without distillation).
+
+    A cached source may leave ``features`` None and give ``hidden``, the cached state
+    entering block ``start_block``: :meth:`Stage2Step.losses` then runs the trained
+    blocks itself (inside its compiled region when ``FinetuneConfig.compile`` is on).
+    """
 
     labels: torch.Tensor
-    features: torch.Tensor
+    features: torch.Tensor | None
     teacher_logits: torch.Tensor | None
+    hidden: torch.Tensor | None = None
+    start_block: int = 0
 
 
 class ShotSource(Protocol):
@@ -361,23 +395,44 @@ class ShotSource(Protocol):
     def eval_features(self, batch_size: int) -> torch.Tensor: ...
 
 
+def _is_everything(indices: Sequence[int], n: int) -> bool:
+    """Whether ``indices`` are ``0..n-1`` in order (the released one batch per epoch)."""
+    return len(indices) == n and all(i == k for k, i in enumerate(indices))
+
+
+def _device_index(indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``indices`` as a long tensor on ``device``, copied without waiting for the GPU."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    if device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
+
+
 class CachedShots:
     """Shots through the frozen-feature cache (:mod:`grmpiqa.feature_cache`): only the
-    trained blocks run per step; view ``(epoch - 1) mod K`` of the bank is used."""
+    trained blocks run per step; view ``(epoch - 1) mod K`` of the bank is used.
+
+    The cache, the labels and the step's view live on the model's device; a step of
+    all shots (the released one batch per epoch) takes a view without any copy.
+    ``images`` may be decoded PIL images or the resized uint8 tensors of a
+    :class:`~grmpiqa.feature_cache.FrozenPool` (then ``eval_hidden``, the pool's hidden
+    states of the shots' eval view, is reused instead of computed).
+    """
 
     def __init__(
         self,
         model: QualityModel,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | torch.Tensor],
         labels: torch.Tensor,
         config: FinetuneConfig,
         start_block: int,
         teacher: SemanticTeacher | None,
         progress: bool = False,
         context: Context | None = None,
+        eval_hidden: torch.Tensor | None = None,
     ) -> None:
         self.model = model
-        self.labels = labels
+        self.labels = labels.to(model.device)
         self.config = config
         self.cache: FrozenFeatureCache = build_feature_cache(
             model,
@@ -389,15 +444,22 @@ class CachedShots:
             precision=config.precision,
             progress=progress,
             context=context,
+            eval_hidden=eval_hidden,
         )
         self.build_seconds = self.cache.build_seconds
 
     def batch(self, indices: Sequence[int], epoch: int) -> ShotBatch:
-        m = self.model
-        h, t = self.cache.batch(indices, self.cache.view_index(epoch))
-        with autocast(m.device, self.config.precision):
-            feats = l2_normalize(m.image_tower.forward_from(h.to(m.device), self.cache.start_block))
-        return ShotBatch(self.labels[list(indices)], feats, t)
+        c = self.cache
+        view = c.view_index(epoch)
+        t = c.teacher_logits
+        if _is_everything(indices, len(self.labels)):
+            h, y = c.hidden[:, view], self.labels
+            t = t[:, view] if t is not None else None
+        else:
+            idx = _device_index(indices, c.hidden.device)
+            h, y = c.hidden[idx, view], self.labels[idx]
+            t = t[idx, view] if t is not None else None
+        return ShotBatch(y, None, t, hidden=h, start_block=c.start_block)
 
     @torch.no_grad()
     def eval_features(self, batch_size: int) -> torch.Tensor:
@@ -481,14 +543,24 @@ def features_from_hidden(
 
 @dataclass
 class StepStats:
-    loss_q: float
-    loss_s: float
-    projected: int
-    grad_cos: float
+    """What one step did. From :meth:`Stage2Step.step` plain numbers; from
+    :meth:`Stage2Step.step_async` 0-d tensors left on the device (``problem``: 0, or the
+    code of the first non-finite value, see :class:`_Health`)."""
+
+    loss_q: float | torch.Tensor
+    loss_s: float | torch.Tensor | None
+    projected: int | torch.Tensor
+    grad_cos: float | torch.Tensor | None
+    problem: torch.Tensor | None = None
 
 
 class NonFiniteError(TrainingError):
-    """A loss, gradient or weight of a training step is NaN or infinite."""
+    """A loss, gradient or weight of a training step is NaN or infinite (``epoch``: the
+    epoch it happened in, when found later than the step)."""
+
+    def __init__(self, message: str, epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
 
 
 class Stage2Step:
@@ -510,6 +582,13 @@ class Stage2Step:
         self.params = list(named.values())
         self.scene_tokens = model.tokenizer(list(config.scene_prompts)).to(model.device)
         self.parallel: DataParallel | None = None
+        # how far the truncated text passes run, read once (each read syncs a GPU)
+        self._quality_length = model.text_tower.pooled_length(model.quality_tokens)
+        self._scene_length = model.text_tower.pooled_length(self.scene_tokens)
+        self._losses: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+        self._losses = self._losses_eager
+        if config.compile != "off":
+            self._losses = _compiled(self._losses_eager, config.compile)
 
     def share(self, batch: Sequence[int]) -> contextlib.AbstractContextManager[Sequence[int]]:
         """The samples of ``batch`` this rank computes (all of them in one process)."""
@@ -519,25 +598,42 @@ class Stage2Step:
 
     def quality_text(self) -> torch.Tensor:
         """The student's normalised ``[t_hq, t_lq]``."""
-        return self.model.quality_text_features(truncate=True)
+        return self.model.quality_text_features(truncate=True, length=self._quality_length)
 
     def scene_text(self) -> torch.Tensor:
         """The student's normalised scene-prompt features (partly trainable text tower)."""
-        return self.model.encode_tokens(self.scene_tokens, truncate=True)
+        return self.model.encode_tokens(self.scene_tokens, truncate=True, length=self._scene_length)
 
     def losses(self, batch: ShotBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(L_q, L_s or None, quality logits) for one batch."""
+        if self.config.distill and batch.teacher_logits is None:
+            raise ValueError("distillation needs the teacher's logits")
+        return self._losses(
+            batch.labels, batch.features, batch.teacher_logits, batch.hidden, batch.start_block
+        )
+
+    def _losses_eager(
+        self,
+        labels: torch.Tensor,
+        features: torch.Tensor | None,
+        teacher_logits: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        start_block: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         model, cfg = self.model, self.config
-        img = batch.features
+        with autocast(model.device, cfg.precision):
+            img = features
+            if img is None:
+                assert hidden is not None
+                img = l2_normalize(model.image_tower.forward_from(hidden, start_block))
         with autocast(model.device, cfg.precision):
             logits = model.logits_from_features(img, self.quality_text())
-            lq = quality_loss(logits, batch.labels.to(model.device))
+            lq = quality_loss(logits, labels.to(model.device))
             ls = None
             if cfg.distill:
-                if batch.teacher_logits is None:
-                    raise ValueError("distillation needs the teacher's logits")
+                assert teacher_logits is not None
                 u = model.logits_from_features(img, self.scene_text())
-                ls = distillation_loss(u, batch.teacher_logits.to(model.device), cfg.temperature)
+                ls = distillation_loss(u, teacher_logits.to(model.device), cfg.temperature)
         return lq, ls, logits
 
     def gradients(
@@ -568,7 +664,8 @@ class Stage2Step:
 
         ``cosine``: also measure the cosine between g_q and g_s (a diagnostic). Raises
         :class:`NonFiniteError` (before changing anything) when a loss or gradient is
-        NaN or infinite, and after the step when a weight became so.
+        NaN or infinite, and after the step when a weight became so. Returns plain
+        numbers (it waits for the device; the training loop runs :meth:`step_async`).
         """
         if self.parallel is not None:
             return self._parallel_step(optimizer, lq, ls, cosine=cosine)
@@ -577,15 +674,53 @@ class Stage2Step:
                 raise NonFiniteError(f"the {name} became {float(loss.detach())}")
         gq, gs = self.gradients(lq, ls)
         self._check_gradients(gq, gs)
-        rule = set_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
+        rule = apply_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._check_weights()
+        stats = rule.materialize()
         return StepStats(
             float(lq.detach()),
             float(ls.detach()) if ls is not None else float("nan"),
+            stats.projected,
+            stats.cosine,
+        )
+
+    def step_async(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lq: torch.Tensor,
+        ls: torch.Tensor | None,
+        *,
+        cosine: bool = False,
+    ) -> StepStats:
+        """:meth:`step` without waiting for the device (issue 21): the rule's choices
+        are made on the device and nothing is read back. A non-finite loss, gradient or
+        weight is not raised here but recorded in ``problem`` (the step is applied; the
+        loop reads the record at its next evaluation or save and stops there, naming
+        the epoch it happened in). Under torchrun this is :meth:`step`.
+        """
+        if self.parallel is not None:
+            return self._parallel_step(optimizer, lq, ls, cosine=cosine)
+        gq, gs = self.gradients(lq, ls)
+        n = len(self.params)
+        problem = torch.zeros((), dtype=torch.long, device=lq.device)
+        bad_g, where_g = first_nonfinite([*gq, *(gs or [])])
+        problem = torch.where(bad_g, 3 + where_g % n, problem)
+        if ls is not None:
+            problem = torch.where(~torch.isfinite(ls.detach()), 2, problem)
+        problem = torch.where(~torch.isfinite(lq.detach()), 1, problem)
+        rule = apply_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bad_w, where_w = first_nonfinite(self.params)
+        problem = torch.where((problem == 0) & bad_w, 3 + n + where_w, problem)
+        return StepStats(
+            lq.detach(),
+            ls.detach() if ls is not None else None,
             rule.projected,
             rule.cosine,
+            problem,
         )
 
     def _parallel_step(
@@ -607,12 +742,13 @@ class Stage2Step:
             if value is not None and not math.isfinite(value):
                 raise NonFiniteError(f"the {name} became {value}")
         self._check_gradients(gq, gs)
-        rule = set_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
+        rule = apply_quality_aware_grads(self.params, gq, gs, self.config.lam, cosine=cosine)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._check_weights()
+        stats = rule.materialize()
         return StepStats(
-            lq_v, ls_v if ls_v is not None else float("nan"), rule.projected, rule.cosine
+            lq_v, ls_v if ls_v is not None else float("nan"), stats.projected, stats.cosine
         )
 
     def _check_gradients(
@@ -627,6 +763,61 @@ class Stage2Step:
         for n, p in zip(self.names, self.params, strict=True):
             if not bool(torch.isfinite(p).all()):
                 raise NonFiniteError(f"the weights of {n} became NaN or infinite")
+
+    def problem_message(self, code: int, value: float) -> str:
+        """The words for a :class:`StepStats` problem code (``value``: the bad loss)."""
+        n = len(self.params)
+        if code == 1:
+            return f"the quality loss became {value}"
+        if code == 2:
+            return f"the distillation loss became {value}"
+        if 3 <= code < 3 + n:
+            return f"the gradient of {self.names[code - 3]} is not finite"
+        return f"the weights of {self.names[code - 3 - n]} became NaN or infinite"
+
+
+def _compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``torch.compile`` of the step's forward pass (``FinetuneConfig.compile``)."""
+    if COMPILE_BACKEND == "inductor":
+        return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
+    return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False)
+
+
+class _Health:
+    """The first non-finite loss, gradient or weight of a run, kept on the device, so
+    no epoch waits for the host to look (issue 21). :meth:`check` reads it (at every
+    evaluation and before every save) and raises :class:`NonFiniteError` naming the
+    epoch it happened in."""
+
+    def __init__(self, step: Stage2Step) -> None:
+        self.step = step
+        self.code: torch.Tensor | None = None
+        self.epoch: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def record(self, epoch: int, stats: StepStats) -> None:
+        code = stats.problem
+        if code is None:
+            return
+        if self.code is None or self.epoch is None or self.value is None:
+            self.code = torch.zeros_like(code)
+            self.epoch = torch.zeros_like(code)
+            self.value = torch.zeros((), dtype=torch.float32, device=code.device)
+        first = (self.code == 0) & (code != 0)
+        loss = torch.as_tensor(stats.loss_q).float()
+        if isinstance(stats.loss_s, torch.Tensor):
+            loss = torch.where(code == 2, stats.loss_s.float(), loss)
+        self.epoch = torch.where(first, epoch, self.epoch)
+        self.value = torch.where(first, loss, self.value)
+        self.code = torch.where(first, code, self.code)
+
+    def check(self) -> None:
+        if self.code is None or self.epoch is None or self.value is None:
+            return
+        code = int(self.code)
+        if code:
+            epoch = int(self.epoch)
+            raise NonFiniteError(self.step.problem_message(code, float(self.value)), epoch)
 
 
 # -- evaluation helpers ----------------------------------------------------------------
@@ -736,6 +927,9 @@ def finetune(
     overwrite: bool = False,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    save_every: float = DEFAULT_SAVE_EVERY,
+    checkpoint: bool = True,
+    pool: FrozenPool | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on the ``train`` shots (method.md 7).
 
@@ -747,14 +941,23 @@ def finetune(
         val: optional validation set; its SRCC is then the default monitor.
         on_eval: called as ``on_eval(epoch, model)`` at every evaluation (model in eval
             mode); the returned figures join the history row and may be monitored.
-        out: checkpoint written at every evaluation and at the end (the final model),
-            with ``OUT.state.safetensors`` (resume state) and ``OUT.log.jsonl`` (history).
+        out: the run's checkpoint, written when training ends (the final model), with
+            ``OUT.state.safetensors`` (resume state) and ``OUT.log.jsonl`` (history, a
+            row appended at every evaluation).
         resume: continue from the resume state when it exists.
         overwrite: replace an earlier run at ``out`` (without it, and without ``resume``,
             an existing run is refused).
         progress: tqdm progress on stderr.
         extra: metadata added to the checkpoint's ``extra`` record (which also gets
             ``"world_size"``).
+        save_every: seconds between writes of the resume state (issue 21); it is also
+            written at the end and when SIGINT or SIGTERM stops the run (which then
+            raises :class:`~grmpiqa.runs.RunInterrupted`). ``0``: after every epoch.
+        checkpoint: write the checkpoint at ``out`` at the end (False: only the state
+            and the log, e.g. for an evaluation split whose model is not kept).
+        pool: frozen features shared by several runs on subsets of one dataset
+            (:class:`~grmpiqa.feature_cache.FrozenPool`, used by the evaluation protocol);
+            it must come from a model whose frozen part equals ``model``'s.
 
     Launched on several ranks (torchrun, :mod:`grmpiqa.distributed`), every step's
     batch is shared out and the gradients summed before the rule; rank 0 evaluates,
@@ -765,7 +968,8 @@ def finetune(
 
     Raises:
         TrainingError: a loss, gradient or weight became NaN or infinite (the files at
-            ``out`` keep the last good evaluation).
+            ``out`` keep the last saved state).
+        RunInterrupted: SIGINT or SIGTERM stopped the run after its state was saved.
     """
     config.validate()
     if len(train) == 0:
@@ -808,7 +1012,13 @@ def finetune(
             )
 
     # The teacher and the cache need the model as it was *before* fine-tuning.
-    teacher = build_teacher(model, config.scene_prompts) if config.distill else None
+    teacher = None
+    if config.distill:
+        teacher = (
+            pool.teacher(model, config.scene_prompts)
+            if pool is not None
+            else build_teacher(model, config.scene_prompts)
+        )
     model.set_trainable(config.groups)
     start_block = frozen_image_blocks(model) if config.cache else None
     if config.cache and start_block is None:
@@ -816,14 +1026,22 @@ def finetune(
             "the image embedding or visual prompts are trained; fine-tuning without the "
             "frozen-feature cache"
         )
-    images = _load_resized(model, train)
     labels = torch.tensor(train.labels, dtype=torch.float32)
     source: ShotSource
     if start_block is not None:
-        source = CachedShots(model, images, labels, config, start_block, teacher, progress, ctx)
-        teacher = None  # its logits are cached; free the copy
+        eval_hidden = None
+        images: Sequence[Image.Image | torch.Tensor]
+        if pool is not None:
+            images = pool.resized(model, train)
+            eval_hidden = pool.eval_hidden(model, train, start_block, config.precision)
+        else:
+            images = _load_resized(model, train)
+        source = CachedShots(
+            model, images, labels, config, start_block, teacher, progress, ctx, eval_hidden
+        )
+        teacher = None  # its logits are cached; free the copy (a pool keeps its own)
     else:
-        source = PixelShots(model, images, labels, config, teacher)
+        source = PixelShots(model, _load_resized(model, train), labels, config, teacher)
     validation = None
     if val is not None and ctx.is_main:  # rank 0 evaluates
         validation = _Validation(model, val, config, start_block)
@@ -840,11 +1058,10 @@ def finetune(
                 config.batch_size or len(train),
                 ctx.world_size,
             )
-    optimizer = torch.optim.SGD(
-        step.params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.0
-    )
+    optimizer = _sgd(step.params, config)
     schedule = PlateauSchedule(config.lr, config.patience, config.lr_decay, config.min_lr)
     history: list[dict[str, Any]] = []
+    window: list[StepStats] = []  # the steps since the last evaluation
     epoch0, seconds0 = 0, 0.0
     if state is not None and run is not None:
         _apply_tensors(run, state, model)
@@ -852,7 +1069,9 @@ def finetune(
         for k, v in state.record["schedule"].items():
             setattr(schedule, k, v)
         history.extend(state.record["history"])
+        window = _window_from_record(state.record.get("window", []))
         epoch0, seconds0 = int(state.record["epoch"]), float(state.record["seconds"])
+        run.write_log(history)  # drop rows logged after the state was written
         logger.info("resuming %s after epoch %d", out, epoch0)
 
     saver = (
@@ -873,7 +1092,6 @@ def finetune(
     bs = config.batch_size or n
     t_start = time.perf_counter()
     epoch_seconds: list[float] = []
-    window: list[StepStats] = []
     saved_epoch = epoch0
     stopped = ""
     bar = tqdm(
@@ -885,6 +1103,8 @@ def finetune(
     )
     epoch = epoch0
     device = model.device
+    clock = SaveClock(save_every)
+    health = _Health(step)
 
     shot_pred: dict[str, np.ndarray] = {}  # rank 0's latest predictions of the shots
 
@@ -904,61 +1124,102 @@ def finetune(
         row["seconds"] = seconds0 + time.perf_counter() - t_start
         return row
 
+    def healthy() -> None:
+        """Raise the TrainingError of a non-finite step recorded on the device."""
+        try:
+            health.check()
+        except NonFiniteError as err:
+            kept = (
+                f"{run.state} holds epoch {saved_epoch} (--resume continues from there)"
+                if saved_epoch and run is not None
+                else "no output"
+            )
+            raise TrainingError(
+                f"fine-tuning stopped at epoch {err.epoch}: {err} (lower --lr); {kept}"
+            ) from None
+
+    def save(final: str, stop: StopRequest | None = None) -> None:
+        nonlocal saved_epoch
+        if run is None:
+            return
+        healthy()
+        if saver is not None:
+            seconds = seconds0 + time.perf_counter() - t_start
+            if final and checkpoint:  # the checkpoint first: a state saying "finished"
+                saver.shot_pred = shot_pred.get("last")  # always has its checkpoint
+                if saver.shot_pred is None:
+                    model.eval()
+                    saver.shot_pred = _probabilities(
+                        model,
+                        source.eval_features(config.eval_batch_size),
+                        _text(model, step, config),
+                    )
+                saver.save_checkpoint(epoch, final, schedule.lr)
+            saver.save_state(epoch, schedule, history, final, seconds, window)
+        clock.saved()
+        saved_epoch = epoch
+
     try:
-        while not stopped and epoch < config.max_epochs:
-            epoch += 1
-            t_epoch = time.perf_counter()
-            for g in optimizer.param_groups:
-                g["lr"] = schedule.lr
-            model.train()
-            order = list(range(n))
-            if bs < n:
-                np.random.default_rng([config.seed, epoch]).shuffle(order)
-            devices = [device.index or 0] if device.type == "cuda" else []
-            evaluated = epoch % config.eval_every == 0 or epoch == config.max_epochs
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(config.seed * 1_000_003 + epoch)
-                for s in range(0, n, bs):
-                    with step.share(order[s : s + bs]) as part:
-                        lq, ls, _ = step.losses(source.batch(part, epoch))
-                    try:
-                        window.append(step.step(optimizer, lq, ls, cosine=evaluated))
-                    except NonFiniteError as err:
-                        kept = f"{out} holds epoch {saved_epoch}" if saved_epoch else "no output"
-                        raise TrainingError(
-                            f"fine-tuning stopped at epoch {epoch}: {err} (lower --lr); {kept}"
-                        ) from None
-            epoch_seconds.append(time.perf_counter() - t_epoch)
-            bar.update(1)
-            bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{window[-1].loss_q:.4f}")
-            if not evaluated:
-                continue
-            row = ctx.from_main(functools.partial(evaluation, epoch, window))  # rank 0's row
-            window = []
-            if epoch % config.eval_every == 0:
-                row["monitored"] = _monitor_value(monitor, row)
-                if schedule.update(row["monitored"], epoch):
-                    stopped = "min_lr"
-                row["next_lr"] = schedule.lr
-            history.append(row)
-            if saver is not None:
-                saver.shot_pred = shot_pred.get("last")
-                final = stopped or ("max_epochs" if epoch == config.max_epochs else "")
-                saver.save(epoch, schedule, history, final, row["seconds"])
-            if run is not None:  # saved (by rank 0)
-                saved_epoch = epoch
+        with stop_signals(enabled=run is not None) as stop:
+            while not stopped and epoch < config.max_epochs:
+                epoch += 1
+                t_epoch = time.perf_counter()
+                for g in optimizer.param_groups:
+                    g["lr"] = schedule.lr
+                model.train()
+                order = list(range(n))
+                if bs < n:
+                    np.random.default_rng([config.seed, epoch]).shuffle(order)
+                devices = [device.index or 0] if device.type == "cuda" else []
+                evaluated = epoch % config.eval_every == 0 or epoch == config.max_epochs
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(config.seed * 1_000_003 + epoch)
+                    for s in range(0, n, bs):
+                        with step.share(order[s : s + bs]) as part:
+                            lq, ls, _ = step.losses(source.batch(part, epoch))
+                        try:
+                            stats = step.step_async(optimizer, lq, ls, cosine=evaluated)
+                        except NonFiniteError as err:  # torchrun: found at the step
+                            health.check()
+                            raise TrainingError(
+                                f"fine-tuning stopped at epoch {epoch}: {err} (lower --lr); "
+                                + (
+                                    f"{run.state} holds epoch {saved_epoch}"
+                                    if saved_epoch and run is not None
+                                    else "no output"
+                                )
+                            ) from None
+                        health.record(epoch, stats)
+                        window.append(stats)
+                epoch_seconds.append(time.perf_counter() - t_epoch)
+                bar.update(1)
+                if evaluated:
+                    healthy()  # the first read of the device in this evaluation
+                    row = ctx.from_main(functools.partial(evaluation, epoch, window))
+                    window = []
+                    if epoch % config.eval_every == 0:
+                        row["monitored"] = _monitor_value(monitor, row)
+                        if schedule.update(row["monitored"], epoch):
+                            stopped = "min_lr"
+                        row["next_lr"] = schedule.lr
+                    history.append(row)
+                    if saver is not None:
+                        saver.run.append_log(row)
+                    bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{row['loss_q']:.4f}")
+                if stopped or epoch >= config.max_epochs:
+                    break
+                interrupted = run is not None and ctx.any(stop.requested)
+                if interrupted or (run is not None and clock.due()):
+                    save("")
+                if interrupted:
+                    raise stop.interrupted(f"{run.state} holds epoch {epoch}")  # type: ignore[union-attr]
+            stopped = stopped or "max_epochs"
+            save(stopped)
     finally:
         bar.close()
         model.eval()
-    if not stopped:
-        stopped = "max_epochs"
+    healthy()
     seconds = seconds0 + time.perf_counter() - t_start
-    if saver is not None and saved_epoch != epoch:
-        model.eval()
-        saver.shot_pred = _probabilities(
-            model, source.eval_features(config.eval_batch_size), _text(model, step, config)
-        )
-        saver.save(epoch, schedule, history, stopped, seconds)
     return FinetuneResult(
         history=history,
         epochs=epoch,
@@ -967,6 +1228,17 @@ def finetune(
         cache_build_s=source.build_seconds,
         final_lr=schedule.lr,
         epoch_seconds=epoch_seconds,
+    )
+
+
+def _sgd(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.SGD:
+    """Plain SGD (method.md 7). On a GPU the fused kernel (one launch for all tensors);
+    on the CPU torch's default per-tensor loop, whose numbers every figure here has."""
+    kw: dict[str, Any] = {}
+    if params and all(p.device.type == "cuda" for p in params):
+        kw["fused"] = True
+    return torch.optim.SGD(
+        params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.0, **kw
     )
 
 
@@ -1018,16 +1290,45 @@ def _evaluate(
     return _eval_row(pred, srcc, plcc, epoch, lr, window), pred
 
 
+def _read_window(window: list[StepStats]) -> list[tuple[float, float, int, float]]:
+    """The steps' (loss_q, loss_s, projected, grad_cos) as numbers (one read per kind)."""
+
+    def numbers(values: list[Any], default: float) -> list[float]:
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([t.double() for t in tensors]).cpu().tolist() if tensors else [])
+        return [
+            next(read) if isinstance(v, torch.Tensor) else (default if v is None else float(v))
+            for v in values
+        ]
+
+    lq = numbers([w.loss_q for w in window], math.nan)
+    ls = numbers([w.loss_s for w in window], math.nan)
+    pr = numbers([w.projected for w in window], 0.0)
+    cos = numbers([w.grad_cos for w in window], math.nan)
+    return [(a, b, int(c), d) for a, b, c, d in zip(lq, ls, pr, cos, strict=True)]
+
+
+def _window_from_record(rows: Sequence[Sequence[float | None]]) -> list[StepStats]:
+    """The steps since the last evaluation as a resume state recorded them."""
+    out = []
+    for r in rows:
+        lq = math.nan if r[0] is None else float(r[0])
+        ls = math.nan if r[1] is None else float(r[1])
+        out.append(StepStats(lq, ls, 0, math.nan))
+    return out
+
+
 def _eval_row(
     pred: np.ndarray, srcc: float, plcc: float, epoch: int, lr: float, window: list[StepStats]
 ) -> dict[str, Any]:
+    steps = _read_window(window)
     return {
         "epoch": epoch,
         "lr": lr,
-        "loss_q": float(np.mean([w.loss_q for w in window])) if window else float("nan"),
-        "loss_s": float(np.mean([w.loss_s for w in window])) if window else float("nan"),
-        "grad_cos": window[-1].grad_cos if window else float("nan"),
-        "projected": window[-1].projected if window else 0,
+        "loss_q": float(np.mean([w[0] for w in steps])) if steps else float("nan"),
+        "loss_s": float(np.mean([w[1] for w in steps])) if steps else float("nan"),
+        "grad_cos": steps[-1][3] if steps else float("nan"),
+        "projected": steps[-1][2] if steps else 0,
         "train_srcc": srcc,
         "train_plcc": plcc,
     }
@@ -1061,20 +1362,14 @@ class _Saver:
     label_scale: LabelScale | None = None
     shot_pred: np.ndarray | None = None
 
-    def save(
-        self,
-        epoch: int,
-        schedule: PlateauSchedule,
-        history: list[dict[str, Any]],
-        stopped: str,
-        seconds: float,
-    ) -> None:
+    def save_checkpoint(self, epoch: int, stopped: str, lr: float) -> None:
+        """The checkpoint: the model now, with the run's record in its metadata."""
         record = {
             "stage": "finetune",
             "finetune": self.config.to_dict(),
             "epoch": epoch,
             "stopped": stopped,
-            "lr": schedule.lr,
+            "lr": lr,
             "train_spec": self.train.spec,
             "train_names": self.train.names,
             **(self.extra or {}),
@@ -1083,6 +1378,18 @@ class _Saver:
             fitted = fit_score_scale(self.shot_pred, self.train.mos, self.label_scale)
             record["scale"] = fitted.to_dict()
         save_checkpoint(self.model, self.run.out, extra=json_safe(record))
+
+    def save_state(
+        self,
+        epoch: int,
+        schedule: PlateauSchedule,
+        history: list[dict[str, Any]],
+        stopped: str,
+        seconds: float,
+        window: list[StepStats],
+    ) -> None:
+        """The resume state after ``epoch`` (with the losses of the steps since the last
+        evaluation, so the next history row is the one an uninterrupted run writes)."""
         opt_tensors, opt_record = optimizer_to_state(self.optimizer)
         params = {f"params/{n}": p for n, p in self.model.trainable_parameters().items()}
         self.run.save_state(
@@ -1094,10 +1401,10 @@ class _Saver:
                 "stopped": stopped,
                 "schedule": schedule.state_dict(),
                 "history": history,
+                "window": [[w[0], w[1]] for w in _read_window(window)],
                 "optimizer": opt_record,
             },
         )
-        self.run.write_log(history)
 
 
 def _apply_tensors(run: RunFiles, state: RunState, model: QualityModel) -> None:

@@ -18,12 +18,19 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RuleStats", "quality_aware_gradient", "set_quality_aware_grads"]
+__all__ = [
+    "DeferredRuleStats",
+    "RuleStats",
+    "apply_quality_aware_grads",
+    "quality_aware_gradient",
+    "set_quality_aware_grads",
+]
 
 
 def quality_aware_gradient(
@@ -86,6 +93,106 @@ class RuleStats:
     cosine: float = float("nan")
 
 
+@dataclass
+class DeferredRuleStats:
+    """:class:`RuleStats` left on the device (no host synchronisation): ``projected``
+    a 0-d integer tensor, ``cosine`` a 0-d float64 tensor or None when not measured.
+    :meth:`materialize` reads them (one synchronisation)."""
+
+    projected: torch.Tensor
+    tensors: int
+    cosine: torch.Tensor | None = None
+
+    def materialize(self) -> RuleStats:
+        return RuleStats(
+            int(self.projected),
+            self.tensors,
+            float(self.cosine) if self.cosine is not None else float("nan"),
+        )
+
+
+def _rule_deferred(
+    g_quality: torch.Tensor, g_semantic: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule without reading ``<g_q, g_s> > 0`` on the host: ``(g, dot, projected)``.
+
+    Where the rule projects, ``g`` is computed by the very operations of :func:`_rule`
+    (same bits); elsewhere it is ``g_q - 0 * g_s``, which equals ``g_q`` exactly for
+    finite gradients.
+    """
+    if g_semantic.shape != g_quality.shape:
+        raise ValueError(
+            f"gradient shapes differ: quality {tuple(g_quality.shape)}, "
+            f"semantic {tuple(g_semantic.shape)}"
+        )
+    dot = _dot(g_quality, g_semantic)
+    projected = dot > 0
+    coef = torch.where(projected, lam * dot / _dot(g_semantic, g_semantic), 0.0)
+    return (
+        torch.addcmul(g_quality, g_semantic, coef.to(g_quality.dtype), value=-1.0),
+        dot,
+        projected,
+    )
+
+
+def apply_quality_aware_grads(
+    params: Sequence[torch.Tensor],
+    grads_quality: Sequence[torch.Tensor | None],
+    grads_semantic: Sequence[torch.Tensor | None] | None,
+    lam: float,
+    *,
+    cosine: bool = False,
+) -> DeferredRuleStats:
+    """:func:`set_quality_aware_grads` without host synchronisation (issue 21).
+
+    Sets ``p.grad`` to the same values: the choice "project or keep g_q" is made on the
+    device (``torch.where``), and the statistics stay on the device until read. This is
+    what the fine-tuning loop runs, so a GPU never waits for the host inside an epoch.
+    """
+    if len(grads_quality) != len(params) or (
+        grads_semantic is not None and len(grads_semantic) != len(params)
+    ):
+        raise ValueError("one quality (and semantic) gradient per parameter is needed")
+    tensors = 0
+    flags: list[torch.Tensor] = []
+    dots: list[torch.Tensor] = []
+    qq: list[torch.Tensor] = []
+    ss: list[torch.Tensor] = []
+    device: torch.device | None = None
+    for i, p in enumerate(params):
+        gq = grads_quality[i]
+        if gq is None:
+            p.grad = None
+            continue
+        tensors += 1
+        device = gq.device
+        gs = None if grads_semantic is None else grads_semantic[i]
+        g = gq
+        if gs is not None and (lam != 0 or cosine):
+            if lam != 0:
+                g, dot, projected = _rule_deferred(gq, gs, lam)
+                flags.append(projected)
+            else:
+                dot = _dot(gq, gs)
+            if cosine:
+                dots.append(dot)
+                qq.append(_dot(gq, gq))
+                ss.append(_dot(gs, gs))
+        p.grad = g.detach()
+    count = (
+        torch.stack(flags).sum()
+        if flags
+        else torch.zeros((), dtype=torch.int64, device=device or torch.device("cpu"))
+    )
+    cos: torch.Tensor | None = None
+    if dots:
+        denom = (torch.stack(qq).double().sum() * torch.stack(ss).double().sum()).sqrt()
+        cos = torch.where(
+            denom > 0, torch.stack(dots).double().sum() / denom, torch.full_like(denom, math.nan)
+        )
+    return DeferredRuleStats(count, tensors, cos)
+
+
 def set_quality_aware_grads(
     params: Sequence[torch.Tensor],
     grads_quality: Sequence[torch.Tensor | None],
@@ -100,36 +207,8 @@ def set_quality_aware_grads(
     A parameter without quality gradient (None) gets ``p.grad = None`` and is skipped
     by the optimiser, as in the released code. ``cosine`` also measures the cosine
     between g_q and g_s (a diagnostic; costs two more dot products per tensor).
+    (:func:`apply_quality_aware_grads`, then its statistics read.)
     """
-    if len(grads_quality) != len(params) or (
-        grads_semantic is not None and len(grads_semantic) != len(params)
-    ):
-        raise ValueError("one quality (and semantic) gradient per parameter is needed")
-    stats = RuleStats()
-    dots: list[torch.Tensor] = []
-    qq: list[torch.Tensor] = []
-    ss: list[torch.Tensor] = []
-    for i, p in enumerate(params):
-        gq = grads_quality[i]
-        if gq is None:
-            p.grad = None
-            continue
-        stats.tensors += 1
-        gs = None if grads_semantic is None else grads_semantic[i]
-        if lam == 0 and not cosine:
-            g, dot = gq, None
-        else:
-            g, dot = _rule(gq, gs, lam) if lam != 0 else (gq, None if gs is None else _dot(gq, gs))
-        if g is not gq:
-            stats.projected += 1
-        if cosine and gs is not None and dot is not None:
-            dots.append(dot)
-            qq.append(_dot(gq, gq))
-            ss.append(_dot(gs, gs))
-        p.grad = g.detach()
-    if dots:
-        denom = float(torch.stack(qq).double().sum() * torch.stack(ss).double().sum()) ** 0.5
-        stats.cosine = (
-            float(torch.stack(dots).double().sum()) / denom if denom > 0 else float("nan")
-        )
-    return stats
+    return apply_quality_aware_grads(
+        params, grads_quality, grads_semantic, lam, cosine=cosine
+    ).materialize()

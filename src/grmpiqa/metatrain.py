@@ -51,12 +51,13 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -69,19 +70,25 @@ from grmpiqa.losses import quality_loss
 from grmpiqa.model import STAGE1_GROUPS, QualityModel
 from grmpiqa.precision import PRECISIONS, autocast
 from grmpiqa.runs import (
+    DEFAULT_SAVE_EVERY,
     RunFiles,
     RunState,
+    SaveClock,
     optimizer_from_state,
     optimizer_to_state,
     rng_from_state,
     rng_to_state,
+    stop_signals,
 )
-from grmpiqa.transforms import stage1_query_transform, stage1_support_transform, stats_for
+from grmpiqa.task_batch import StackedQualityModel, stacked_logits_autocast, task_quality_losses
+from grmpiqa.transforms import stats_for
+from grmpiqa.utils import first_nonfinite
 
 __all__ = [
     "OUTER_SCHEDULES",
     "VARIANTS",
     "VARIANT_DEFAULTS",
+    "GPU_TASK_BATCH",
     "PretrainConfig",
     "PretrainResult",
     "Task",
@@ -163,6 +170,10 @@ class PretrainConfig:
             instead of the last epoch (needs a validation set; recorded in metadata).
         cache_images: keep decoded, resized images in memory between epochs (about
             0.35 MB per image; results are identical either way).
+        task_batch: ``reptile`` tasks adapted at once, their prompt copies stacked in one
+            forward pass (:mod:`grmpiqa.task_batch`; equal to the serial loop to float
+            rounding). ``None`` (auto): 1 on the CPU, :data:`GPU_TASK_BATCH` on a GPU;
+            ``released`` always runs its tasks one by one.
     """
 
     epochs: int = 50
@@ -182,6 +193,7 @@ class PretrainConfig:
     shuffle_tasks: bool = True
     keep_best_val: bool = False
     cache_images: bool = True
+    task_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -219,6 +231,8 @@ class PretrainConfig:
             raise GrmpiqaError(f"max_tasks must be at least 1, got {self.max_tasks}")
         if self.images_per_task is not None and self.images_per_task < 2:
             raise GrmpiqaError(f"images_per_task must be at least 2, got {self.images_per_task}")
+        if self.task_batch is not None and self.task_batch < 1:
+            raise GrmpiqaError(f"task_batch must be at least 1, got {self.task_batch}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,8 +259,12 @@ def _steps(cfg: PretrainConfig) -> _Steps:
     return _Steps(**{f.name: getattr(cfg, f.name) for f in fields(_Steps)})
 
 
-# Fields that may change when a run is resumed (they do not change the prompts).
-_RESUMABLE_FIELDS = {"epochs", "cache_images"}
+# Fields that may change when a run is resumed (they do not change the prompts; the task
+# batch changes them only by float rounding).
+_RESUMABLE_FIELDS = {"epochs", "cache_images", "task_batch"}
+#: ``reptile`` tasks adapted at once on a GPU when ``task_batch`` is left to auto (16
+#: support images each: 128 ViT-B/16 images per forward pass with their activations).
+GPU_TASK_BATCH = 8
 
 
 # -- tasks --------------------------------------------------------------------------------
@@ -389,7 +407,11 @@ def _fingerprint(
 
 
 class _ImageCache:
-    """Decoded images at the two stage-1 input sizes (the transforms' first resize).
+    """Decoded images at the two stage-1 input sizes (the transforms' first resize), as
+    uint8 ``[3, S, S]`` tensors on the model's device; the support transform's flip and
+    crop and both transforms' normalisation then run on the device (:func:`_support_view`,
+    :func:`_query_view`), by the operations of the PIL transforms
+    (:func:`~grmpiqa.transforms.stage1_support_transform`), hence the same numbers.
 
     Resizing here and again (a no-op) in the transform gives the same pixels as the
     transform alone, so caching never changes results.
@@ -397,18 +419,49 @@ class _ImageCache:
 
     SUPPORT, QUERY = 256, 224
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, device: torch.device | str = "cpu") -> None:
         self.enabled = enabled
-        self._store: dict[tuple[Path, int], Image.Image] = {}
+        self.device = torch.device(device)
+        self._store: dict[tuple[Path, int], torch.Tensor] = {}
 
-    def get(self, item: Item, size: int) -> Image.Image:
+    def get(self, item: Item, size: int) -> torch.Tensor:
         key = (item.path, size)
-        img = self._store.get(key)
-        if img is None:
+        px = self._store.get(key)
+        if px is None:
             img = item.load().resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            px = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().to(self.device)
             if self.enabled:
-                self._store[key] = img
-        return img
+                self._store[key] = px
+        return px
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (labels) on ``device`` without waiting for the GPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _normalized(px: torch.Tensor, stats: tuple[list[float], list[float]]) -> torch.Tensor:
+    """``to_tensor`` (float, / 255) then ``normalize``, as the PIL transforms do."""
+    return TF.normalize(px.to(torch.float32).div(255), stats[0], stats[1])
+
+
+def _support_view(
+    px: torch.Tensor, rng: random.Random, stats: tuple[list[float], list[float]]
+) -> torch.Tensor:
+    """The stage-1 support transform of a 256 x 256 image: flip half of the time, then a
+    random 224 crop (offsets in [0, 32]), the draws of the PIL transform in its order."""
+    if rng.random() < 0.5:
+        px = px.flip(-1)
+    top, left = rng.randint(0, 32), rng.randint(0, 32)
+    return _normalized(px[:, top : top + 224, left : left + 224], stats)
+
+
+def _query_view(px: torch.Tensor, stats: tuple[list[float], list[float]]) -> torch.Tensor:
+    """The stage-1 query transform of a 224 x 224 image (no randomness)."""
+    return _normalized(px, stats)
 
 
 @contextlib.contextmanager
@@ -473,6 +526,7 @@ def pretrain(
     log: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    save_every: float = DEFAULT_SAVE_EVERY,
 ) -> PretrainResult:
     """Meta-prompt pre-training (method.md 6); the model ends holding the written prompts.
 
@@ -480,16 +534,21 @@ def pretrain(
         model: the quality model to adapt (its prompts are the initial theta).
         task_datasets: datasets or specs with distortion types; run in this order.
         config: hyper-parameters (default :class:`PretrainConfig`).
-        out: the ``.safetensors`` checkpoint, rewritten after every epoch; the resume
+        out: the ``.safetensors`` checkpoint, written when the run ends (with
+            ``keep_best_val``: whenever the best validation epoch changes); the resume
             state goes beside it (``stage1.safetensors`` -> ``stage1.state.safetensors``).
-        resume: continue after the last completed epoch recorded in the state file
-            (which must come from the same tasks, seed, variant and hyper-parameters;
-            ``config.epochs`` may be larger). Without a state file it starts afresh.
+        resume: continue from the last saved state (which must come from the same
+            tasks, seed, variant and hyper-parameters; ``config.epochs`` may be larger).
+            Without a state file it starts afresh.
         val: optional validation set: SRCC/PLCC logged every epoch (never a test set).
         log: JSON-lines log (default ``stage1.log.jsonl`` beside ``out``; appended to
             on resume).
         overwrite: allow replacing the state of an earlier run without ``resume``.
         progress: tqdm bars (epochs, tasks) on stderr.
+        save_every: seconds between writes of the resume state (issue 21), checked after
+            every task (or task batch) and epoch; the state is also written at the end
+            and when SIGINT or SIGTERM stops the run (which then raises
+            :class:`~grmpiqa.runs.RunInterrupted`). ``0``: at every such point.
     """
     cfg = config or PretrainConfig()
     out = Path(out)
@@ -497,6 +556,7 @@ def pretrain(
     progress = progress and ctx.is_main
     if cfg.keep_best_val and val is None:
         raise GrmpiqaError("keep_best_val needs a validation set (--val SPEC)")
+    cfg = _resolve_task_batch(cfg, model.device, ctx)
     databases = build_tasks(task_datasets, cfg.max_tasks, cfg.images_per_task, cfg.seed)
     val_ds = load_dataset(val) if isinstance(val, str) else val
     if val_ds is not None and not val_ds.has_labels:
@@ -515,11 +575,12 @@ def pretrain(
     groups = _group_names(model, params)
     inner_opt: torch.optim.Optimizer | None = None
     if cfg.variant == "released":
-        inner_opt = torch.optim.Adam(plist, lr=_steps(cfg).inner_lr)
+        inner_opt = _adam(plist, _steps(cfg).inner_lr)
     start_epoch = 0
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": None, "srcc": None, "theta": None}
     rng_states: RunState | None = None
+    partial: _Partial | None = None
 
     run = ctx.run_files(RunFiles(out, "pretrain", log=Path(log) if log is not None else Path()))
     state_path, log_path = run.state, run.log
@@ -545,7 +606,11 @@ def pretrain(
         best["theta"] = best_theta or None
         theta0 = state.take("theta0") or theta0  # states written before 0.2 lack it
         rng_states = state
+        partial = _Partial.from_state(state, device)
         run.trim_log(lambda r: int(r.get("epoch", 0)) <= start_epoch)
+        if partial is not None:  # the tasks of the interrupted epoch that the state holds
+            for rec in partial.records:
+                run.append_log(rec)
     else:
         if resume:
             logger.info("%s not found; starting from epoch 1", state_path)
@@ -560,17 +625,29 @@ def pretrain(
         _assign(params, best["theta"] if cfg.keep_best_val and best.get("theta") else theta)
         return result
 
-    cache = _ImageCache(cfg.cache_images)
-    query_tf = stage1_query_transform(cfg.stats)
+    cache = _ImageCache(cfg.cache_images, device)
+    stats = (list(stats_for(cfg.stats)[0]), list(stats_for(cfg.stats)[1]))
     n_tasks = sum(len(db.tasks) for db in databases)
     fork_devices: list[int] = []
     if device.type == "cuda":
         fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     model.train()
     sharded = ctx.is_distributed and cfg.variant == "reptile"
+    task_batch = int(cfg.task_batch or 1)
+    stacked = StackedQualityModel(model) if task_batch > 1 else None
     if ctx.is_distributed:
         _log_sharding(ctx, run, cfg, start_epoch)
+    clock = SaveClock(save_every)
+
+    def save(epochs_done: int, where: _Partial | None = None) -> None:
+        _save_run_state(
+            run, fingerprint, cfg, epochs_done, theta, params, inner_opt, history, best,
+            theta0, where,
+        )  # fmt: skip
+        clock.saved()
+
     with torch.random.fork_rng(devices=fork_devices), contextlib.ExitStack() as stack:
+        stop = stack.enter_context(stop_signals())
         if rng_states is not None:
             rng_from_state(rng_states.tensors, rng_states.record["rng"])
         ebar = stack.enter_context(
@@ -584,7 +661,9 @@ def pretrain(
             )
         )
         for epoch in range(start_epoch, cfg.epochs):
-            t_epoch = time.perf_counter()
+            resumed = partial if partial is not None and partial.epoch == epoch else None
+            partial = None
+            t_epoch = time.perf_counter() - (resumed.seconds if resumed else 0.0)
             tbar = tqdm(
                 total=n_tasks,
                 desc=f"epoch {epoch + 1}",
@@ -593,39 +672,84 @@ def pretrain(
                 disable=not progress,
                 dynamic_ncols=True,
             )
-            epoch_records: list[dict[str, Any]] = []
-            theta_start = _to_cpu(theta)
+            epoch_records: list[dict[str, Any]] = list(resumed.records) if resumed else []
+            theta_start = dict(resumed.theta_start) if resumed else _to_cpu(theta)
+            if resumed:
+                tbar.update(len(epoch_records))
             for d_index, db in enumerate(databases):
+                if resumed is not None and d_index < resumed.database:
+                    continue
                 order = list(range(len(db.tasks)))
                 if cfg.shuffle_tasks:
                     rng = np.random.default_rng(_seed_seq(cfg.seed, _ORDER, epoch, d_index))
                     order = rng.permutation(len(order)).tolist()
+                done = 0
                 delta = {n: torch.zeros_like(v) for n, v in theta.items()}
+                if resumed is not None and d_index == resumed.database:
+                    done, delta = resumed.done, resumed.delta
+                    resumed = None
                 if sharded:  # the tasks over the ranks, delta as in one process
                     epoch_records += _share_tasks(
                         ctx, run, model, params, theta, delta, db, d_index, order, cfg, cache,
-                        query_tf, epoch, tbar,
+                        stats, epoch, tbar,
                     )  # fmt: skip
-                for t_index in order if not sharded else ():
-                    opt: torch.optim.Optimizer
-                    if cfg.variant == "reptile":
-                        opt = _reptile_start(params, theta, cfg)
-                    else:  # released: no reset; fresh Adam only after the first database
-                        if d_index > 0 or inner_opt is None:
-                            inner_opt = torch.optim.Adam(plist, lr=_steps(cfg).inner_lr)
-                        opt = inner_opt
-                    moved, rec = _adapt(
-                        model, params, theta, opt, db, d_index, t_index, cfg, cache, query_tf, epoch
-                    )
-                    with torch.no_grad():
-                        for n in delta:
-                            delta[n] += moved[n]
-                    epoch_records.append(rec)
-                    run.append_log(rec)
-                    tbar.set_postfix(
-                        task=f"{Path(db.spec).name}/{rec['task']}", q=f"{rec['query_loss']:.3f}"
-                    )
-                    tbar.update(1)
+                    done = len(order)
+                per = task_batch if stacked is not None else 1
+                for group in _task_groups(db, order[done:], per) if not sharded else ():
+                    if stacked is not None and len(group) > 1:
+                        outcomes = _adapt_batched(
+                            stacked, theta, db, d_index, group, cfg, cache, stats, epoch
+                        )
+                    else:
+                        t_index = group[0]
+                        opt: torch.optim.Optimizer
+                        if cfg.variant == "reptile":
+                            opt = _reptile_start(params, theta, cfg)
+                        else:  # released: no reset; fresh Adam only after the first database
+                            if d_index > 0 or inner_opt is None:
+                                inner_opt = _adam(plist, _steps(cfg).inner_lr)
+                            opt = inner_opt
+                        outcomes = [
+                            _adapt(
+                                model,
+                                params,
+                                theta,
+                                opt,
+                                db,
+                                d_index,
+                                t_index,
+                                cfg,
+                                cache,
+                                stats,
+                                epoch,
+                            )  # fmt: skip
+                        ]
+                    for moved, rec in outcomes:
+                        with torch.no_grad():
+                            for n in delta:
+                                delta[n] += moved[n]
+                        epoch_records.append(rec)
+                        run.append_log(rec)
+                        tbar.set_postfix(
+                            task=f"{Path(db.spec).name}/{rec['task']}",
+                            q=f"{rec['query_loss']:.3f}",
+                        )
+                        tbar.update(1)
+                    done += len(group)
+                    # a safe point inside the epoch (one process; torchrun: epochs only)
+                    last = done == len(order) and d_index == len(databases) - 1
+                    if not last and (stop.requested or clock.due()):
+                        where = _Partial(
+                            epoch, d_index, done, delta, theta_start, epoch_records,
+                            time.perf_counter() - t_epoch,
+                        )  # fmt: skip
+                        save(epoch, where)
+                        if stop.requested:
+                            tbar.close()
+                            raise stop.interrupted(
+                                f"{run.state} holds epoch {epoch + 1} up to task "
+                                f"{len(epoch_records)} of {n_tasks}"
+                            )
                 with torch.no_grad():  # outer step (Reptile, first order)
                     k = float(len(order))
                     step = outer_lr_at(cfg, epoch)
@@ -665,14 +789,19 @@ def pretrain(
             history.append(summary)
             run.append_log(summary)
 
+            final = epoch + 1 == cfg.epochs
             extra = _metadata(cfg, databases, epoch + 1, history, val_ds, best)
             extra.update(ctx.describe())  # world_size (and backend)
-            if (not cfg.keep_best_val or improved) and ctx.is_main:
+            # the checkpoint: at the end (the last epoch), or with --keep-best-val when
+            # the best epoch changes; written before the state that says it is done
+            if ((cfg.keep_best_val and improved) or (final and not cfg.keep_best_val)) and (
+                ctx.is_main
+            ):
                 with _holding(params, theta):
                     save_checkpoint(model, out, extra=extra)
-            _save_run_state(
-                run, fingerprint, cfg, epoch + 1, theta, params, inner_opt, history, best, theta0
-            )
+            interrupted = ctx.any(stop.requested)
+            if final or interrupted or clock.due():
+                save(epoch + 1)
             result.epochs_done = epoch + 1
             result.best_epoch = best.get("epoch")
             postfix = {
@@ -684,11 +813,77 @@ def pretrain(
                 postfix["val_srcc"] = f"{summary['val_srcc']:.3f}"
             ebar.set_postfix(postfix)
             ebar.update(1)
+            if interrupted and not final:
+                raise stop.interrupted(f"{run.state} holds epoch {epoch + 1}")
     model.eval()
     # The model ends holding what the checkpoint holds.
     _assign(params, best["theta"] if cfg.keep_best_val and best.get("theta") else theta)
     result.history = history
     return result
+
+
+@dataclass
+class _Partial:
+    """Where an interrupted epoch stands (a state saved between its tasks): tasks
+    ``0..done-1`` of database ``database``'s order are done, ``delta`` is their summed
+    ``phi_i - theta``, ``records`` the epoch's task records so far."""
+
+    epoch: int
+    database: int
+    done: int
+    delta: dict[str, torch.Tensor]
+    theta_start: dict[str, torch.Tensor]
+    records: list[dict[str, Any]]
+    seconds: float
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"delta/{n}": v for n, v in self.delta.items()}
+        tensors.update({f"theta_start/{n}": v for n, v in self.theta_start.items()})
+        record = {
+            "epoch": self.epoch,
+            "database": self.database,
+            "done": self.done,
+            "records": self.records,
+            "seconds": self.seconds,
+        }
+        return tensors, record
+
+    @classmethod
+    def from_state(cls, state: RunState, device: torch.device) -> _Partial | None:
+        rec = state.record.get("partial")
+        if not isinstance(rec, dict):
+            return None
+        try:
+            return cls(
+                int(rec["epoch"]),
+                int(rec["database"]),
+                int(rec["done"]),
+                {n: v.to(device) for n, v in state.take("delta").items()},
+                state.take("theta_start"),
+                [dict(r) for r in rec["records"]],
+                float(rec["seconds"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise GrmpiqaError(f"the resume state's partial epoch is unusable ({err})") from None
+
+
+def _resolve_task_batch(cfg: PretrainConfig, device: torch.device, ctx: Context) -> PretrainConfig:
+    """``task_batch=None`` (auto): 1 on the CPU (the serial loop, unchanged numbers), up to
+    :data:`GPU_TASK_BATCH` ``reptile`` tasks at once on a GPU; ``released`` is a chain
+    of tasks and always runs them one by one."""
+    tb = cfg.task_batch
+    if cfg.variant == "released":
+        if tb is not None and tb > 1:
+            raise GrmpiqaError(
+                "variant released carries one inner model from task to task: its tasks "
+                "cannot be batched (--task-batch 1)"
+            )
+        tb = 1
+    elif ctx.is_distributed:
+        tb = 1  # the ranks share the tasks out instead
+    elif tb is None:
+        tb = GPU_TASK_BATCH if device.type == "cuda" else 1
+    return replace(cfg, task_batch=tb)
 
 
 def _log_sharding(ctx: Context, run: RunFiles, cfg: PretrainConfig, start_epoch: int) -> None:
@@ -722,7 +917,7 @@ def _share_tasks(
     order: list[int],
     cfg: PretrainConfig,
     cache: _ImageCache,
-    query_tf: Any,
+    stats: tuple[list[float], list[float]],
     epoch: int,
     tbar: Any,
 ) -> list[dict[str, Any]]:
@@ -735,7 +930,7 @@ def _share_tasks(
     def one(t_index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         nonlocal ran
         opt = _reptile_start(params, theta, cfg)
-        out = _adapt(model, params, theta, opt, db, d_index, t_index, cfg, cache, query_tf, epoch)
+        out = _adapt(model, params, theta, opt, db, d_index, t_index, cfg, cache, stats, epoch)
         ran += 1
         tbar.update(1)
         return out
@@ -766,7 +961,87 @@ def _reptile_start(
 ) -> torch.optim.Optimizer:
     """Set phi_i to theta and return the fresh inner Adam of a ``reptile`` task."""
     _assign(params, theta)
-    return torch.optim.Adam(list(params.values()), lr=_steps(cfg).inner_lr)
+    return _adam(list(params.values()), _steps(cfg).inner_lr)
+
+
+def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """The inner Adam: torch's default on the CPU (the numbers of every figure and of the
+    released loop), the fused kernel on a GPU (one launch per step)."""
+    if params and all(p.device.type == "cuda" for p in params):
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr)
+
+
+@dataclass
+class _Plan:
+    """One task's random choices in one epoch (method.md 6): its support/query split,
+    augmentation and dropout streams, labels and query batches."""
+
+    task: Task
+    support: list[int]
+    query: list[int]
+    aug: random.Random
+    labels: torch.Tensor
+    q_batches: list[list[int]]
+    keys: tuple[int, int, int]  # (epoch, database, task)
+
+
+def _plan(task: Task, cfg: PretrainConfig, epoch: int, d_index: int, t_index: int) -> _Plan:
+    support, query = split_task(task, cfg.support_fraction, cfg.seed, epoch, d_index, t_index)
+    qbs = _steps(cfg).query_batch
+    return _Plan(
+        task,
+        support,
+        query,
+        random.Random(_derive_seed(cfg.seed, _AUGMENT, epoch, d_index, t_index)),
+        torch.tensor([it.label for it in task.items], dtype=torch.float32),
+        [query[i : i + qbs] for i in range(0, len(query), qbs)],
+        (epoch, d_index, t_index),
+    )
+
+
+def _pass_order(plan: _Plan, cfg: PretrainConfig, p: int) -> list[int]:
+    """The support order of inner pass ``p`` (later passes: a fresh seeded order)."""
+    if p == 0:
+        return plan.support
+    epoch, d_index, t_index = plan.keys
+    rng = np.random.default_rng(_seed_seq(cfg.seed, _PASS, epoch, d_index, t_index, p))
+    return [plan.support[i] for i in rng.permutation(len(plan.support))]
+
+
+class _Problems:
+    """Non-finite losses, gradients or prompts of inner steps, recorded on the device
+    and read once per task (or task batch), so no step waits for the host."""
+
+    def __init__(self) -> None:
+        self.flags: torch.Tensor | None = None  # [loss, gradient, prompts]
+        self.first_loss: torch.Tensor | None = None
+
+    def record(self, losses: torch.Tensor, grads: list[torch.Tensor | None], params: Any) -> None:
+        bad_loss = ~torch.isfinite(losses.detach()).all()
+        bad_grad = first_nonfinite(grads)[0]
+        bad_param = first_nonfinite(list(params))[0]
+        flags = torch.stack([bad_loss, bad_grad, bad_param])
+        values = losses.detach().reshape(-1)
+        worst = values[(~torch.isfinite(values)).int().argmax()].float()  # a bad one, if any
+        if self.flags is None or self.first_loss is None:
+            self.flags, self.first_loss = flags, worst
+        else:  # keep the first bad loss's value (NaN or inf) for the message
+            self.first_loss = torch.where(~self.flags[0] & bad_loss, worst, self.first_loss)
+            self.flags = self.flags | flags
+
+    def check(self) -> None:
+        if self.flags is None or self.first_loss is None:
+            return
+        loss, grad, param = (bool(f) for f in self.flags.tolist())
+        if loss:
+            raise TrainingError(
+                f"the stage-1 loss became {float(self.first_loss)}; lower --inner-lr"
+            )
+        if grad:
+            raise TrainingError("a stage-1 gradient became NaN or infinite; lower --inner-lr")
+        if param:
+            raise TrainingError("the stage-1 prompts became NaN or infinite; lower --inner-lr")
 
 
 def _adapt(
@@ -779,7 +1054,7 @@ def _adapt(
     t_index: int,
     cfg: PretrainConfig,
     cache: _ImageCache,
-    query_tf: Any,
+    stats: tuple[list[float], list[float]],
     epoch: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Run one task's inner loop from the prompts the model holds: ``phi_i - theta``
@@ -787,11 +1062,25 @@ def _adapt(
     task = db.tasks[t_index]
     t0 = time.perf_counter()
     s_loss, q_loss, n_s, n_q = _run_task(
-        model, opt, task, cfg, cache, query_tf, epoch, d_index, t_index
+        model, opt, task, cfg, cache, stats, epoch, d_index, t_index
     )
     with torch.no_grad():
         moved = {n: p.detach() - theta[n] for n, p in params.items()}
-    return moved, {
+    return moved, _task_record(db, task, epoch, s_loss, q_loss, n_s, n_q, moved, t0)
+
+
+def _task_record(
+    db: TaskDatabase,
+    task: Task,
+    epoch: int,
+    s_loss: float,
+    q_loss: float,
+    n_s: int,
+    n_q: int,
+    moved: dict[str, torch.Tensor],
+    t0: float,
+) -> dict[str, Any]:
+    return {
         "epoch": epoch + 1,
         "database": db.spec,
         "task": task.name,
@@ -810,48 +1099,54 @@ def _run_task(
     task: Task,
     cfg: PretrainConfig,
     cache: _ImageCache,
-    query_tf: Any,
+    stats: tuple[list[float], list[float]],
     epoch: int,
     d_index: int,
     t_index: int,
 ) -> tuple[float, float, int, int]:
     """Inner loop (method.md 6): per support batch one Adam step on it, then one on the
     next query batch (query batches cycle). Returns mean support/query losses."""
-    support, query = split_task(task, cfg.support_fraction, cfg.seed, epoch, d_index, t_index)
-    aug = random.Random(_derive_seed(cfg.seed, _AUGMENT, epoch, d_index, t_index))
-    support_tf = stage1_support_transform(cfg.stats, aug)
+    plan = _plan(task, cfg, epoch, d_index, t_index)
     torch.manual_seed(_derive_seed(cfg.seed, _DROPOUT, epoch, d_index, t_index))
     device = model.device
-    labels = torch.tensor([it.label for it in task.items], dtype=torch.float32)
     st = _steps(cfg)
-    sb, qbs = st.support_batch, st.query_batch
-    q_batches = [query[i : i + qbs] for i in range(0, len(query), qbs)]
+    labels = plan.labels
     q_tensors: dict[int, torch.Tensor] = {}
-    s_losses: list[float] = []
-    q_losses: list[float] = []
+    s_losses: list[torch.Tensor] = []
+    q_losses: list[torch.Tensor] = []
+    problems = _Problems()
     b = 0
     for p in range(st.inner_passes):
-        order = support
-        if p > 0:  # later passes: a fresh seeded order (and fresh augmentation)
-            rng = np.random.default_rng(_seed_seq(cfg.seed, _PASS, epoch, d_index, t_index, p))
-            order = [support[i] for i in rng.permutation(len(support))]
-        for start in range(0, len(order), sb):
-            idx = order[start : start + sb]
+        order = _pass_order(plan, cfg, p)
+        for start in range(0, len(order), st.support_batch):
+            idx = order[start : start + st.support_batch]
             x = torch.stack(
-                [support_tf(cache.get(task.items[i], _ImageCache.SUPPORT)) for i in idx]
+                [
+                    _support_view(cache.get(task.items[i], _ImageCache.SUPPORT), plan.aug, stats)
+                    for i in idx
+                ]
             )
-            s_losses.append(_step(model, opt, x.to(device), labels[idx].to(device), cfg.precision))
-            qb = b % len(q_batches)
+            y = _to_device(labels[idx], device)
+            s_losses.append(_step(model, opt, x, y, cfg.precision, problems))
+            qb = b % len(plan.q_batches)
             b += 1
             if qb not in q_tensors:
                 q_tensors[qb] = torch.stack(
-                    [query_tf(cache.get(task.items[i], _ImageCache.QUERY)) for i in q_batches[qb]]
+                    [
+                        _query_view(cache.get(task.items[i], _ImageCache.QUERY), stats)
+                        for i in plan.q_batches[qb]
+                    ]
                 )
-            qy = labels[q_batches[qb]]
-            q_losses.append(
-                _step(model, opt, q_tensors[qb].to(device), qy.to(device), cfg.precision)
-            )
-    return _mean(s_losses), _mean(q_losses), len(support), len(query)
+            qy = _to_device(labels[plan.q_batches[qb]], device)
+            q_losses.append(_step(model, opt, q_tensors[qb], qy, cfg.precision, problems))
+    problems.check()
+    both = torch.stack(s_losses + q_losses).tolist()  # the one read of this task
+    return (
+        _mean(both[: len(s_losses)]),
+        _mean(both[len(s_losses) :]),
+        len(plan.support),
+        len(plan.query),
+    )
 
 
 def _step(
@@ -860,21 +1155,119 @@ def _step(
     x: torch.Tensor,
     y: torch.Tensor,
     precision: str,
-) -> float:
+    problems: _Problems,
+) -> torch.Tensor:
+    """One inner Adam step; the loss (on the device). Nothing is read back: a
+    non-finite value is recorded in ``problems``."""
     opt.zero_grad(set_to_none=True)
     with autocast(model.device, precision):
-        logits = model(x)
+        logits = model(x.to(model.device))
     loss = quality_loss(logits, y)
-    if not torch.isfinite(loss):
-        raise TrainingError(f"the stage-1 loss became {loss.item()}; lower --inner-lr")
     loss.backward()
     params = [p for g in opt.param_groups for p in g["params"]]
-    if any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params):
-        raise TrainingError("a stage-1 gradient became NaN or infinite; lower --inner-lr")
+    grads = [p.grad for p in params]
     opt.step()
-    if any(not bool(torch.isfinite(p).all()) for p in params):
-        raise TrainingError("the stage-1 prompts became NaN or infinite; lower --inner-lr")
-    return float(loss.detach())
+    problems.record(loss, grads, params)
+    return loss.detach()
+
+
+def _adapt_batched(
+    stacked: StackedQualityModel,
+    theta: dict[str, torch.Tensor],
+    db: TaskDatabase,
+    d_index: int,
+    group: Sequence[int],
+    cfg: PretrainConfig,
+    cache: _ImageCache,
+    stats: tuple[list[float], list[float]],
+    epoch: int,
+) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """:func:`_adapt` of the ``reptile`` tasks ``group`` (all of one size) at once, each
+    from theta with its own fresh Adam (:mod:`grmpiqa.task_batch`): every task's split,
+    augmentation, pass orders and dropout masks are those of the serial loop."""
+    t0 = time.perf_counter()
+    model = stacked.model
+    device = model.device
+    st = _steps(cfg)
+    plans = [_plan(db.tasks[t], cfg, epoch, d_index, t) for t in group]
+    generators = [
+        torch.Generator(device=device).manual_seed(
+            _derive_seed(cfg.seed, _DROPOUT, epoch, d_index, t)
+        )
+        for t in group
+    ]
+    phi = {
+        n: v.detach().unsqueeze(0).repeat(len(group), *([1] * v.dim())).requires_grad_(True)
+        for n, v in theta.items()
+    }
+    opt = _adam(list(phi.values()), st.inner_lr)
+    labels = [pl.labels for pl in plans]
+    q_tensors: dict[int, torch.Tensor] = {}
+    s_losses: list[torch.Tensor] = []
+    q_losses: list[torch.Tensor] = []
+    problems = _Problems()
+    b = 0
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        logits = stacked_logits_autocast(stacked, phi, x, cfg.precision, generators)
+        losses = task_quality_losses(logits, y)
+        losses.sum().backward()  # each copy gets its own task's gradient
+        grads = [v.grad for v in phi.values()]
+        opt.step()
+        problems.record(losses, grads, phi.values())
+        return losses.detach()
+
+    for p in range(st.inner_passes):
+        orders = [_pass_order(pl, cfg, p) for pl in plans]
+        for start in range(0, len(orders[0]), st.support_batch):
+            views, ys = [], []
+            for pl, order, lab in zip(plans, orders, labels, strict=True):
+                idx = order[start : start + st.support_batch]
+                views += [
+                    _support_view(cache.get(pl.task.items[i], _ImageCache.SUPPORT), pl.aug, stats)
+                    for i in idx
+                ]
+                ys.append(lab[idx])
+            s_losses.append(step(torch.stack(views), _to_device(torch.stack(ys), device)))
+            qb = b % len(plans[0].q_batches)
+            b += 1
+            if qb not in q_tensors:
+                q_tensors[qb] = torch.stack(
+                    [
+                        _query_view(cache.get(pl.task.items[i], _ImageCache.QUERY), stats)
+                        for pl in plans
+                        for i in pl.q_batches[qb]
+                    ]
+                )
+            qy = torch.stack([lab[pl.q_batches[qb]] for pl, lab in zip(plans, labels, strict=True)])
+            q_losses.append(step(q_tensors[qb], _to_device(qy, device)))
+    problems.check()
+    s_read = torch.stack(s_losses).tolist()  # [steps][task]: the one read of the group
+    q_read = torch.stack(q_losses).tolist()
+    out = []
+    for k, pl in enumerate(plans):
+        with torch.no_grad():
+            moved = {n: phi[n][k].detach() - theta[n] for n in theta}
+        s_loss = _mean(row[k] for row in s_read)
+        q_loss = _mean(row[k] for row in q_read)
+        rec = _task_record(
+            db, pl.task, epoch, s_loss, q_loss, len(pl.support), len(pl.query), moved, t0
+        )
+        out.append((moved, rec))
+    return out
+
+
+def _task_groups(db: TaskDatabase, order: Sequence[int], size: int) -> list[list[int]]:
+    """``order`` cut into groups of at most ``size`` consecutive tasks of equal length (a
+    task batch needs the same step shapes)."""
+    groups: list[list[int]] = []
+    for t in order:
+        if groups and len(groups[-1]) < size and len(db.tasks[groups[-1][0]]) == len(db.tasks[t]):
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
 
 
 def _norm(tensors: Any) -> float:
@@ -976,8 +1369,10 @@ def _save_run_state(
     history: list[dict[str, Any]],
     best: dict[str, Any],
     theta0: dict[str, torch.Tensor],
+    partial: _Partial | None = None,
 ) -> None:
-    """The resume state after ``epochs_done`` epochs (tensors + JSON, see grmpiqa.runs)."""
+    """The resume state after ``epochs_done`` epochs and, with ``partial``, some tasks of
+    the next one (tensors + JSON, see grmpiqa.runs)."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"theta/{n}": v for n, v in theta.items()})
     tensors.update({f"phi/{n}": p.detach() for n, p in params.items()})
@@ -991,7 +1386,11 @@ def _save_run_state(
         "history": history,
         "best": {"epoch": best.get("epoch"), "srcc": best.get("srcc")},
         "inner_optimizer": None,
+        "partial": None,
     }
+    if partial is not None:
+        part_tensors, record["partial"] = partial.to_state()
+        tensors.update(part_tensors)
     if inner_opt is not None:
         opt_tensors, record["inner_optimizer"] = optimizer_to_state(inner_opt, "inner_optimizer")
         tensors.update(opt_tensors)

@@ -173,21 +173,35 @@ class QualityModel(nn.Module):
         """L2-normalised image embeddings of preprocessed images ``[N, 3, H, W]``."""
         return l2_normalize(self.image_tower(images))
 
-    def quality_text_features(self, truncate: bool = False) -> torch.Tensor:
-        """L2-normalised ``[t_hq, t_lq]`` (learned context or hand prompts)."""
+    @property
+    def quality_tokens(self) -> torch.Tensor:
+        """Token ids of the two quality prompts (learned-context placeholders or hand)."""
         if self.prompt_learner is not None:
-            feats = self.text_tower(self.prompt_learner(), self.prompt_learner.tokens, truncate)
+            return self.prompt_learner.tokens
+        return self.hand_tokens
+
+    def quality_text_features(
+        self, truncate: bool = False, length: int | None = None
+    ) -> torch.Tensor:
+        """L2-normalised ``[t_hq, t_lq]`` (learned context or hand prompts); ``length``
+        as :meth:`~grmpiqa.towers.TextTower.forward`."""
+        if self.prompt_learner is not None:
+            feats = self.text_tower(
+                self.prompt_learner(), self.prompt_learner.tokens, truncate, length
+            )
         else:
-            feats = self.text_tower.encode_tokens(self.hand_tokens, truncate)
+            feats = self.text_tower.encode_tokens(self.hand_tokens, truncate, length)
         return l2_normalize(feats)
 
     def encode_text(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
         """L2-normalised features of hard prompts through this model's text tower."""
         return self.encode_tokens(self.tokenizer(list(texts)).to(self.device), truncate)
 
-    def encode_tokens(self, tokens: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+    def encode_tokens(
+        self, tokens: torch.Tensor, truncate: bool = False, length: int | None = None
+    ) -> torch.Tensor:
         """L2-normalised features of tokenised hard prompts."""
-        return l2_normalize(self.text_tower.encode_tokens(tokens, truncate))
+        return l2_normalize(self.text_tower.encode_tokens(tokens, truncate, length))
 
     def logits_from_features(
         self, image_features: torch.Tensor, text_features: torch.Tensor

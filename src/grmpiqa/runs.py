@@ -6,6 +6,11 @@ A training run writing ``OUT`` (``stage1.safetensors``) keeps two sidecars:
   as JSON in its header (nothing in it can run code when read);
 * ``OUT.log.jsonl`` - one JSON record per line (per task, per epoch, per evaluation).
 
+When a loop writes its state is :class:`SaveClock`'s rule: every ``--save-every`` seconds
+(default :data:`DEFAULT_SAVE_EVERY`), at the end, and when SIGINT or SIGTERM asks the run
+to stop (:func:`stop_signals`: the loop saves at its next safe point and raises
+:class:`RunInterrupted`; a second signal stops at once).
+
 :class:`RunFiles` names them, refuses to overwrite an existing run unless asked
 (``--resume`` / ``--overwrite``), removes temporaries an interrupted write left behind,
 writes and reads the state atomically, and compares the *fingerprint* of a saved run
@@ -22,9 +27,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,18 +44,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from grmpiqa.errors import RunError
+from grmpiqa.errors import GrmpiqaError, RunError
 from grmpiqa.utils import atomic_open, atomic_path, json_safe, remove_stale_temporaries
 
 __all__ = [
+    "DEFAULT_SAVE_EVERY",
     "RunFiles",
+    "RunInterrupted",
     "RunState",
+    "SaveClock",
+    "StopRequest",
     "diff_records",
     "json_safe",
     "optimizer_from_state",
     "optimizer_to_state",
     "rng_from_state",
     "rng_to_state",
+    "stop_signals",
 ]
 
 _META_KEY = "grmpiqa-run"
@@ -266,6 +281,11 @@ def optimizer_to_state(
     return tensors, {"param_groups": json_safe(sd["param_groups"]), "plain": json_safe(plain)}
 
 
+# Optimiser options that choose a kernel (fused on a GPU, the loop on the CPU), not the
+# arithmetic's meaning: a state moved between devices keeps the current process's.
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def optimizer_from_state(
     optimizer: torch.optim.Optimizer,
     tensors: Mapping[str, torch.Tensor],
@@ -282,9 +302,12 @@ def optimizer_from_state(
     for pid, entries in dict(record.get("plain", {})).items():
         state.setdefault(int(pid), {}).update(entries)
     groups = [dict(g) for g in record["param_groups"]]
-    for g in groups:
+    for g, now in zip(groups, optimizer.param_groups, strict=False):
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
+        for impl in _IMPLEMENTATION_FLAGS:  # how this process steps, not what was saved
+            if impl in now:
+                g[impl] = now[impl]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, TypeError) as err:
@@ -330,3 +353,127 @@ def rng_from_state(
     cuda = sorted(k for k in tensors if k.startswith(f"{prefix}/cuda/"))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+# -- when to save: the clock and the stop signals ---------------------------------------------
+
+#: Seconds between two writes of a resume state (``--save-every``).
+DEFAULT_SAVE_EVERY = 120.0
+
+
+class SaveClock:
+    """When a training loop writes its resume state (issue 21).
+
+    At every *safe point* (the end of an epoch, of a task, of a split) the loop asks
+    :meth:`due`: true once ``interval`` seconds have passed since the last save
+    (``interval <= 0``: at every safe point, the most frequent saving possible). The
+    end of the run and a stop request are saved whatever the clock says; a loop calls
+    :meth:`saved` after each write.
+
+    >>> SaveClock(0).due(), SaveClock(3600).due()
+    (True, False)
+    """
+
+    def __init__(self, interval: float | None = DEFAULT_SAVE_EVERY) -> None:
+        if interval is not None and not interval == interval:  # NaN
+            raise GrmpiqaError("--save-every must be a number of seconds")
+        self.interval = DEFAULT_SAVE_EVERY if interval is None else float(interval)
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.interval <= 0 or time.monotonic() - self.last >= self.interval
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+class RunInterrupted(GrmpiqaError):
+    """SIGINT or SIGTERM stopped a run after it saved its state (resume with --resume).
+
+    ``exit_code`` is the shell's convention for a death by that signal (128 + number).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGINT/SIGTERM while :func:`stop_signals` is active (see there)."""
+
+    signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        if self.signum is None:
+            return ""
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    def interrupted(self, what: str) -> RunInterrupted:
+        """The exception a loop raises once it has saved: ``what`` says what was saved."""
+        assert self.signum is not None
+        return RunInterrupted(
+            f"stopped by {self.name}: {what}; run again with --resume", self.signum
+        )
+
+
+_STOP_LOCK = threading.Lock()
+_ACTIVE: list[StopRequest] = []  # the request of the outermost active stop_signals
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool = True) -> Iterator[StopRequest]:
+    """While active, SIGINT and SIGTERM do not kill the process: they set the returned
+    request, and the loop saves its state at its next safe point and raises
+    :class:`RunInterrupted`. A second signal raises :class:`KeyboardInterrupt` at once.
+
+    Nested uses share the outermost request (evaluate -> finetune). Outside the main
+    thread (where Python cannot install handlers), or with ``enabled=False``, the
+    request is never set and the signals keep their usual effect.
+    """
+    with _STOP_LOCK:
+        if _ACTIVE:
+            outer = _ACTIVE[-1]
+            _ACTIVE.append(outer)
+            nested = True
+        else:
+            outer = StopRequest()
+            _ACTIVE.append(outer)
+            nested = False
+    installed: dict[int, Any] = {}
+    if not nested and enabled and threading.current_thread() is threading.main_thread():
+
+        def handler(signum: int, frame: Any) -> None:
+            if outer.signum is not None:  # the second signal: stop now
+                for s, h in installed.items():
+                    signal.signal(s, h)
+                raise KeyboardInterrupt
+            outer.signum = signum
+            print(
+                f"grmpiqa: {outer.name} received: saving the run at the next safe point "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                installed[s] = signal.signal(s, handler)
+            except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+                pass
+    try:
+        yield outer
+    finally:
+        for s, h in installed.items():
+            signal.signal(s, h)
+        with _STOP_LOCK:
+            _ACTIVE.pop()

@@ -29,16 +29,28 @@ causal tower pooled at EOT).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from grmpiqa import _openclip as oc
 from grmpiqa.log import FallbackWarning
-from grmpiqa.prompts import VisualPrompts
 
-__all__ = ["PromptedVisionTower", "TextTower"]
+__all__ = ["PromptSource", "PromptedVisionTower", "TextTower"]
+
+
+class PromptSource(Protocol):
+    """What the tower needs of visual prompts (:class:`~grmpiqa.prompts.VisualPrompts`,
+    or several tasks' copies stacked, :class:`~grmpiqa.task_batch.StackedPrompts`)."""
+
+    num_tokens: int
+
+    def replaces(self, block: int) -> bool: ...
+
+    def prompts(self, block: int, batch: int) -> torch.Tensor: ...
+
+    def prompt_norm(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class PromptedVisionTower(nn.Module):
@@ -56,10 +68,10 @@ class PromptedVisionTower(nn.Module):
     """
 
     visual: Any
-    prompts: VisualPrompts | None
+    prompts: PromptSource | None
 
     def __init__(
-        self, visual: nn.Module, prompts: VisualPrompts | None = None, *, fast: bool = True
+        self, visual: nn.Module, prompts: PromptSource | None = None, *, fast: bool = True
     ) -> None:
         super().__init__()
         # plain attributes (not submodules): the state dict stays the model's
@@ -257,19 +269,37 @@ class TextTower(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip.token_embedding(tokens)  # type: ignore[no-any-return]
 
+    def pooled_length(self, tokens: torch.Tensor) -> int | None:
+        """Positions a truncated pass runs for ``tokens`` (None: all). Reading it needs
+        the tokens on the host; a training loop computes it once and passes ``length``."""
+        return oc.pooled_positions(self.clip, tokens)
+
     def forward(
-        self, embeddings: torch.Tensor, tokens: torch.Tensor, truncate: bool | None = None
+        self,
+        embeddings: torch.Tensor,
+        tokens: torch.Tensor,
+        truncate: bool | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
-        """Unnormalised text features ``[n, D]`` of prompt embeddings ``[n, T, W]``."""
+        """Unnormalised text features ``[n, D]`` of prompt embeddings ``[n, T, W]``.
+
+        ``length``: :meth:`pooled_length` of ``tokens``, computed beforehand (used when
+        truncating; saves a host synchronisation per call on a GPU).
+        """
         cut = self.truncate if truncate is None else truncate
-        length = oc.pooled_positions(self.clip, tokens) if cut else None
+        if not cut:
+            length = None
+        elif length is None:
+            length = oc.pooled_positions(self.clip, tokens)
         # always fp32 (grmpiqa.precision): a handful of prompts is too little work for
         # bf16 to pay for casting the tower's weights, which autocast redoes every call
         with torch.autocast(embeddings.device.type, enabled=False):
             return oc.text_forward(self.clip, embeddings.float(), tokens, length)
 
-    def encode_tokens(self, tokens: torch.Tensor, truncate: bool | None = None) -> torch.Tensor:
-        return self(self.embed(tokens), tokens, truncate)
+    def encode_tokens(
+        self, tokens: torch.Tensor, truncate: bool | None = None, length: int | None = None
+    ) -> torch.Tensor:
+        return self(self.embed(tokens), tokens, truncate, length)
 
     def blocks(self) -> nn.ModuleList:
         """The text transformer's blocks (for parameter groups)."""

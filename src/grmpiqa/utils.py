@@ -9,7 +9,7 @@ import random
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,3 +111,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+_POSITIONS: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+
+
+def first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any tensor non-finite, index of the first) as 0-d device tensors, without a sync
+    (``None`` entries count as finite).
+
+    One max-abs per tensor (``torch._foreach_norm``, a single multi-tensor kernel on a
+    GPU): NaN and infinities propagate into it, finite values never overflow it.
+    """
+    present = [(i, t) for i, t in enumerate(tensors) if t is not None]
+    if not present:
+        false = torch.zeros((), dtype=torch.bool)
+        return false, torch.zeros((), dtype=torch.long)
+    norms = torch._foreach_norm([t.detach() for _, t in present], float("inf"))
+    bad = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+    key = (tuple(i for i, _ in present), str(bad.device))
+    where = _POSITIONS.get(key)
+    if where is None:  # built once per pattern: no copy to the device per step
+        where = _POSITIONS[key] = torch.tensor(key[0], device=bad.device)
+    return bad.any(), where[bad.int().argmax()]

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except GrmpiqaError as err:
         print(f"grmpiqa{_rank_tag()}: error: {err}", file=sys.stderr)
-        return 1
+        return int(getattr(err, "exit_code", 1))  # RunInterrupted: 128 + the signal
     except KeyboardInterrupt:
         print("grmpiqa: interrupted", file=sys.stderr)
         return 130

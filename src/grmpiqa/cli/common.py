@@ -89,7 +89,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     """The stage-2 settings (method.md 7) as flags: every :class:`FinetuneConfig` field
     a user sets (``--lambda``, ``--lr``, ``--max-epochs``, ...), defaults taken from the
     dataclass; read them back with :func:`finetune_config_from_args`."""
-    from grmpiqa.finetune import FinetuneConfig
+    from grmpiqa.finetune import COMPILE_MODES, FinetuneConfig
 
     d = FinetuneConfig()
     g = parser.add_argument_group("fine-tuning (stage 2)")
@@ -153,6 +153,15 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         help="run the exact released path (no frozen-feature cache; prompt dropout in all layers)",
     )
     g.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default=d.compile,
+        metavar="MODE",
+        help="torch.compile the step's forward pass: off (default), default, "
+        "reduce-overhead (CUDA graphs) or max-autotune; for GPUs (numbers differ from "
+        "eager: the compiled dropout draws its own masks)",
+    )
+    g.add_argument(
         "--cache-augmentations",
         type=int,
         default=d.cache_augmentations,
@@ -179,9 +188,32 @@ def finetune_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any
         "precision": args.precision,
         "cache": not args.no_cache,
         "cache_augmentations": args.cache_augmentations,
+        "compile": args.compile,
         "seed": args.seed if getattr(args, "seed", None) is not None else 0,
     }
     kw.update(overrides)
     config = FinetuneConfig(**kw)
     config.validate()
     return config
+
+
+def add_save_every_arg(parser: argparse.ArgumentParser) -> None:
+    """``--save-every SECONDS``: how often a training run writes its resume state."""
+    from grmpiqa.runs import DEFAULT_SAVE_EVERY
+
+    parser.add_argument(
+        "--save-every",
+        type=float,
+        default=DEFAULT_SAVE_EVERY,
+        metavar="SECONDS",
+        help=f"write the resume state every SECONDS (default {DEFAULT_SAVE_EVERY:g}), at "
+        "the end and when stopped by SIGINT/SIGTERM (then exit 128+signal; --resume "
+        "continues); 0 = after every epoch",
+    )
+
+
+def save_every_from_args(args: argparse.Namespace) -> float:
+    value = float(args.save_every)
+    if not value >= 0 or value == float("inf"):
+        raise GrmpiqaError(f"--save-every must be a number of seconds >= 0, not {args.save_every}")
+    return value

@@ -10,10 +10,12 @@ from pathlib import Path
 from grmpiqa.cli.common import (
     add_backbone_args,
     add_finetune_args,
+    add_save_every_arg,
     device_arg,
     finetune_config_from_args,
     join_job,
     pretrained_arg,
+    save_every_from_args,
 )
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.evaluation import METHODS, SELECTIONS, ProtocolConfig, format_summary, run_protocol
@@ -75,13 +77,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--score-batch-size", type=int, default=32, help="images per forward pass when scoring"
     )
-    p.add_argument("--resume", action="store_true", help="skip splits finished in DIR/splits/")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip splits finished in DIR/splits/ and continue an interrupted one from its "
+        "DIR/splits/split_K.state.safetensors",
+    )
     p.add_argument(
         "--keep-checkpoints",
         action="store_true",
-        help="grmp/coop: keep each split's model as DIR/splits/split_K.safetensors (lets "
-        "--resume continue an interrupted split; ~170 MB each for ViT-B/16)",
+        help="grmp/coop: keep each split's model as DIR/splits/split_K.safetensors with its "
+        "resume state and log (~170 MB each for ViT-B/16)",
     )
+    add_save_every_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_finetune_args(p)
     add_backbone_args(p)
@@ -127,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 def run(args: argparse.Namespace) -> int:
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
     config = config_from_args(args)
+    save_every = save_every_from_args(args)
     progress = not args.no_progress
     result = run_protocol(
         args.data,
@@ -135,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=progress,
         keep_checkpoints=args.keep_checkpoints,
+        save_every=save_every,
     )
     if not ctx.is_main:
         return 0

@@ -9,9 +9,11 @@ from pathlib import Path
 from grmpiqa.cli.common import (
     add_backbone_args,
     add_finetune_args,
+    add_save_every_arg,
     finetune_config_from_args,
     join_job,
     model_from_args,
+    save_every_from_args,
 )
 from grmpiqa.data import load_dataset, make_split, write_splits
 from grmpiqa.errors import GrmpiqaError
@@ -24,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Fine-tune a stage-1 checkpoint on N shots of a dataset split (method.md 7): "
         "text context, the last 4 blocks of both towers, ln_final and ln_post train; a frozen CLIP "
         "teacher keeps scene knowledge through the gradient rule. Writes OUT (a checkpoint for "
-        "`grmpiqa score --checkpoint`), OUT.state.safetensors (resume), OUT.log.jsonl (history) "
-        "and OUT.splits.csv (the split used). An existing run at OUT is refused unless --resume "
-        "or --overwrite is given.",
+        "`grmpiqa score --checkpoint`) when training ends, OUT.state.safetensors (resume; "
+        "written every --save-every seconds, at the end and on SIGINT/SIGTERM), OUT.log.jsonl "
+        "(history) and OUT.splits.csv (the split used). An existing run at OUT is refused "
+        "unless --resume or --overwrite is given.",
     )
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec KIND:PATH")
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.safetensors)")
@@ -60,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run at OUT (state, log)"
     )
+    add_save_every_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_backbone_args(p)
     p.set_defaults(func=run)
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     split = make_split(dataset, args.split_seed, args.split_index, args.shots)
     train = split.train(dataset)
     config = finetune_config_from_args(args, monitor=args.monitor)
+    save_every = save_every_from_args(args)
     val = load_dataset(args.val) if args.val else None
     model = model_from_args(args, checkpoint=args.init)
     progress = not args.no_progress
@@ -111,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=progress,
         extra=extra,
+        save_every=save_every,
     )
     if not ctx.is_main:
         return 0
