@@ -349,3 +349,110 @@ def test_clive_two_splits(tmp_path):
     assert [s["n_test"] for s in report["splits"]] == [round(0.2 * len(ds))] * 2
     assert all(math.isfinite(s.metrics["srcc"]) for s in r.splits)
     assert (tmp_path / "scatter.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# -- resume mid-protocol (issue 18 EK1) and pool-shared frozen features (issue 21) ---------
+
+
+def _ek1_argv(spec: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "evaluate", "--data", spec, "--splits", "3", "--shots", "8", "--max-epochs", "16",
+        "--eval-every", "4", "--cache-augmentations", "2", "--lr", "0.05", "--vpt-tokens", "4",
+        "--backbone", "test-tiny", "--pretrained", "random", "--report", str(out),
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _figures(out: Path) -> tuple[list, str]:
+    report = json.loads((out / "report.json").read_text())
+    splits = [{k: v for k, v in s.items() if k != "checkpoint"} for s in _numbers(report)]
+    return splits, (out / "predictions.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def ek1_reference(synth_spec, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ek1") / "straight"
+    assert main(_ek1_argv(synth_spec, out)) == 0
+    return out
+
+
+def test_evaluate_killed_mid_protocol_resumes_without_keep_checkpoints(
+    synth_spec, ek1_reference, tmp_path
+):
+    """Probe EK1: `grmpiqa evaluate` killed (SIGKILL) inside split 1 of 3, without
+    --keep-checkpoints, then --resume: it used to fail ("resume needs the output checkpoint
+    path"); now split 0 is reused, split 1 continues from its state, and the report's
+    figures and predictions are those of an uninterrupted run."""
+    from process_utils import run_and_signal
+
+    out = tmp_path / "killed"
+    state1 = out / "splits" / "split_1.state.safetensors"
+
+    def inside_split_1() -> bool:
+        return (out / "splits" / "split_0.json").is_file() and state1.is_file()
+
+    proc = run_and_signal(_ek1_argv(synth_spec, out, "--save-every", "0"), inside_split_1)
+    assert proc.returncode == -9
+    assert not (out / "splits" / "split_1.json").exists() and not (out / "report.json").exists()
+    assert not (out / "splits" / "split_0.state.safetensors").exists()  # done: removed
+    assert main([*_ek1_argv(synth_spec, out), "--resume"]) == 0
+    assert _figures(out) == _figures(ek1_reference)
+    assert not list((out / "splits").glob("*.state.safetensors"))  # nothing left over
+    assert not list((out / "splits").glob("*.safetensors"))  # no checkpoints asked for
+
+
+def test_evaluate_sigterm_with_keep_checkpoints_resumes_to_the_same_report(
+    synth_spec, ek1_reference, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM inside split 2 with --keep-checkpoints: exit 143 after the split's state is
+    written; --resume gives the uninterrupted report, and every split's model is kept."""
+    import signal
+
+    from process_utils import send_to_self
+
+    ft = sys.modules["grmpiqa.finetune"]
+    real = ft.CachedShots.batch
+    seen = {"n": 0}
+
+    def batch(self, indices, epoch):
+        seen["n"] += 1
+        if seen["n"] == 2 * 16 + 10:  # split 2, epoch 10
+            send_to_self(signal.SIGTERM)
+        return real(self, indices, epoch)
+
+    monkeypatch.setattr(ft.CachedShots, "batch", batch)
+    out = tmp_path / "stopped"
+    argv = _ek1_argv(synth_spec, out, "--keep-checkpoints")
+    assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert (out / "splits" / "split_2.state.safetensors").is_file()
+    assert not (out / "splits" / "split_2.safetensors").exists()
+    monkeypatch.setattr(ft.CachedShots, "batch", real)
+    assert main([*argv, "--resume"]) == 0
+    assert _figures(out) == _figures(ek1_reference)
+    for k in range(3):
+        assert (out / "splits" / f"split_{k}.safetensors").is_file()
+
+
+def test_pool_scorer_gives_the_full_forward_pass_numbers(synth_spec):
+    """The test images' frozen part computed once (FrozenPool, each image alone) and the
+    trained blocks run on it: the predictions of the full forward pass, to rounding."""
+    from grmpiqa.evaluation import _PoolScorer, _TestScorer
+    from grmpiqa.feature_cache import FrozenPool, frozen_image_blocks
+
+    data = load_dataset(synth_spec).subset(range(12))
+    config = replace(TINY_CONFIG, finetune_blocks=2)
+    model = grmpiqa.create_model("test-tiny", pretrained=None, config=config)
+    model.set_trainable(FinetuneConfig().groups)
+    start = frozen_image_blocks(model)
+    assert start is not None and start > 0
+    pool = FrozenPool()
+    a = _PoolScorer(pool, data, start, 5, "fp32")(model)
+    b = _TestScorer(model, data, 5, "fp32")(model)
+    assert a == pytest.approx(b, rel=0, abs=1e-6)
+    assert pool.nbytes > 0
+    kept = pool.nbytes
+    again = _PoolScorer(pool, data.subset(range(3, 9)), start, 5, "fp32")(model)
+    assert pool.nbytes == kept  # the frozen part is reused, not computed again
+    assert again == pytest.approx(a[3:9], rel=0, abs=1e-6)

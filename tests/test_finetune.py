@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -316,3 +317,136 @@ def test_cli_finetune_on_clive(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss_q"]) for r in rows)
     assert len(read_metadata(out)["extra"]["train_names"]) == 8
+
+
+# -- saving on a clock, SIGTERM and kill -9 (issue 21) -------------------------------------
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return grmpiqa.checkpoint.read_checkpoint(path)[0]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(x).items() if "seconds" not in k}
+        for x in log_path(out).read_text().splitlines()
+    ]
+
+
+def test_state_is_written_on_the_clock_and_the_checkpoint_at_the_end(shots, tmp_path, monkeypatch):
+    from grmpiqa.runs import RunFiles
+
+    epochs: list[int] = []
+    real = RunFiles.save_state
+
+    def counting(self, tensors, record):
+        epochs.append(int(record["epoch"]))
+        real(self, tensors, record)
+
+    monkeypatch.setattr(RunFiles, "save_state", counting)
+    cfg = FinetuneConfig(max_epochs=6, eval_every=3, cache_augmentations=2, lr=0.05)
+    out = tmp_path / "hourly.safetensors"
+    finetune(tiny_model(), shots, cfg, out=out, progress=False, save_every=3600)
+    assert epochs == [6]  # only the end: no write at the evaluations any more
+    assert read_metadata(out)["extra"]["epoch"] == 6
+    epochs.clear()
+    finetune(
+        tiny_model(), shots, cfg, out=tmp_path / "each.safetensors", progress=False, save_every=0
+    )
+    assert epochs == [1, 2, 3, 4, 5, 6]  # 0: after every epoch
+
+
+def test_sigterm_writes_the_state_and_resume_is_bit_exact(shots, tmp_path, monkeypatch):
+    """SIGTERM in epoch 5 (between evaluations at 3 and 6): the run finishes the epoch,
+    writes its state (no checkpoint: it is not done) and stops with RunInterrupted; the
+    resumed run ends with exactly the weights and history of an uninterrupted one."""
+    import signal
+
+    from process_utils import send_to_self
+
+    from grmpiqa.runs import RunFiles, RunInterrupted
+
+    ft = importlib.import_module("grmpiqa.finetune")
+    cfg = FinetuneConfig(max_epochs=8, eval_every=3, cache_augmentations=3, lr=0.05, seed=2)
+    ref = tmp_path / "ref.safetensors"
+    finetune(tiny_model(), shots, cfg, out=ref, progress=False)
+
+    out = tmp_path / "run.safetensors"
+    real = ft.CachedShots.batch
+
+    def batch(self, indices, epoch):
+        if epoch == 5:
+            send_to_self(signal.SIGTERM)
+        return real(self, indices, epoch)
+
+    monkeypatch.setattr(ft.CachedShots, "batch", batch)
+    with pytest.raises(RunInterrupted, match="SIGTERM.*holds epoch 5.*--resume") as err:
+        finetune(tiny_model(), shots, cfg, out=out, progress=False, save_every=3600)
+    assert err.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed again
+    assert RunFiles(out, "finetune").load_state().record["epoch"] == 5
+    assert not out.exists()
+    monkeypatch.setattr(ft.CachedShots, "batch", real)
+    finetune(tiny_model(), shots, cfg, out=out, resume=True, progress=False)
+    a, b = _tensors(ref), _tensors(out)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert _rows(ref) == _rows(out)
+
+
+def test_kill_9_resumes_bit_exact_from_the_last_state(blur_csv, tmp_path):
+    """`grmpiqa finetune` killed with SIGKILL (--save-every 0: a state after every epoch),
+    then --resume: the checkpoint and log equal an uninterrupted run's, bit for bit."""
+    from process_utils import run_and_signal
+
+    from grmpiqa.runs import RunFiles
+
+    init = tmp_path / "init.safetensors"
+    grmpiqa.save_checkpoint(tiny_model(), init)  # test-tiny, 4 visual prompt tokens
+
+    def argv(out: Path) -> list[str]:
+        return [
+            "finetune", "--data", f"csv:{blur_csv}", "--shots", "8", "--out", str(out),
+            "--init", str(init), "--max-epochs", "40", "--eval-every", "4",
+            "--cache-augmentations", "3", "--lr", "0.05", "--save-every", "0", "--no-progress",
+        ]  # fmt: skip
+
+    out = tmp_path / "killed.safetensors"
+    state = RunFiles(out, "finetune").state
+
+    def mid_run() -> bool:  # two evaluations logged: well inside the 40 epochs
+        return log_path(out).is_file() and len(log_path(out).read_text().splitlines()) >= 2
+
+    proc = run_and_signal(argv(out), mid_run)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert state.is_file() and not out.exists()
+    killed_at = RunFiles(out, "finetune").load_state().record["epoch"]
+    assert 4 <= killed_at < 40  # (the log may hold a row the state does not: dropped)
+    assert main([*argv(out), "--resume"]) == 0
+    ref = tmp_path / "ref.safetensors"
+    assert main(argv(ref)) == 0
+    a, b = _tensors(ref), _tensors(out)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert _rows(ref) == _rows(out)
+
+
+def test_compiled_step_matches_eager(shots, monkeypatch):
+    """``compile`` runs the step's forward through torch.compile (here dynamo's "eager"
+    backend: the capture and the wiring, without inductor's C++ build, which a GPU run
+    uses); without dropout its losses and weights follow the eager run to rounding."""
+    ft = importlib.import_module("grmpiqa.finetune")
+    monkeypatch.setattr(ft, "COMPILE_BACKEND", "eager")
+    no_dropout = grmpiqa.ModelConfig(vpt_tokens=4, finetune_blocks=2, vpt_dropout=0.0)
+    runs = {}
+    for mode in ("off", "default"):
+        cfg = FinetuneConfig(max_epochs=2, eval_every=2, cache_augmentations=2, compile=mode)
+        model = tiny_model(config=no_dropout)
+        runs[mode] = (finetune(model, shots, cfg, progress=False), model)
+    (ra, ma), (rb, mb) = runs["off"], runs["default"]
+    assert rb.history[-1]["loss_q"] == pytest.approx(ra.history[-1]["loss_q"], rel=1e-5)
+    for (n, p), (_, q) in zip(ma.named_parameters(), mb.named_parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(GrmpiqaError, match="compile"):
+        FinetuneConfig(compile="fast").validate()

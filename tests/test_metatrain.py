@@ -490,3 +490,52 @@ def test_released_is_the_authors_loop_bit_for_bit(
         assert torch.equal(saved[n], v), n
     moved = max(float((expected[n] - v).abs().max()) for n, v in _prompts(_model()).items())
     assert moved > 0  # the comparison is not between two untouched initial states
+
+
+@pytest.mark.parametrize("variant", ["reptile", "released"])
+def test_sigterm_mid_epoch_saves_and_resumes_bit_exact(
+    kadid: str, kadid_small: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    """SIGTERM during the second task of epoch 2 (issue 21): the run finishes that task,
+    saves a state holding the epoch's finished tasks (no checkpoint: not done) and stops;
+    the resumed run ends with exactly the prompts and log of an uninterrupted one."""
+    import signal
+
+    from process_utils import send_to_self
+
+    from grmpiqa import metatrain
+    from grmpiqa.runs import RunInterrupted
+
+    specs = [kadid_small, kadid]
+    cfg = PretrainConfig(epochs=2, variant=variant, **FAST)
+    ref = tmp_path / "ref.safetensors"
+    pretrain(_model(), specs, cfg, ref, progress=False)
+
+    out = tmp_path / "run.safetensors"
+    real = metatrain._run_task
+    calls = {"n": 0}
+
+    def task(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # epoch 2 (5 tasks per epoch), its second task
+            send_to_self(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metatrain, "_run_task", task)
+    with pytest.raises(RunInterrupted, match="SIGTERM.*epoch 2 up to task 2 of 5"):
+        pretrain(_model(), specs, cfg, out, progress=False, save_every=3600)
+    state = RunFiles(out, "pretrain").load_state()
+    assert state.record["epochs_done"] == 1 and state.record["partial"]["done"] == 2
+    assert not out.exists()
+    monkeypatch.setattr(metatrain, "_run_task", real)
+    pretrain(_model(), specs, cfg, out, resume=True, progress=False)
+    a, b = read_checkpoint(ref)[0], read_checkpoint(out)[0]
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+    def lines(p: Path) -> list[dict]:
+        rows = [json.loads(x) for x in log_path_for(p).read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    for x, y in zip(lines(ref), lines(out), strict=True):
+        assert x == y, {k: (x[k], y.get(k)) for k in x if x[k] != y.get(k)}

@@ -268,3 +268,44 @@ def test_checkpoint_with_nan_cannot_be_scored_from_the_cli(tmp_path, capsys):
     assert "NaN or inf" in capsys.readouterr().err
     with pytest.raises(CheckpointError):
         grmpiqa.create_model(checkpoint=tmp_path / "nan.safetensors")
+
+
+def test_save_clock_is_due_after_its_interval_and_at_every_point_with_zero(monkeypatch):
+    from grmpiqa import runs
+
+    now = {"t": 100.0}
+    monkeypatch.setattr(runs.time, "monotonic", lambda: now["t"])
+    clock = runs.SaveClock(120)
+    assert not clock.due()
+    now["t"] += 119.9
+    assert not clock.due()
+    now["t"] += 0.2
+    assert clock.due()
+    clock.saved()
+    assert not clock.due()
+    assert runs.SaveClock(0).due() and runs.SaveClock(0).due()  # 0: every safe point
+    assert runs.DEFAULT_SAVE_EVERY == 120.0
+
+
+def test_stop_signals_turn_sigterm_into_a_request_and_a_second_into_an_interrupt():
+    import signal
+
+    from process_utils import send_to_self
+
+    from grmpiqa.runs import RunInterrupted, stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_signals() as stop:
+        assert not stop.requested
+        send_to_self(signal.SIGTERM)  # would kill the test process without the handler
+        assert stop.requested and stop.name == "SIGTERM"
+        with stop_signals() as inner:  # nested (evaluate -> finetune): the same request
+            assert inner is stop
+        err = stop.interrupted("state saved")
+        assert isinstance(err, RunInterrupted) and err.exit_code == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM: state saved; run again with --resume" in str(err)
+        with pytest.raises(KeyboardInterrupt):
+            send_to_self(signal.SIGTERM)  # the second signal: stop at once
+    assert signal.getsignal(signal.SIGTERM) == before
+    with stop_signals(enabled=False) as off:
+        assert signal.getsignal(signal.SIGTERM) == before and not off.requested

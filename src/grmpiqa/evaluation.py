@@ -656,7 +656,7 @@ def run_protocol(
             results.append(res)
             bar.set_postfix(srcc=f"{res.metrics['srcc']:.3f}")
             if stop.requested and k + 1 < len(splits):
-                raise stop.interrupted(f"splits 0-{k} are finished in {out / 'splits'}")
+                raise stop.interrupted(f"splits 0-{k} are finished in {out}")
     bar.close()
     summary = summarize_metrics([{**r.metrics, "seconds": r.seconds} for r in results])
     result = ProtocolResult(record, dataset, results, summary, notes)

@@ -324,7 +324,7 @@ class FrozenPool:
       from it by :func:`bank_view_tensor`);
     * :meth:`eval_hidden`: the hidden state of an image's eval view entering the first
       trained block (the shots' eval view in the cache, the test images' frozen part);
-    * :meth:`teacher`: the semantic teacher (method.md 7), built once.
+    * :meth:`shared`: objects built once, such as the semantic teacher (method.md 7).
 
     Valid only while the frozen part (the blocks before ``start_block``, the embedding
     and the visual prompts) is the same in every model it is used with - true for the
@@ -337,7 +337,7 @@ class FrozenPool:
     nbytes: int = 0
     _pixels: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
     _hidden: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
-    _teacher: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False)
+    _shared: dict[Any, Any] = field(default_factory=dict, repr=False)
     _extra: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def _keep(self, store: dict[Any, Any], key: Any, value: torch.Tensor) -> None:
@@ -369,12 +369,17 @@ class FrozenPool:
         data: Dataset,
         start_block: int,
         precision: str = "fp32",
-        batch_size: int = 16,
+        batch_size: int = 1,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``[N, T, W]`` hidden states of the eval views of ``data`` entering
         ``start_block``, stored as ``dtype`` (default: the precision's storage type, as
-        the feature cache; fp32 keeps a scoring path's numbers exactly)."""
+        the feature cache; fp32 keeps a scoring path's numbers exactly).
+
+        Each image is computed alone (``batch_size`` 1): matrix products may round a
+        row differently in batches of other sizes, and an image's numbers must not
+        depend on which images a split needed first - so a resumed protocol reproduces
+        an uninterrupted one bit for bit."""
         store = dtype or storage_dtype(precision, model.device)
         keys = [
             (str(it.path), start_block, precision, str(store), str(model.device)) for it in data
@@ -394,25 +399,21 @@ class FrozenPool:
         rows = [fresh[i] if i in fresh else self._hidden[k] for i, k in enumerate(keys)]
         return torch.stack(rows)
 
-    def teacher(self, model: QualityModel, scene_prompts: Sequence[str]) -> Any:
-        """The semantic teacher of ``model`` (:func:`grmpiqa.finetune.build_teacher`),
-        built at the first call and shared afterwards."""
-        from grmpiqa.finetune import build_teacher
-
-        key = tuple(scene_prompts)
-        if key not in self._teacher:
-            self._teacher[key] = build_teacher(model, scene_prompts)
-        return self._teacher[key]
+    def shared(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` at the first call with ``key``, the same object afterwards (the
+        semantic teacher of :func:`grmpiqa.finetune.finetune`)."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
 
     def memo(
         self, kind: str, data: Dataset, compute: Callable[[Dataset], np.ndarray]
     ) -> np.ndarray:
         """Per-image rows of ``compute(data)`` (features, zero-shot scores) for the
-        images of ``data``, each image computed once over all calls with this ``kind``."""
+        images of ``data``, each image computed once (alone) over all calls with this
+        ``kind``."""
         keys = [(kind, str(it.path)) for it in data]
-        missing = [i for i, k in enumerate(keys) if k not in self._extra]
-        if missing:
-            rows = compute(data.subset(missing))
-            for j, i in enumerate(missing):
-                self._extra[keys[i]] = rows[j]
+        for i, k in enumerate(keys):
+            if k not in self._extra:  # one image at a time, as in eval_hidden
+                self._extra[k] = compute(data.subset([i]))[0]
         return np.stack([self._extra[k] for k in keys])

@@ -1014,11 +1014,8 @@ def finetune(
     # The teacher and the cache need the model as it was *before* fine-tuning.
     teacher = None
     if config.distill:
-        teacher = (
-            pool.teacher(model, config.scene_prompts)
-            if pool is not None
-            else build_teacher(model, config.scene_prompts)
-        )
+        build = functools.partial(build_teacher, model, config.scene_prompts)
+        teacher = pool.shared(("teacher", config.scene_prompts), build) if pool else build()
     model.set_trainable(config.groups)
     start_block = frozen_image_blocks(model) if config.cache else None
     if config.cache and start_block is None:
@@ -1068,6 +1065,8 @@ def finetune(
         optimizer_from_state(optimizer, state.tensors, state.record["optimizer"])
         for k, v in state.record["schedule"].items():
             setattr(schedule, k, v)
+        if schedule.best is None:  # -inf (nothing seen yet) is written as JSON null
+            schedule.best = -math.inf
         history.extend(state.record["history"])
         window = _window_from_record(state.record.get("window", []))
         epoch0, seconds0 = int(state.record["epoch"]), float(state.record["seconds"])

@@ -594,7 +594,8 @@ def pretrain(
             first=("config.variant",),
         )
         start_epoch = int(state.record["epochs_done"])
-        theta = {n: v.to(device) for n, v in state.take("theta").items()}
+        saved_theta = state.take("theta")  # in the parameters' order (sums over them)
+        theta = {n: saved_theta[n].to(device) for n in params if n in saved_theta}
         _assign(params, {n: v.to(device) for n, v in state.take("phi").items()})
         if inner_opt is not None and state.record.get("inner_optimizer") is not None:
             optimizer_from_state(
@@ -964,12 +965,12 @@ def _reptile_start(
     return _adam(list(params.values()), _steps(cfg).inner_lr)
 
 
-def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+def _adam(params: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     """The inner Adam: torch's default on the CPU (the numbers of every figure and of the
     released loop), the fused kernel on a GPU (one launch per step)."""
     if params and all(p.device.type == "cuda" for p in params):
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(list(params), lr=lr, fused=True)
+    return torch.optim.Adam(list(params), lr=lr)
 
 
 @dataclass

@@ -454,8 +454,8 @@ def stop_signals(enabled: bool = True) -> Iterator[StopRequest]:
 
         def handler(signum: int, frame: Any) -> None:
             if outer.signum is not None:  # the second signal: stop now
-                for s, h in installed.items():
-                    signal.signal(s, h)
+                for num, previous in installed.items():
+                    signal.signal(num, previous)
                 raise KeyboardInterrupt
             outer.signum = signum
             print(
@@ -465,15 +465,15 @@ def stop_signals(enabled: bool = True) -> Iterator[StopRequest]:
                 flush=True,
             )
 
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                installed[s] = signal.signal(s, handler)
+                installed[int(sig)] = signal.signal(sig, handler)
             except (ValueError, OSError):  # pragma: no cover - not the main interpreter
                 pass
     try:
         yield outer
     finally:
-        for s, h in installed.items():
-            signal.signal(s, h)
+        for num, previous in installed.items():
+            signal.signal(num, previous)
         with _STOP_LOCK:
             _ACTIVE.pop()
