@@ -739,7 +739,8 @@ def pretrain(
                     done += len(group)
                     # a safe point inside the epoch (one process; torchrun: epochs only)
                     last = done == len(order) and d_index == len(databases) - 1
-                    if not last and (stop.requested or clock.due()):
+                    inside = not last and not ctx.is_distributed
+                    if inside and (stop.requested or clock.due()):
                         where = _Partial(
                             epoch, d_index, done, delta, theta_start, epoch_records,
                             time.perf_counter() - t_epoch,

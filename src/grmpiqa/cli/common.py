@@ -208,7 +208,7 @@ def add_save_every_arg(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"write the resume state every SECONDS (default {DEFAULT_SAVE_EVERY:g}), at "
         "the end and when stopped by SIGINT/SIGTERM (then exit 128+signal; --resume "
-        "continues); 0 = after every epoch",
+        "continues); 0 = at every safe point (every epoch; in pretrain every task)",
     )
 
 

@@ -6,13 +6,25 @@ import argparse
 import sys
 from dataclasses import replace
 
-from grmpiqa.cli.common import add_backbone_args, join_job, model_from_args
+from grmpiqa.cli.common import (
+    add_backbone_args,
+    add_save_every_arg,
+    join_job,
+    model_from_args,
+    save_every_from_args,
+)
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from grmpiqa.metatrain import OUTER_SCHEDULES, VARIANT_DEFAULTS, VARIANTS, PretrainConfig
+    from grmpiqa.metatrain import (
+        GPU_TASK_BATCH,
+        OUTER_SCHEDULES,
+        VARIANT_DEFAULTS,
+        VARIANTS,
+        PretrainConfig,
+    )
 
     d = PretrainConfig()
 
@@ -27,10 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=(
             "Meta-prompt pre-training (method.md 6): one task per distortion type of each "
             "--tasks dataset (kadid:, tid2013:, or a 'grmpiqa synth' folder as kadid:DIR). "
-            "Only the prompts train; CLIP stays frozen. OUT (.safetensors) is rewritten after "
-            "every epoch together with its resume state (stage1.safetensors -> "
-            "stage1.state.safetensors), from which --resume continues, and a JSON-lines log "
-            "(stage1.log.jsonl)."
+            "Only the prompts train; CLIP stays frozen. OUT (.safetensors) is written when the "
+            "run ends (with --keep-best-val: whenever the best epoch changes); its resume state "
+            "(stage1.safetensors -> stage1.state.safetensors), from which --resume continues, "
+            "every --save-every seconds (between tasks too), at the end and on SIGINT/SIGTERM; "
+            "a JSON-lines log (stage1.log.jsonl) gets a line per task and per epoch."
         ),
     )
     p.add_argument(
@@ -120,6 +133,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's state")
     p.add_argument("--no-cache", action="store_true", help="decode images again every epoch")
+    p.add_argument(
+        "--task-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reptile: adapt N tasks at once, their prompt copies stacked in one forward pass "
+        "(equal to one by one up to float rounding; default: 1 on the CPU, "
+        f"{GPU_TASK_BATCH} on a GPU; released: always 1)",
+    )
+    add_save_every_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_backbone_args(p)
     p.set_defaults(func=run)
@@ -149,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
         shuffle_tasks=not args.no_shuffle_tasks,
         keep_best_val=args.keep_best_val,
         cache_images=not args.no_cache,
+        task_batch=args.task_batch,
     )
+    save_every = save_every_from_args(args)
     if args.keep_best_val and args.val is None:
         raise GrmpiqaError("--keep-best-val needs --val SPEC")
     # Load the data (and fail on bad specs) before building the model.
@@ -181,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         log=args.log,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        save_every=save_every,
     )
     if not ctx.is_main:
         return 0
