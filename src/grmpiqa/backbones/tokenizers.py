@@ -66,7 +66,7 @@ def load_tokenizer(
         kwargs["tokenizer_mode"] = mode
     local_only = Path(source).is_dir() or _offline()
     try:
-        return HFTokenizer(  # type: ignore[no-any-return]
+        tok = HFTokenizer(
             source,
             context_length=context_length,
             cache_dir=cache_dir,
@@ -76,10 +76,16 @@ def load_tokenizer(
     except (OSError, ValueError) as err:
         if local_only:
             raise BackboneError(_missing(name, source, err)) from None
-    try:
-        return HFTokenizer(source, context_length=context_length, cache_dir=cache_dir, **kwargs)  # type: ignore[no-any-return]
-    except Exception as err:  # noqa: BLE001 - hub and tokenizer errors, one message
-        raise BackboneError(_missing(name, source, err)) from None
+        try:
+            tok = HFTokenizer(source, context_length=context_length, cache_dir=cache_dir, **kwargs)
+        except Exception as err2:  # noqa: BLE001 - hub and tokenizer errors, one message
+            raise BackboneError(_missing(name, source, err2)) from None
+    inner = tok.tokenizer
+    if not hasattr(inner, "batch_encode_plus"):
+        # open_clip < 3 calls batch_encode_plus, which transformers 5 removed; it is the
+        # tokenizer's own __call__ on a batch
+        inner.batch_encode_plus = inner.__call__
+    return tok  # type: ignore[no-any-return]
 
 
 def _offline() -> bool:
