@@ -71,7 +71,13 @@ def register_hf_text_twin(root: Path) -> str:
     src = make_hf_text_config(root / "roberta")
     cfg = {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+        "vision_cfg": {
+            "image_size": 64,
+            "layers": 2,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 16,
+        },
         "text_cfg": {
             "hf_model_name": str(src),
             "hf_tokenizer_name": str(src),

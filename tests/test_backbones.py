@@ -59,10 +59,10 @@ def test_adapter_equals_open_clip_without_prompts(twin):
     x = torch.randn(3, 3, s, s, generator=torch.Generator().manual_seed(1))
     toks = adapter.tokenizer(["a photo of a cat", "X X X X high quality."])
     with torch.no_grad():
-        assert_close_scaled(adapter.image.encode(x), _own(clip.encode_image(x, normalize=False)),
-                            rel=1e-6, what=f"{name} image")  # fmt: skip
-        assert_close_scaled(adapter.text.encode(toks), _own(clip.encode_text(toks, normalize=False)),
-                            rel=1e-6, what=f"{name} text")  # fmt: skip
+        img_ref = _own(clip.encode_image(x, normalize=False))
+        txt_ref = _own(clip.encode_text(toks, normalize=False))
+        assert_close_scaled(adapter.image.encode(x), img_ref, rel=1e-6, what=f"{name} image")
+        assert_close_scaled(adapter.text.encode(toks), txt_ref, rel=1e-6, what=f"{name} text")
 
 
 def test_units_rows_and_groups(twin):

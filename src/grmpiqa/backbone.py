@@ -51,8 +51,12 @@ _register_builtin_configs()
 
 
 def list_backbones() -> list[str]:
-    """Names accepted as ``backbone`` (open_clip's registry, plus ``test-tiny``)."""
-    return list(open_clip.list_models())
+    """Names of open_clip's registry (plus grmpiqa's tiny twins) that run the whole
+    method here: resolved to a backbone adapter, with what they need installed
+    (``grmpiqa backbones`` shows them with family and cost; docs/backbones.md)."""
+    from grmpiqa.backbones.catalog import list_working
+
+    return list_working()
 
 
 @dataclass

@@ -78,7 +78,7 @@ class ImageTrunk(ABC):
     summary: ClassVar[str] = ""
 
     def __init__(self, visual: nn.Module) -> None:
-        self.visual = visual
+        self.visual: Any = visual
 
     # -- what the config tells (no model built) ------------------------------------------
 
@@ -217,7 +217,7 @@ class TextEncoder(ABC):
     kind: ClassVar[str] = ""
 
     def __init__(self, clip: nn.Module) -> None:
-        self.clip = clip
+        self.clip: Any = clip
 
     @classmethod
     @abstractmethod

@@ -34,18 +34,18 @@ __all__ = [
 _FAMILIES: dict[str, type[ImageTrunk]] = {}
 _TEXTS: dict[str, type[TextEncoder]] = {}
 
-I = TypeVar("I", bound=type[ImageTrunk])
+ImageT = TypeVar("ImageT", bound=type[ImageTrunk])
 T = TypeVar("T", bound=type[TextEncoder])
 
 #: the optional extra that brings Hugging Face tokenizers and text towers
 HF_EXTRA = "pip install 'grmpiqa[hf]'"
 
 
-def register_family(name: str) -> Callable[[I], I]:
+def register_family(name: str) -> Callable[[ImageT], ImageT]:
     """Class decorator: register an :class:`ImageTrunk` subclass as family ``name``
     (first registered, first asked)."""
 
-    def deco(cls: I) -> I:
+    def deco(cls: ImageT) -> ImageT:
         if name in _FAMILIES and _FAMILIES[name] is not cls:
             raise ValueError(f"image family {name!r} is already registered")
         cls.family = name

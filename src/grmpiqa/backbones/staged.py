@@ -62,7 +62,7 @@ class StagedTrunk(ImageTrunk):
         for pre, blocks in self._stages():
             for j, block in enumerate(blocks):
                 units.append(_Unit(list(pre) if j == 0 else [], block))
-        self.__dict__["_units"] = units
+        self._units: list[_Unit] = units
 
     # subclass hooks ----------------------------------------------------------------------
 

@@ -218,7 +218,8 @@ class HFText(TextEncoder):
 
     @property
     def width(self) -> int:
-        return int(self.token_embedding.weight.shape[1])
+        emb: Any = self.token_embedding
+        return int(emb.weight.shape[1])
 
     def _encoder(self) -> Any:
         tr = self._text.transformer

@@ -65,7 +65,8 @@ class TimmTokenTrunk(ImageTrunk):
 
     def final_norm_modules(self) -> list[nn.Module]:
         t = self.trunk
-        return [m for m in (t.norm, getattr(t, "fc_norm", None)) if _has_params(m)]
+        mods: list[Any] = [t.norm, getattr(t, "fc_norm", None)]
+        return [m for m in mods if _has_params(m)]
 
     def head_parameters(self) -> list[nn.Parameter]:
         t = self.trunk

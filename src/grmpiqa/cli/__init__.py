@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "explain",
     "serve",
+    "backbones",
 )
 
 
