@@ -35,6 +35,7 @@ from grmpiqa.backbones.registry import (
     register_family,
     register_text,
     resolve,
+    trunk_for_module,
 )
 from grmpiqa.backbones.tiny import TINY_TWINS, register_tiny_timm_models
 from grmpiqa.backbones.tokenizers import load_tokenizer, placeholder_start
@@ -59,4 +60,5 @@ __all__ = [
     "register_text",
     "resolve",
     "resolve_name",
+    "trunk_for_module",
 ]

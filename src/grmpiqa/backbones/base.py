@@ -76,6 +76,8 @@ class ImageTrunk(ABC):
     family: ClassVar[str] = ""
     #: one-line description for ``grmpiqa backbones`` and docs/backbones.md
     summary: ClassVar[str] = ""
+    #: whether :meth:`run_unit_rows` computes only the asked rows (the towers' fast path)
+    row_selective: ClassVar[bool] = False
 
     def __init__(self, visual: nn.Module) -> None:
         self.visual: Any = visual
@@ -91,6 +93,11 @@ class ImageTrunk(ABC):
     def refusal(cls, model_cfg: dict[str, Any]) -> str | None:
         """Why a config this family claims cannot run (None: it can)."""
         return None
+
+    @classmethod
+    def accepts(cls, visual: nn.Module) -> bool:
+        """Whether a built image tower is of this family (by its classes)."""
+        return False
 
     @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:

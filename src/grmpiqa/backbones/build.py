@@ -107,6 +107,11 @@ def build_adapter(
 def _check_instance(adapter: BackboneAdapter) -> None:
     """The built model has the classes the family expects (a config that lies fails
     here, in one line, not deep inside a forward pass)."""
+    if not type(adapter.image).accepts(adapter.image.visual):
+        raise BackboneError(
+            f"{adapter.name}: the built image tower ({type(adapter.image.visual).__name__}) "
+            f"is not of the {adapter.family} family"
+        )
     try:
         adapter.image.unit_modules()
         adapter.text.unit_modules()

@@ -43,6 +43,12 @@ class EvaTrunk(TimmTokenTrunk):
         return timm_module(model_cfg) == "eva"
 
     @classmethod
+    def accepts(cls, visual: Any) -> bool:
+        from timm.models.eva import Eva
+
+        return isinstance(getattr(visual, "trunk", None), Eva)
+
+    @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:
         name = str(model_cfg["vision_cfg"]["timm_model_name"])
         if name.startswith("eva02"):

@@ -23,7 +23,47 @@ from torch import nn
 from grmpiqa.backbones.base import ImageTrunk, PromptSlot
 from grmpiqa.backbones.registry import register_family
 
-__all__ = ["OpenClipViT", "block_problem", "block_rows", "project"]
+__all__ = [
+    "MIN_VERSION",
+    "OpenClipViT",
+    "block_problem",
+    "block_rows",
+    "open_clip_version",
+    "project",
+    "vision_blocks",
+    "vision_embed",
+]
+
+#: Lowest open_clip_torch release grmpiqa supports (declared in pyproject.toml; CI runs
+#: the fast tests against it).
+MIN_VERSION = (2, 29, 0)
+
+
+def open_clip_version() -> tuple[int, ...]:
+    """The installed open_clip_torch version as a tuple of ints (best effort)."""
+    from importlib import metadata
+
+    try:
+        raw = metadata.version("open_clip_torch")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
+        import open_clip
+
+        raw = str(getattr(open_clip, "__version__", "0"))
+    parts: list[int] = []
+    for piece in raw.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def vision_blocks(visual: Any) -> list[nn.Module]:
+    """The residual blocks of an open_clip ``VisionTransformer``, in order."""
+    return OpenClipViT(visual).unit_modules()
+
+
+def vision_embed(visual: Any, images: torch.Tensor) -> torch.Tensor:
+    """Patch embedding, CLS, positions, ``ln_pre`` of an open_clip ``VisionTransformer``."""
+    return OpenClipViT(visual).embed(images)
 
 
 def project(x: torch.Tensor, proj: Any) -> torch.Tensor:
@@ -42,11 +82,18 @@ class OpenClipViT(ImageTrunk):
     a projection. VPT prompts go right after CLS (method.md 4)."""
 
     summary = "open_clip ViT (OpenAI, LAION, DataComp, CLIPA, CoCa image tower)"
+    row_selective = True
 
     @classmethod
     def claims(cls, model_cfg: dict[str, Any]) -> bool:
         vis = model_cfg.get("vision_cfg", {})
         return not vis.get("timm_model_name") and not isinstance(vis.get("layers"), list | tuple)
+
+    @classmethod
+    def accepts(cls, visual: nn.Module) -> bool:
+        from open_clip.transformer import VisionTransformer
+
+        return isinstance(visual, VisionTransformer)
 
     @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "register_text",
     "resolve",
     "timm_module",
+    "trunk_for_module",
 ]
 
 _FAMILIES: dict[str, type[ImageTrunk]] = {}
@@ -69,6 +70,14 @@ def register_text(name: str) -> Callable[[T], T]:
 def families() -> dict[str, type[ImageTrunk]]:
     """Registered image families, in the order they are asked."""
     return dict(_FAMILIES)
+
+
+def trunk_for_module(visual: Any) -> ImageTrunk:
+    """The image trunk of a built image tower, found by its classes (TypeError: none)."""
+    for cls in _FAMILIES.values():
+        if cls.accepts(visual):
+            return cls(visual)
+    raise TypeError(f"no backbone family for an image tower of type {type(visual).__name__}")
 
 
 def timm_module(model_cfg: dict[str, Any]) -> str | None:

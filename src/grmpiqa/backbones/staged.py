@@ -135,11 +135,19 @@ class _TimmStaged(StagedTrunk):
     """timm trunks behind open_clip's ``TimmModel`` (``visual.trunk``, ``visual.head``)."""
 
     _module: str = ""
+    _class: str = ""
     _stage_pre: tuple[str, ...] = ("downsample",)
 
     @classmethod
     def claims(cls, model_cfg: dict[str, Any]) -> bool:
         return timm_module(model_cfg) == cls._module
+
+    @classmethod
+    def accepts(cls, visual: nn.Module) -> bool:
+        import importlib
+
+        mod = importlib.import_module(f"timm.models.{cls._module}")
+        return isinstance(getattr(visual, "trunk", None), getattr(mod, cls._class))
 
     @property
     def trunk(self) -> Any:
@@ -168,6 +176,7 @@ class ConvNeXtTrunk(_TimmStaged):
 
     summary = "ConvNeXt (token-free: text prompts + last blocks)"
     _module = "convnext"
+    _class = "ConvNeXt"
 
     @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:
@@ -186,6 +195,7 @@ class FastViTTrunk(_TimmStaged):
 
     summary = "FastViT MobileCLIP-S* (token-free: text prompts + last blocks)"
     _module = "fastvit"
+    _class = "FastVit"
     _stage_pre = ("downsample", "pos_emb")
 
     @classmethod
@@ -205,6 +215,7 @@ class SwinTrunk(_TimmStaged):
 
     summary = "Swin (token-free here: windowed attention; text prompts + last blocks)"
     _module = "swin_transformer"
+    _class = "SwinTransformer"
 
     @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:
@@ -237,6 +248,12 @@ class ModifiedResNetTrunk(StagedTrunk):
     def claims(cls, model_cfg: dict[str, Any]) -> bool:
         vis = model_cfg.get("vision_cfg", {})
         return not vis.get("timm_model_name") and isinstance(vis.get("layers"), list | tuple)
+
+    @classmethod
+    def accepts(cls, visual: nn.Module) -> bool:
+        from open_clip.modified_resnet import ModifiedResNet
+
+        return isinstance(visual, ModifiedResNet)
 
     @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:

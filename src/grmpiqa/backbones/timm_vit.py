@@ -106,6 +106,12 @@ class TimmViT(TimmTokenTrunk):
         return timm_module(model_cfg) in _VIT_MODULES
 
     @classmethod
+    def accepts(cls, visual: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(getattr(visual, "trunk", None), VisionTransformer)
+
+    @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:
         name = str(model_cfg["vision_cfg"]["timm_model_name"])
         if "siglip" in name:
@@ -145,6 +151,12 @@ class TimmViTRelPos(TimmTokenTrunk):
     @classmethod
     def claims(cls, model_cfg: dict[str, Any]) -> bool:
         return timm_module(model_cfg) == "vision_transformer_relpos"
+
+    @classmethod
+    def accepts(cls, visual: nn.Module) -> bool:
+        from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+        return isinstance(getattr(visual, "trunk", None), VisionTransformerRelPos)
 
     @classmethod
     def label(cls, model_cfg: dict[str, Any]) -> str:
