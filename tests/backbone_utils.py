@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 WORDS = (
-    "a photo of high low quality good bad X Y cat animal cityscape human indoor "
+    "a photo of high low quality good bad X Y x y cat animal cityscape human indoor "
     "landscape night plant still_life others . ,"
 ).split()
 

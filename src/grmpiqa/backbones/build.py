@@ -9,7 +9,7 @@ from typing import Any
 
 from grmpiqa.backbones.base import BackboneAdapter, Preprocessing
 from grmpiqa.backbones.registry import Resolution, adapt, resolve
-from grmpiqa.backbones.tokenizers import load_tokenizer
+from grmpiqa.backbones.tokenizers import TOKENIZER_ENV, load_tokenizer
 from grmpiqa.errors import BackboneError
 
 __all__ = ["build_adapter", "model_config_of", "preprocessing_for", "resolve_name"]
@@ -92,6 +92,9 @@ def build_adapter(
     local_dir = None
     if name.startswith(LOCAL_DIR_PREFIX):
         local_dir = str(Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser())
+    env = os.environ.get(TOKENIZER_ENV, "")
+    if tokenizer is None and env and model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        tokenizer = env  # --tokenizer DIR of the command line (every process of a command)
     tok = load_tokenizer(
         model_cfg, name, local_dir=local_dir, override=tokenizer, cache_dir=cache_dir
     )

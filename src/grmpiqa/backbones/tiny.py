@@ -21,6 +21,8 @@ TINY_TWINS: dict[str, tuple[str, str]] = {
     "test-tiny": ("openclip-vit", "ViT-B-16-quickgelu"),
     "tiny-CoCa": ("openclip-vit", "coca_ViT-B-32"),
     "tiny-SigLIP2": ("timm-vit", "ViT-B-16-SigLIP2"),
+    # the same with SigLIP2's Hugging Face tokenizer (give one with --tokenizer DIR offline)
+    "tiny-SigLIP2-hf": ("timm-vit", "ViT-B-16-SigLIP2"),
     "tiny-MobileCLIP-B": ("timm-vit", "MobileCLIP-B"),
     "tiny-ViTamin": ("timm-vit", "ViTamin-S"),
     "tiny-relpos": ("timm-vit-relpos", "vit_relpos_medium_patch16_cls_224"),

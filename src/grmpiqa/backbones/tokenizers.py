@@ -18,7 +18,11 @@ import torch
 from grmpiqa.backbones.registry import HF_EXTRA, has_transformers
 from grmpiqa.errors import BackboneError
 
-__all__ = ["load_tokenizer", "placeholder_start", "tokenizer_source"]
+__all__ = ["TOKENIZER_ENV", "load_tokenizer", "placeholder_start", "tokenizer_source"]
+
+#: environment variable the command line's ``--tokenizer DIR`` sets (Ray workers and
+#: torchrun ranks inherit it); used for backbones with a Hugging Face tokenizer
+TOKENIZER_ENV = "GRMPIQA_TOKENIZER"
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
