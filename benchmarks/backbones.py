@@ -76,6 +76,39 @@ def tokenizer_folder() -> str | None:
     return folder
 
 
+def measure(name: str, tok: str | None, args: argparse.Namespace) -> dict[str, object]:
+    """One backbone: its prompted scoring forward in fp32 and bf16, and its GFLOP/img."""
+    model = grmpiqa.create_model(name, pretrained=None, tokenizer=tok)
+    model.eval()
+    s = model.preprocess.crop
+    x = torch.randn(args.batch, 3, s, s, generator=torch.Generator().manual_seed(0))
+    text = model.quality_text_features().detach()
+
+    def run(precision: str) -> Callable[[], None]:
+        def f() -> None:
+            with torch.inference_mode(), autocast(model.device, precision):
+                model.probabilities(model.encode_image(x), text)
+
+        return f
+
+    t = interleave({"fp32": run("fp32"), "bf16": run("bf16")}, args.reps)
+    best = {k: args.batch / min(v) for k, v in t.items()}
+    med = {k: args.batch / statistics.median(v) for k, v in t.items()}
+    return {
+        "backbone": name,
+        "family": model.adapter.family,
+        "visual_prompts": model.visual is not None,
+        "vpt_tokens": model.image_tower.num_prompts,
+        "input_size": s,
+        "gflop_per_image": gflops(name),
+        "fp32_img_s": round(best["fp32"], 2),
+        "bf16_img_s": round(best["bf16"], 2),
+        "fp32_img_s_median": round(med["fp32"], 2),
+        "bf16_img_s_median": round(med["bf16"], 2),
+        "bf16_over_fp32": round(best["bf16"] / best["fp32"], 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,45 +132,15 @@ def main() -> None:
         if name not in grmpiqa.list_backbones():
             print(f"{name:34s} skipped (not available here)", flush=True)
             continue
-        needs_tok = name.startswith("ViT-B-16-SigLIP")
-        model = grmpiqa.create_model(name, pretrained=None, tokenizer=tok if needs_tok else None)
-        model.eval()
-        s = model.preprocess.crop
-        x = torch.randn(args.batch, 3, s, s, generator=torch.Generator().manual_seed(0))
-        text = model.quality_text_features().detach()
-
-        def run(precision: str) -> Callable[[], None]:
-            def f() -> None:
-                with torch.inference_mode(), autocast(model.device, precision):
-                    model.probabilities(model.encode_image(x), text)
-
-            return f
-
-        t = interleave({"fp32": run("fp32"), "bf16": run("bf16")}, args.reps)
-        best = {k: args.batch / min(v) for k, v in t.items()}
-        med = {k: args.batch / statistics.median(v) for k, v in t.items()}
-        row = {
-            "backbone": name,
-            "family": model.adapter.family,
-            "visual_prompts": model.visual is not None,
-            "vpt_tokens": model.image_tower.num_prompts,
-            "input_size": s,
-            "gflop_per_image": gflops(name),
-            "fp32_img_s": round(best["fp32"], 2),
-            "bf16_img_s": round(best["bf16"], 2),
-            "fp32_img_s_median": round(med["fp32"], 2),
-            "bf16_img_s_median": round(med["bf16"], 2),
-            "bf16_over_fp32": round(best["bf16"] / best["fp32"], 2),
-        }
+        row = measure(name, tok if name.startswith("ViT-B-16-SigLIP") else None, args)
         rows.append(row)
         g = row["gflop_per_image"]
         print(
-            f"{name:34s} {row['family']:16s} {row['vpt_tokens']:4d} {s:4d} "
+            f"{name:34s} {row['family']:16s} {row['vpt_tokens']:4d} {row['input_size']:4d} "
             f"{(f'{g:.1f}' if g is not None else '?'):>7s} {row['fp32_img_s']:10.2f} "
             f"{row['bf16_img_s']:10.2f} {row['bf16_over_fp32']:9.2f}",
             flush=True,
         )
-        del model
     out = {
         "benchmark": "backbones",
         "batch": args.batch,
