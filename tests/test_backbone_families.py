@@ -209,3 +209,19 @@ def test_cli_hf_tokenizer_flag(blur_dir, tmp_path, capsys):
     capsys.readouterr()
     img = str(sorted(blur_dir.glob("*.png"))[0])
     assert main(["score", img, "--checkpoint", str(out), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_quality_maps_or_a_one_line_refusal(name):
+    """Quality maps read every patch token through the head; their global score is the
+    model's score (CLS, MAP or average pooling). Token-free trunks refuse in one line."""
+    model = build(name)
+    img = Image.new("RGB", (64, 48), "gray")
+    if model.adapter.visual_prompts_problem is not None:
+        with pytest.raises(grmpiqa.GrmpiqaError, match="no quality maps") as err:
+            model.quality_map(img)
+        assert "\n" not in str(err.value)
+        return
+    qm = model.quality_map(img)
+    assert qm.grid.shape == model.image_tower.grid_size
+    assert abs(qm.score - float(model.score([img])[0])) < 1e-5
