@@ -146,7 +146,7 @@ def test_checkpoint_round_trip_and_family_refusal(name, tmp_path):
     assert back.backbone_name == name and back.config == model.config
     s = model.preprocess.crop
     x = torch.rand(3, 3, s + 20, s + 20)
-    assert_close_scaled(back.score(x), model.score(x), 1e-6, name)
+    assert_close_scaled(back.score(x), model.score(x), 1e-5, name)
     other = "tiny-convnext" if model.adapter.family != "convnext" else "tiny-EVA02"
     with pytest.raises(CheckpointError, match="backbone") as err:
         grmpiqa.create_model(other, checkpoint=out)

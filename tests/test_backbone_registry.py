@@ -137,3 +137,19 @@ def test_issue_backbones_finetune_and_score_from_the_cli(name, tmp_path, capsys)
         os.environ.pop("GRMPIQA_TOKENIZER", None)
     score = float(capsys.readouterr().out.strip().splitlines()[-1].rsplit(",", 1)[1])
     assert 0.0 < score < 1.0
+
+
+def test_cli_backbones_lists_the_working_names(capsys):
+    import json
+
+    assert main(["backbones", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {r["name"]: r for r in rows}
+    assert set(by_name) == set(grmpiqa.list_backbones())
+    vit = by_name["ViT-B-16-quickgelu"]
+    assert vit["family"] == "openclip-vit" and vit["visual_prompts"] and vit["input_size"] == 224
+    assert abs(vit["gflops"] - 35.1) < 0.2 and "openai" in vit["tags"]
+    assert by_name["RN50"]["visual_prompts"] is False and by_name["RN50"]["gflops"] > 0
+    assert main(["backbones", "--all", "--family", "modified-resnet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("name") and all("modified-resnet" in line for line in out[1:])
