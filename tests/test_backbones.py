@@ -61,8 +61,8 @@ def test_adapter_equals_open_clip_without_prompts(twin):
     with torch.no_grad():
         img_ref = _own(clip.encode_image(x, normalize=False))
         txt_ref = _own(clip.encode_text(toks, normalize=False))
-        assert_close_scaled(adapter.image.encode(x), img_ref, rel=1e-6, what=f"{name} image")
-        assert_close_scaled(adapter.text.encode(toks), txt_ref, rel=1e-6, what=f"{name} text")
+        assert_close_scaled(adapter.image.encode(x), img_ref, rel=1e-5, what=f"{name} image")
+        assert_close_scaled(adapter.text.encode(toks), txt_ref, rel=1e-5, what=f"{name} text")
 
 
 def test_units_rows_and_groups(twin):
@@ -190,5 +190,5 @@ def test_hf_text_tower(tmp_path: Path):
     toks = adapter.tokenizer(["X X X X high quality.", "a photo of a cat"])
     assert placeholder_start(adapter.tokenizer, 4, "high quality") == 1
     with torch.no_grad():
-        assert_close_scaled(adapter.text.encode(toks), clip.encode_text(toks), rel=1e-6)
+        assert_close_scaled(adapter.text.encode(toks), clip.encode_text(toks), rel=1e-5)
     assert len(adapter.text.unit_modules()) == 2
