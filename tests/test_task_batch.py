@@ -17,7 +17,7 @@ from grmpiqa.checkpoint import read_checkpoint
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.feature_cache import bank_view, bank_view_tensor, eval_view_tensor
 from grmpiqa.losses import quality_loss
-from grmpiqa.metatrain import PretrainConfig, _query_view, _support_view, pretrain
+from grmpiqa.metatrain import PretrainConfig, _query_view, _support_view, _ViewSpec, pretrain
 from grmpiqa.task_batch import StackedQualityModel, task_quality_losses
 from grmpiqa.transforms import stage1_query_transform, stage1_support_transform
 
@@ -47,13 +47,15 @@ def test_device_views_are_the_pil_transforms_bit_for_bit(tmp_path):
             bank_view_tensor(c, px, 3, 7, view), bank_view(model, resized, 3, 7, view)
         )
     assert torch.equal(eval_view_tensor(c, px), c.eval_transform()(resized))
-    s256 = img.resize((256, 256), Image.Resampling.BILINEAR)
-    q224 = img.resize((224, 224), Image.Resampling.BILINEAR)
-    stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    for seed in range(4):
-        pil = stage1_support_transform("imagenet", random.Random(seed))(s256)
-        assert torch.equal(_support_view(_pixels(s256), random.Random(seed), stats), pil)
-    assert torch.equal(_query_view(_pixels(q224), stats), stage1_query_transform()(q224))
+    for size in (224, 192):  # ViT-B/16's input, and another backbone's
+        spec = _ViewSpec([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], size)
+        big = img.resize((spec.big, spec.big), Image.Resampling.BILINEAR)
+        small = img.resize((size, size), Image.Resampling.BILINEAR)
+        for seed in range(4):
+            pil = stage1_support_transform("imagenet", random.Random(seed), size)(big)
+            assert torch.equal(_support_view(_pixels(big), random.Random(seed), spec), pil)
+        query = stage1_query_transform("imagenet", size)(small)
+        assert torch.equal(_query_view(_pixels(small), spec), query)
 
 
 def test_stacked_forward_equals_each_tasks_serial_forward():

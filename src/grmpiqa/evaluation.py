@@ -72,6 +72,8 @@ from grmpiqa.precision import autocast
 from grmpiqa.prompts import l2_normalize
 from grmpiqa.results import ProtocolResult, SplitResult
 from grmpiqa.runs import DEFAULT_SAVE_EVERY, RunFiles, stop_signals
+from grmpiqa.scoring.api import score as score_images
+from grmpiqa.scoring.engine import BatchScorer, text_features
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -297,17 +299,15 @@ class _TestScorer:
     @torch.inference_mode()
     def __call__(self, model: QualityModel) -> np.ndarray:
         if self.x is None:
-            s = model.score(self.paths, batch_size=self.batch_size, precision=self.precision)
+            s = score_images(model, self.paths, self.batch_size, precision=self.precision)
             return s.double().numpy()
         was_training = model.training
-        model.eval()
-        out = []
         try:
-            for i in range(0, len(self.x), self.batch_size):
-                xb = self.x[i : i + self.batch_size].to(model.device)
-                with autocast(model.device, self.precision):
-                    logits = model(xb)
-                out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
+            scorer = BatchScorer(model, precision=self.precision)
+            out = [
+                scorer.score_tensor(self.x[i : i + self.batch_size])[:, 0]
+                for i in range(0, len(self.x), self.batch_size)
+            ]
         finally:
             model.train(was_training)
         return torch.cat(out).double().numpy()
@@ -345,12 +345,12 @@ class _PoolScorer:
             hidden = self.pool.eval_hidden(
                 model, self.test, self.start_block, self.precision, dtype=torch.float32
             )
+            text = text_features(model, self.precision)  # as BatchScorer does
             for i in range(0, len(hidden), self.batch_size):
                 h = hidden[i : i + self.batch_size].to(model.device)
                 with autocast(model.device, self.precision):
                     v = l2_normalize(model.image_tower.forward_from(h, self.start_block))
-                    logits = model.logits_from_features(v, model.quality_text_features())
-                out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
+                    out.append(model.probabilities(v, text).cpu())
         finally:
             model.train(was_training)
         return torch.cat(out).double().numpy()
@@ -388,7 +388,7 @@ def _run_split(
         if config.method == "clipiqa":
 
             def zero_shot(d: Dataset) -> np.ndarray:
-                s = base.score(d.paths, batch_size=config.batch_size, precision=precision)
+                s = score_images(base, d.paths, config.batch_size, precision=precision)
                 return s.double().numpy()
 
             pred = pool.memo("clipiqa", test, zero_shot) if pool else zero_shot(test)

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from grmpiqa.backbone import load_backbone
+from grmpiqa.backbones import ImageTrunk
 from grmpiqa.checkpoint import save_checkpoint
 from grmpiqa.data.datasets import Dataset
 from grmpiqa.distributed import Context, DataParallel, current
@@ -70,7 +71,7 @@ from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import STAGE2_GROUPS, QualityModel
 from grmpiqa.precision import PRECISIONS, autocast, storage_dtype
-from grmpiqa.prompts import l2_normalize
+from grmpiqa.prompts import l2_normalize, scaled_cosines
 from grmpiqa.runs import (
     DEFAULT_SAVE_EVERY,
     RunFiles,
@@ -83,6 +84,7 @@ from grmpiqa.runs import (
     stop_signals,
 )
 from grmpiqa.scale import LabelScale, fit_score_scale, label_scale_of
+from grmpiqa.scoring.api import score as score_images
 from grmpiqa.towers import PromptedVisionTower
 from grmpiqa.transforms import ResizeCropNormalize, _pil_resample
 from grmpiqa.utils import first_nonfinite
@@ -277,19 +279,19 @@ class SemanticTeacher(nn.Module):
 
     text_features: torch.Tensor
 
-    def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float) -> None:
+    def __init__(self, trunk: ImageTrunk, text_features: torch.Tensor, logit_scale: float) -> None:
         super().__init__()
-        self.visual = visual.eval()
+        self.visual = trunk.visual.eval()
         for p in self.visual.parameters():
             p.requires_grad_(False)
-        self.tower = PromptedVisionTower(self.visual, None)
+        self.tower = PromptedVisionTower(trunk, None)
         self.register_buffer("text_features", text_features.detach().float())
         self.logit_scale = float(logit_scale)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = l2_normalize(self.tower(images))
-        return self.logit_scale * v @ self.text_features.t().to(v.dtype)
+        return scaled_cosines(self.logit_scale, v, self.text_features)
 
     def train(self, mode: bool = True) -> SemanticTeacher:  # always eval
         return super().train(False)
@@ -310,18 +312,24 @@ def build_teacher(
     """
     tokens = model.tokenizer(list(scene_prompts)).to(model.device)
     if _has_base_weights(model):
-        visual = copy.deepcopy(model.clip.visual)
+        trunk = type(model.adapter.image)(copy.deepcopy(model.adapter.image.visual))
         with torch.no_grad():
             text = model.text_tower.encode_tokens(tokens)
     else:
         ident = model.backbone_pretrained
         pretrained = pretrained_from_identity(ident, model.backbone_name, model.backbone_name)
-        bb = load_backbone(model.backbone_name, pretrained, seed=int(ident.get("seed", 0)))
-        clip = bb.clip.to(model.device)
-        visual = clip.visual
+        bb = load_backbone(
+            model.backbone_name,
+            pretrained,
+            seed=int(ident.get("seed", 0)),
+            tokenizer=model.adapter.extra.get("tokenizer"),
+        )
+        assert bb.adapter is not None
+        bb.clip.to(model.device)
+        trunk = bb.adapter.image
         with torch.no_grad():
-            text = clip.encode_text(tokens)
-    return SemanticTeacher(visual, l2_normalize(text.float()), float(model.logit_scale)).to(
+            text = bb.adapter.text.encode(tokens)
+    return SemanticTeacher(trunk, l2_normalize(text.float()), float(model.logit_scale)).to(
         model.device
     )
 
@@ -582,9 +590,6 @@ class Stage2Step:
         self.params = list(named.values())
         self.scene_tokens = model.tokenizer(list(config.scene_prompts)).to(model.device)
         self.parallel: DataParallel | None = None
-        # how far the truncated text passes run, read once (each read syncs a GPU)
-        self._quality_length = model.text_tower.pooled_length(model.quality_tokens)
-        self._scene_length = model.text_tower.pooled_length(self.scene_tokens)
         self._losses: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
         self._losses = self._losses_eager
         if config.compile != "off":
@@ -598,11 +603,11 @@ class Stage2Step:
 
     def quality_text(self) -> torch.Tensor:
         """The student's normalised ``[t_hq, t_lq]``."""
-        return self.model.quality_text_features(truncate=True, length=self._quality_length)
+        return self.model.quality_text_features(truncate=True)
 
     def scene_text(self) -> torch.Tensor:
         """The student's normalised scene-prompt features (partly trainable text tower)."""
-        return self.model.encode_tokens(self.scene_tokens, truncate=True, length=self._scene_length)
+        return self.model.encode_tokens(self.scene_tokens, truncate=True)
 
     def losses(self, batch: ShotBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(L_q, L_s or None, quality logits) for one batch."""
@@ -852,8 +857,7 @@ def _monitor_value(name: str, row: dict[str, Any]) -> float:
 
 
 def _probabilities(model: QualityModel, features: torch.Tensor, text: torch.Tensor) -> np.ndarray:
-    logits = model.logits_from_features(features.to(model.device), text.float())
-    return torch.softmax(logits.float(), -1)[:, 0].cpu().numpy()
+    return model.probabilities(features.to(model.device), text.float()).cpu().numpy()
 
 
 class _Validation:
@@ -892,8 +896,8 @@ class _Validation:
                 model, self.hidden, self.start_block, self.config, self.config.eval_batch_size
             )
             return _probabilities(model, f, text)
-        return model.score(
-            self.val.paths, self.config.eval_batch_size, precision=self.config.precision
+        return score_images(
+            model, self.val.paths, self.config.eval_batch_size, precision=self.config.precision
         ).numpy()
 
 

@@ -80,8 +80,9 @@ from grmpiqa.runs import (
     rng_to_state,
     stop_signals,
 )
+from grmpiqa.scoring.api import score as score_images
 from grmpiqa.task_batch import StackedQualityModel, stacked_logits_autocast, task_quality_losses
-from grmpiqa.transforms import stats_for
+from grmpiqa.transforms import stage1_stats, stats_for
 from grmpiqa.utils import first_nonfinite
 
 __all__ = [
@@ -407,7 +408,8 @@ def _fingerprint(
 
 
 class _ImageCache:
-    """Decoded images at the two stage-1 input sizes (the transforms' first resize), as
+    """Decoded images at the two stage-1 input sizes (the transforms' first resize:
+    256 and 224 for a 224-pixel backbone), as
     uint8 ``[3, S, S]`` tensors on the model's device; the support transform's flip and
     crop and both transforms' normalisation then run on the device (:func:`_support_view`,
     :func:`_query_view`), by the operations of the PIL transforms
@@ -416,8 +418,6 @@ class _ImageCache:
     Resizing here and again (a no-op) in the transform gives the same pixels as the
     transform alone, so caching never changes results.
     """
-
-    SUPPORT, QUERY = 256, 224
 
     def __init__(self, enabled: bool, device: torch.device | str = "cpu") -> None:
         self.enabled = enabled
@@ -443,25 +443,44 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _normalized(px: torch.Tensor, stats: tuple[list[float], list[float]]) -> torch.Tensor:
+@dataclass(frozen=True)
+class _ViewSpec:
+    """Stage 1's input views for a backbone (method.md 6): normalisation statistics
+    (:func:`~grmpiqa.transforms.stage1_stats`) and input size (224 for ViT-B/16; the
+    support images are first resized to 256 / 224 of it)."""
+
+    mean: list[float]
+    std: list[float]
+    size: int = 224
+
+    @property
+    def big(self) -> int:
+        return int(round(self.size * 256 / 224))
+
+    @classmethod
+    def of(cls, cfg: PretrainConfig, model: QualityModel) -> _ViewSpec:
+        mean, std = stats_for(stage1_stats(cfg.stats, model.preprocess.stats))
+        return cls(list(mean), list(std), int(model.preprocess.crop))
+
+
+def _normalized(px: torch.Tensor, spec: _ViewSpec) -> torch.Tensor:
     """``to_tensor`` (float, / 255) then ``normalize``, as the PIL transforms do."""
-    return TF.normalize(px.to(torch.float32).div(255), stats[0], stats[1])
+    return TF.normalize(px.to(torch.float32).div(255), spec.mean, spec.std)
 
 
-def _support_view(
-    px: torch.Tensor, rng: random.Random, stats: tuple[list[float], list[float]]
-) -> torch.Tensor:
-    """The stage-1 support transform of a 256 x 256 image: flip half of the time, then a
-    random 224 crop (offsets in [0, 32]), the draws of the PIL transform in its order."""
+def _support_view(px: torch.Tensor, rng: random.Random, spec: _ViewSpec) -> torch.Tensor:
+    """The stage-1 support transform of a ``big`` x ``big`` image: flip half of the
+    time, then a random ``size`` crop, the draws of the PIL transform in its order."""
     if rng.random() < 0.5:
         px = px.flip(-1)
-    top, left = rng.randint(0, 32), rng.randint(0, 32)
-    return _normalized(px[:, top : top + 224, left : left + 224], stats)
+    span = px.shape[-1] - spec.size
+    top, left = rng.randint(0, span), rng.randint(0, span)
+    return _normalized(px[:, top : top + spec.size, left : left + spec.size], spec)
 
 
-def _query_view(px: torch.Tensor, stats: tuple[list[float], list[float]]) -> torch.Tensor:
-    """The stage-1 query transform of a 224 x 224 image (no randomness)."""
-    return _normalized(px, stats)
+def _query_view(px: torch.Tensor, spec: _ViewSpec) -> torch.Tensor:
+    """The stage-1 query transform of a ``size`` x ``size`` image (no randomness)."""
+    return _normalized(px, spec)
 
 
 @contextlib.contextmanager
@@ -498,14 +517,14 @@ def _finite(x: float) -> float | None:
 def evaluate(
     model: QualityModel, dataset: Dataset, precision: str = "fp32", batch_size: int = 32
 ) -> dict[str, float | None]:
-    """SRCC and PLCC (raw, no logistic fit) of ``model.score`` against the labels."""
+    """SRCC and PLCC (raw, no logistic fit) of the model's scores against the labels."""
     from scipy.stats import pearsonr, spearmanr
 
     if not dataset.has_labels:
         raise DatasetError(f"{dataset.spec}: the validation set needs labels (MOS)")
     if len(dataset) < 3:
         raise DatasetError(f"{dataset.spec}: the validation set needs at least 3 images")
-    scores = model.score(dataset.paths, batch_size=batch_size, precision=precision).numpy()
+    scores = score_images(model, dataset.paths, batch_size, precision=precision).numpy()
     labels = dataset.labels
     if np.ptp(scores) == 0 or np.ptp(labels) == 0:
         return {"srcc": None, "plcc": None}
@@ -627,7 +646,7 @@ def pretrain(
         return result
 
     cache = _ImageCache(cfg.cache_images, device)
-    stats = (list(stats_for(cfg.stats)[0]), list(stats_for(cfg.stats)[1]))
+    stats = _ViewSpec.of(cfg, model)
     n_tasks = sum(len(db.tasks) for db in databases)
     fork_devices: list[int] = []
     if device.type == "cuda":
@@ -919,7 +938,7 @@ def _share_tasks(
     order: list[int],
     cfg: PretrainConfig,
     cache: _ImageCache,
-    stats: tuple[list[float], list[float]],
+    stats: _ViewSpec,
     epoch: int,
     tbar: Any,
 ) -> list[dict[str, Any]]:
@@ -1056,7 +1075,7 @@ def _adapt(
     t_index: int,
     cfg: PretrainConfig,
     cache: _ImageCache,
-    stats: tuple[list[float], list[float]],
+    stats: _ViewSpec,
     epoch: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Run one task's inner loop from the prompts the model holds: ``phi_i - theta``
@@ -1101,7 +1120,7 @@ def _run_task(
     task: Task,
     cfg: PretrainConfig,
     cache: _ImageCache,
-    stats: tuple[list[float], list[float]],
+    stats: _ViewSpec,
     epoch: int,
     d_index: int,
     t_index: int,
@@ -1123,10 +1142,7 @@ def _run_task(
         for start in range(0, len(order), st.support_batch):
             idx = order[start : start + st.support_batch]
             x = torch.stack(
-                [
-                    _support_view(cache.get(task.items[i], _ImageCache.SUPPORT), plan.aug, stats)
-                    for i in idx
-                ]
+                [_support_view(cache.get(task.items[i], stats.big), plan.aug, stats) for i in idx]
             )
             y = _to_device(labels[idx], device)
             s_losses.append(_step(model, opt, x, y, cfg.precision, problems))
@@ -1135,7 +1151,7 @@ def _run_task(
             if qb not in q_tensors:
                 q_tensors[qb] = torch.stack(
                     [
-                        _query_view(cache.get(task.items[i], _ImageCache.QUERY), stats)
+                        _query_view(cache.get(task.items[i], stats.size), stats)
                         for i in plan.q_batches[qb]
                     ]
                 )
@@ -1181,7 +1197,7 @@ def _adapt_batched(
     group: Sequence[int],
     cfg: PretrainConfig,
     cache: _ImageCache,
-    stats: tuple[list[float], list[float]],
+    stats: _ViewSpec,
     epoch: int,
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """:func:`_adapt` of the ``reptile`` tasks ``group`` (all of one size) at once, each
@@ -1227,7 +1243,7 @@ def _adapt_batched(
             for pl, order, lab in zip(plans, orders, labels, strict=True):
                 idx = order[start : start + st.support_batch]
                 views += [
-                    _support_view(cache.get(pl.task.items[i], _ImageCache.SUPPORT), pl.aug, stats)
+                    _support_view(cache.get(pl.task.items[i], stats.big), pl.aug, stats)
                     for i in idx
                 ]
                 ys.append(lab[idx])
@@ -1237,7 +1253,7 @@ def _adapt_batched(
             if qb not in q_tensors:
                 q_tensors[qb] = torch.stack(
                     [
-                        _query_view(cache.get(pl.task.items[i], _ImageCache.QUERY), stats)
+                        _query_view(cache.get(pl.task.items[i], stats.size), stats)
                         for pl in plans
                         for i in pl.q_batches[qb]
                     ]

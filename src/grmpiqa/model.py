@@ -3,33 +3,38 @@
 Build one with :func:`grmpiqa.create_model` (:mod:`grmpiqa.factory`), which resolves the
 backbone, the config and a checkpoint.
 
+The model owns its output: :meth:`QualityModel.probabilities` turns image features into
+p(high quality), the one place the formula is written. Scoring images (decoding, batches,
+devices) is the job of the layer above: :func:`grmpiqa.scoring.api.score`, and
+``model.score(...)`` on the models :func:`grmpiqa.create_model` returns.
+
 Example:
     >>> import torch, grmpiqa
     >>> model = grmpiqa.create_model("test-tiny", pretrained=None)
-    >>> scores = model.score(torch.rand(2, 3, 256, 256))
-    >>> scores.shape, bool(((scores > 0) & (scores < 1)).all())
+    >>> x = model.preprocess.preprocess_tensor(torch.rand(2, 3, 256, 256))
+    >>> with torch.no_grad():
+    ...     p = model.probabilities(model.encode_image(x))
+    >>> p.shape, bool(((p > 0) & (p < 1)).all())
     (torch.Size([2]), True)
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 from torch import nn
 
-from grmpiqa import _openclip as oc
 from grmpiqa.backbone import Backbone
-from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize
+from grmpiqa.backbones import BackboneAdapter, placeholder_start
+from grmpiqa.errors import BackboneError
+from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize, scaled_cosines
 from grmpiqa.towers import PromptedVisionTower, TextTower
 from grmpiqa.transforms import PreprocessConfig
 
 if TYPE_CHECKING:
-    from grmpiqa.explain import QualityMap
     from grmpiqa.scale import ScoreScale
 
 #: Parameter groups trained in stage 1 (meta-prompt pre-training, method.md 6).
@@ -108,12 +113,19 @@ class QualityModel(nn.Module):
     (:mod:`grmpiqa.towers`). Training loops select what trains with
     :meth:`set_trainable` and the group names in ``STAGE1_GROUPS``/``STAGE2_GROUPS``.
 
+    Every backbone is reached through its adapter (:attr:`adapter`,
+    :mod:`grmpiqa.backbones`): no family's layout is known here. The backbone always runs
+    in eval mode (BatchNorm statistics, stochastic depth and patch dropout stay off in
+    training: stage 2 trains parameters, method.md 7); ``train()`` switches only the
+    prompts' dropout.
+
     State-dict layout (checkpoints): ``clip.*`` (the open_clip model),
     ``prompt_learner.ctx`` (text context), ``visual.*`` (VPT prompt parameters).
     """
 
     logit_scale: torch.Tensor
     hand_tokens: torch.Tensor
+    adapter: BackboneAdapter
 
     def __init__(
         self,
@@ -128,35 +140,45 @@ class QualityModel(nn.Module):
         self.backbone_pretrained = dict(backbone.pretrained)
         self.backbone_model_cfg = dict(backbone.model_cfg)
         self.clip: Any = backbone.clip
+        if backbone.adapter is None:
+            raise BackboneError(f"{backbone.name}: a backbone without its adapter")
+        adapter: BackboneAdapter = backbone.adapter
+        self.__dict__["adapter"] = adapter
         self.tokenizer = backbone.tokenizer()
         cfg = self.config
         self.prompt_learner: TextPromptLearner | None = None
         if cfg.hand_prompts is None:
             self.prompt_learner = TextPromptLearner(
-                self.clip.token_embedding,
+                adapter.text.token_embedding,
                 self.tokenizer,
                 cfg.class_names,
                 cfg.n_ctx,
                 cfg.ctx_init_std,
+                ctx_start=placeholder_start(self.tokenizer, cfg.n_ctx, cfg.class_names[0]),
             )
         else:
             self.register_buffer(
                 "hand_tokens", self.tokenizer(list(cfg.hand_prompts)), persistent=False
             )
-        vit = self.clip.visual
+        trunk = adapter.image
         self.visual: VisualPrompts | None = None
         if cfg.visual_prompts:
+            if trunk.visual_prompts_problem is not None:
+                raise BackboneError(
+                    f"{backbone.name}: no visual prompts ({trunk.visual_prompts_problem}); "
+                    "use visual_prompts=False"
+                )
             self.visual = VisualPrompts(
-                oc.vision_width(vit),
-                len(oc.vision_blocks(vit)),
-                oc.patch_size(vit),
+                trunk.width,
+                trunk.n_units,
+                trunk.patch_size,
                 cfg.vpt_tokens,
                 cfg.vpt_deep_layers,
                 cfg.vpt_dropout,
             )
-        self.image_tower = PromptedVisionTower(vit, self.visual)
-        self.text_tower = TextTower(self.clip)
-        self.register_buffer("logit_scale", torch.tensor(backbone.logit_scale), persistent=False)
+        self.image_tower = PromptedVisionTower(trunk, self.visual)
+        self.text_tower = TextTower(adapter.text)
+        self.register_buffer("logit_scale", torch.tensor(adapter.logit_scale), persistent=False)
         #: state-dict keys that differ from the base CLIP (saved in checkpoints)
         self.adapted_keys: set[str] = set(self.parameter_names(("text_context", "visual_prompts")))
         #: the label scale and p -> MOS map a fine-tuning run recorded (``scale="mos"``)
@@ -169,106 +191,71 @@ class QualityModel(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
+    def train(self, mode: bool = True) -> QualityModel:
+        """Train mode for the prompts (dropout); the backbone stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images ``[N, 3, H, W]``."""
         return l2_normalize(self.image_tower(images))
 
-    @property
-    def quality_tokens(self) -> torch.Tensor:
-        """Token ids of the two quality prompts (learned-context placeholders or hand)."""
+    def quality_text_features(self, truncate: bool = False) -> torch.Tensor:
+        """L2-normalised ``[t_hq, t_lq]`` (learned context or hand prompts)."""
         if self.prompt_learner is not None:
-            return self.prompt_learner.tokens
-        return self.hand_tokens
-
-    def quality_text_features(
-        self, truncate: bool = False, length: int | None = None
-    ) -> torch.Tensor:
-        """L2-normalised ``[t_hq, t_lq]`` (learned context or hand prompts); ``length``
-        as :meth:`~grmpiqa.towers.TextTower.forward`."""
-        if self.prompt_learner is not None:
-            feats = self.text_tower(
-                self.prompt_learner(), self.prompt_learner.tokens, truncate, length
-            )
+            feats = self.text_tower(self.prompt_learner(), self.prompt_learner.tokens, truncate)
         else:
-            feats = self.text_tower.encode_tokens(self.hand_tokens, truncate, length)
+            feats = self.text_tower.encode_tokens(self.hand_tokens, truncate)
         return l2_normalize(feats)
 
     def encode_text(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
         """L2-normalised features of hard prompts through this model's text tower."""
         return self.encode_tokens(self.tokenizer(list(texts)).to(self.device), truncate)
 
-    def encode_tokens(
-        self, tokens: torch.Tensor, truncate: bool = False, length: int | None = None
-    ) -> torch.Tensor:
+    def encode_tokens(self, tokens: torch.Tensor, truncate: bool = False) -> torch.Tensor:
         """L2-normalised features of tokenised hard prompts."""
-        return l2_normalize(self.text_tower.encode_tokens(tokens, truncate, length))
+        return l2_normalize(self.text_tower.encode_tokens(tokens, truncate))
 
     def logits_from_features(
         self, image_features: torch.Tensor, text_features: torch.Tensor
     ) -> torch.Tensor:
-        return self.logit_scale * image_features @ text_features.t().to(image_features.dtype)
+        """Quality logits ``s * [v.t_hq, v.t_lq]`` of L2-normalised features (method.md 1)."""
+        return scaled_cosines(self.logit_scale, image_features, text_features)
+
+    def probabilities(
+        self, image_features: torch.Tensor, text_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """p(high quality) ``= softmax(s * [v.t_hq, v.t_lq])[0]`` (method.md 1), float32.
+
+        ``image_features``: L2-normalised embeddings ``[..., D]`` (``[N, D]`` images, or
+        ``[N, T, D]`` per-token read-outs); ``text_features``: ``[t_hq, t_lq]`` (default:
+        :meth:`quality_text_features`). Returns ``[...]`` on the features' device. The one
+        place the model's output is computed: scoring, evaluation, validation, quality
+        maps and the service all read it here.
+        """
+        if text_features is None:
+            text_features = self.quality_text_features()
+        logits = self.logits_from_features(image_features, text_features)
+        return torch.softmax(logits.float(), dim=-1)[..., 0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Quality logits ``[N, 2]`` (column 0: high quality) of preprocessed images."""
         return self.logits_from_features(self.encode_image(images), self.quality_text_features())
 
-    # -- scoring ----------------------------------------------------------------------
-
-    def score(
-        self,
-        inputs: torch.Tensor | Sequence[str | os.PathLike[str] | Image.Image],
-        batch_size: int = 32,
-        *,
-        precision: str = "fp32",
-        num_workers: int = 0,
-        progress: bool = False,
-        scale: str = "prob",
-    ) -> torch.Tensor:
-        """Quality scores in (0, 1), higher is better, as a 1-D float tensor on the CPU.
-
-        ``inputs``: image paths, PIL images, or a float tensor ``[N, 3, H, W]`` in
-        [0, 1] (preprocessed with the model's eval transform). Scores do not depend on
-        ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
-        ``scale="mos"`` maps them to the label scale recorded by fine-tuning
-        (:mod:`grmpiqa.scale`; float64); a model without one raises GrmpiqaError.
-        """
-        from grmpiqa.scale import apply_scale, check_scale, require_score_scale
-        from grmpiqa.scoring import score_inputs
-
-        if check_scale(scale) == "mos":
-            require_score_scale(self)
-        scores = score_inputs(
-            self,
-            inputs,
-            batch_size=batch_size,
-            precision=precision,
-            num_workers=num_workers,
-            progress=progress,
-        )
-        return apply_scale(self, scores, scale)
-
-    def quality_map(
-        self, image: str | os.PathLike[str] | Image.Image, *, precision: str = "fp32"
-    ) -> QualityMap:
-        """Map of local quality of one image from its patch tokens (:mod:`grmpiqa.explain`)."""
-        from grmpiqa.explain import quality_maps
-
-        return quality_maps(self, [image], precision=precision)[0]
-
     # -- parameter groups -------------------------------------------------------------
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
-        """Named parameter groups (method.md 6, 7), keyed by state-dict name."""
-        k = self.config.finetune_blocks
-        text_blocks = list(self.text_tower.blocks())
-        img_blocks = list(oc.vision_blocks(self.clip.visual))
+        """Named parameter groups (method.md 6, 7), keyed by state-dict name.
+
+        ``text_blocks``/``image_blocks``: the last ``finetune_blocks`` units of each tower
+        (transformer blocks, or a convolutional trunk's residual blocks); ``ln_final`` /
+        ``ln_post``: each tower's final norms (:meth:`BackboneAdapter.parameter_modules`).
+        """
         modules: dict[str, list[nn.Module]] = {
             "text_context": [self.prompt_learner] if self.prompt_learner is not None else [],
             "visual_prompts": [self.visual] if self.visual is not None else [],
-            "text_blocks": text_blocks[len(text_blocks) - k :] if k else [],
-            "image_blocks": img_blocks[len(img_blocks) - k :] if k else [],
-            "ln_final": [self.clip.ln_final],
-            "ln_post": [self.clip.visual.ln_post],
+            **self.adapter.parameter_modules(self.config.finetune_blocks),
         }
         owner = {id(p): n for n, p in self.named_parameters()}
         out: dict[str, dict[str, nn.Parameter]] = {}

@@ -65,6 +65,7 @@ class StackedPrompts:
     ) -> None:
         self.base = base
         self.num_tokens = int(base.num_tokens)
+        self.deep_layers = int(base.deep_layers)
         self.dropout = float(base.prompt_dropout.p)
         self.bind(tensors, generators)
 
@@ -137,7 +138,7 @@ class StackedQualityModel:
             return m.image_tower
         if self._prompts is None or self._tower is None:
             self._prompts = StackedPrompts(m.visual, visual, generators)
-            self._tower = PromptedVisionTower(m.clip.visual, self._prompts)
+            self._tower = PromptedVisionTower(m.adapter.image, self._prompts)
         else:
             self._prompts.bind(visual, generators)
         return self._tower
