@@ -39,14 +39,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
 from grmpiqa.distributed import Context
 from grmpiqa.model import QualityModel
 from grmpiqa.precision import autocast, storage_dtype
-from grmpiqa.transforms import PreprocessConfig, ResizeCropNormalize, _pil_resample
+from grmpiqa.transforms import (
+    PreprocessConfig,
+    ResizeCropNormalize,
+    _pil_resample,
+    normalize_uint8,
+)
 
 if TYPE_CHECKING:
     from grmpiqa.data import Dataset
@@ -106,7 +110,7 @@ def bank_view(
 def _normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 ``[3, H, W]`` -> normalised float, by the operations of the PIL path
     (``to_tensor``: float, / 255; ``normalize``), hence the same numbers."""
-    return TF.normalize(pixels.to(torch.float32).div(255), list(config.mean), list(config.std))
+    return normalize_uint8(pixels, config.mean, config.std)
 
 
 def bank_view_tensor(

@@ -57,7 +57,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -82,7 +81,7 @@ from grmpiqa.runs import (
 )
 from grmpiqa.scoring.api import score as score_images
 from grmpiqa.task_batch import StackedQualityModel, stacked_logits_autocast, task_quality_losses
-from grmpiqa.transforms import stage1_stats, stats_for
+from grmpiqa.transforms import normalize_uint8, stage1_stats, stats_for
 from grmpiqa.utils import first_nonfinite
 
 __all__ = [
@@ -464,18 +463,25 @@ class _ViewSpec:
 
 
 def _normalized(px: torch.Tensor, spec: _ViewSpec) -> torch.Tensor:
-    """``to_tensor`` (float, / 255) then ``normalize``, as the PIL transforms do."""
-    return TF.normalize(px.to(torch.float32).div(255), spec.mean, spec.std)
+    """``to_tensor`` (float, / 255) then ``normalize``, as the PIL transforms do (on the
+    pixels' device, one image or a batch)."""
+    return normalize_uint8(px, spec.mean, spec.std)
 
 
-def _support_view(px: torch.Tensor, rng: random.Random, spec: _ViewSpec) -> torch.Tensor:
-    """The stage-1 support transform of a ``big`` x ``big`` image: flip half of the
-    time, then a random ``size`` crop, the draws of the PIL transform in its order."""
+def _support_crop(px: torch.Tensor, rng: random.Random, spec: _ViewSpec) -> torch.Tensor:
+    """The stage-1 support transform's flip and crop of a ``big`` x ``big`` uint8 image:
+    flip half of the time, then a random ``size`` crop, the draws of the PIL transform
+    in its order."""
     if rng.random() < 0.5:
         px = px.flip(-1)
     span = px.shape[-1] - spec.size
     top, left = rng.randint(0, span), rng.randint(0, span)
-    return _normalized(px[:, top : top + spec.size, left : left + spec.size], spec)
+    return px[:, top : top + spec.size, left : left + spec.size]
+
+
+def _support_view(px: torch.Tensor, rng: random.Random, spec: _ViewSpec) -> torch.Tensor:
+    """The stage-1 support transform of one image (:func:`_support_crop`, normalised)."""
+    return _normalized(_support_crop(px, rng, spec), spec)
 
 
 def _query_view(px: torch.Tensor, spec: _ViewSpec) -> torch.Tensor:
@@ -1044,7 +1050,8 @@ class _Problems:
         bad_param = first_nonfinite(list(params))[0]
         flags = torch.stack([bad_loss, bad_grad, bad_param])
         values = losses.detach().reshape(-1)
-        worst = values[(~torch.isfinite(values)).int().argmax()].float()  # a bad one, if any
+        bad_at = (~torch.isfinite(values)).int().argmax().reshape(1)
+        worst = values.index_select(0, bad_at).squeeze(0).float()  # a bad one, if any
         if self.flags is None or self.first_loss is None:
             self.flags, self.first_loss = flags, worst
         else:  # keep the first bad loss's value (NaN or inf) for the message
@@ -1141,20 +1148,17 @@ def _run_task(
         order = _pass_order(plan, cfg, p)
         for start in range(0, len(order), st.support_batch):
             idx = order[start : start + st.support_batch]
-            x = torch.stack(
-                [_support_view(cache.get(task.items[i], stats.big), plan.aug, stats) for i in idx]
-            )
+            crops = [
+                _support_crop(cache.get(task.items[i], stats.big), plan.aug, stats) for i in idx
+            ]
+            x = _normalized(torch.stack(crops), stats)  # one normalisation for the batch
             y = _to_device(labels[idx], device)
             s_losses.append(_step(model, opt, x, y, cfg.precision, problems))
             qb = b % len(plan.q_batches)
             b += 1
             if qb not in q_tensors:
-                q_tensors[qb] = torch.stack(
-                    [
-                        _query_view(cache.get(task.items[i], stats.size), stats)
-                        for i in plan.q_batches[qb]
-                    ]
-                )
+                pixels = [cache.get(task.items[i], stats.size) for i in plan.q_batches[qb]]
+                q_tensors[qb] = _normalized(torch.stack(pixels), stats)
             qy = _to_device(labels[plan.q_batches[qb]], device)
             q_losses.append(_step(model, opt, q_tensors[qb], qy, cfg.precision, problems))
     problems.check()
@@ -1243,21 +1247,21 @@ def _adapt_batched(
             for pl, order, lab in zip(plans, orders, labels, strict=True):
                 idx = order[start : start + st.support_batch]
                 views += [
-                    _support_view(cache.get(pl.task.items[i], stats.big), pl.aug, stats)
+                    _support_crop(cache.get(pl.task.items[i], stats.big), pl.aug, stats)
                     for i in idx
                 ]
                 ys.append(lab[idx])
-            s_losses.append(step(torch.stack(views), _to_device(torch.stack(ys), device)))
+            x = _normalized(torch.stack(views), stats)
+            s_losses.append(step(x, _to_device(torch.stack(ys), device)))
             qb = b % len(plans[0].q_batches)
             b += 1
             if qb not in q_tensors:
-                q_tensors[qb] = torch.stack(
-                    [
-                        _query_view(cache.get(pl.task.items[i], stats.size), stats)
-                        for pl in plans
-                        for i in pl.q_batches[qb]
-                    ]
-                )
+                pixels = [
+                    cache.get(pl.task.items[i], stats.size)
+                    for pl in plans
+                    for i in pl.q_batches[qb]
+                ]
+                q_tensors[qb] = _normalized(torch.stack(pixels), stats)
             qy = torch.stack([lab[pl.q_batches[qb]] for pl, lab in zip(plans, labels, strict=True)])
             q_losses.append(step(q_tensors[qb], _to_device(qy, device)))
     problems.check()

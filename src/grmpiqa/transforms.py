@@ -9,7 +9,7 @@ ImageNet statistics. ``stats="clip"`` switches to CLIP's own statistics.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -247,3 +247,22 @@ def stage1_stats(requested: str, model_stats: str) -> str:
     backbones trained with CLIP's statistics; a backbone's own for the others (SigLIP's
     0.5/0.5, MobileCLIP's 0/1), which its weights expect."""
     return requested if model_stats in ("imagenet", "clip") else model_stats
+
+
+_STAT_TENSORS: dict[tuple[tuple[float, ...], tuple[float, ...], str], tuple[torch.Tensor, ...]] = {}
+
+
+def normalize_uint8(
+    pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """``to_tensor`` and ``normalize`` of uint8 pixels ``[..., 3, H, W]`` on their own
+    device: float, / 255, - mean, / std - the operations of the PIL transforms, so the
+    same numbers, without the host round trips of ``TF.normalize`` (which checks the
+    std on the host and copies the statistics to the device at every call)."""
+    key = (tuple(mean), tuple(std), str(pixels.device))
+    stats = _STAT_TENSORS.get(key)
+    if stats is None:
+        m = torch.as_tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+        s = torch.as_tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+        stats = _STAT_TENSORS[key] = (m.to(pixels.device), s.to(pixels.device))
+    return pixels.to(torch.float32).div(255).sub_(stats[0]).div_(stats[1])

@@ -133,4 +133,5 @@ def first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tenso
     where = _POSITIONS.get(key)
     if where is None:  # built once per pattern: no copy to the device per step
         where = _POSITIONS[key] = torch.tensor(key[0], device=bad.device)
-    return bad.any(), where[bad.int().argmax()]
+    first = bad.int().argmax().reshape(1)  # index_select: the index is never read on the host
+    return bad.any(), where.index_select(0, first).squeeze(0)
