@@ -14,6 +14,8 @@ What is timed (each in this process unless said; times include what a user waits
    by one (``task_batch`` 1) and stacked (:data:`grmpiqa.metatrain.GPU_TASK_BATCH` on a
    GPU; 4 on the CPU).
 4. **Peak memory**: CUDA ``max_memory_allocated`` per part; the process's peak RSS.
+5. **Host synchronisations per stage-2 epoch** (CUDA): epochs of the training step run
+   under ``torch.cuda.set_sync_debug_mode("warn")``; the goal is none.
 
 Backbone: ``ViT-B-16-quickgelu`` with RANDOM weights (speed and memory do not depend on
 the values), ``--precision auto``; ``--small``: ``test-tiny`` (a pipeline check, e.g. on
@@ -117,6 +119,54 @@ def _split_to_stop(
     }
 
 
+def _syncs_per_epoch(device: str, backbone: str, precision: str, spec: str) -> float:
+    """Host synchronisations per stage-2 epoch (CUDA's sync debug mode counts them): the
+    epochs of :func:`grmpiqa.finetune` between two evaluations should have none."""
+    import warnings
+
+    import torch
+
+    import grmpiqa
+    from grmpiqa.data import load_dataset, make_split
+    from grmpiqa.feature_cache import frozen_image_blocks
+    from grmpiqa.finetune import CachedShots, Stage2Step, _load_resized, _sgd, build_teacher
+
+    if not device.startswith("cuda"):
+        return float("nan")
+    data = load_dataset(spec)
+    train = make_split(data, 0, 0, 50).train(data)
+    model = grmpiqa.create_model(backbone, pretrained=None, device=device)
+    cfg = grmpiqa.FinetuneConfig(precision=precision)
+    teacher = build_teacher(model, cfg.scene_prompts)
+    model.set_trainable(cfg.groups)
+    start = frozen_image_blocks(model)
+    assert start is not None
+    labels = torch.tensor(train.labels, dtype=torch.float32)
+    source = CachedShots(model, _load_resized(model, train), labels, cfg, start, teacher)
+    step = Stage2Step(model, cfg)
+    opt = _sgd(step.params, cfg)
+    everyone = list(range(len(train)))
+    model.train()
+    for epoch in (1, 2):  # warm-up (first-call work, e.g. cached lengths)
+        lq, ls, _ = step.losses(source.batch(everyone, epoch))
+        step.step_async(opt, lq, ls)
+    torch.cuda.synchronize()
+    epochs = 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for epoch in range(3, 3 + epochs):
+                lq, ls, _ = step.losses(source.batch(everyone, epoch))
+                step.step_async(opt, lq, ls)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in syncs[:5]:
+        print(f"# sync inside an epoch: {w.filename}:{w.lineno}: {w.message}", file=sys.stderr)
+    return len(syncs) / epochs
+
+
 def _cli(argv: list[str]) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -207,6 +257,7 @@ def run(
         assert best is not None
         figures.update(best[1])
         figures["split_best_compile_is_off"] = float(best[0] == "off")
+        figures["syncs_per_epoch"] = _syncs_per_epoch(device, backbone, precision, spec)
         startup = _startup(device, backbone)
         ev3 = _evaluate(device, backbone, precision, spec, 3, work)
         figures["startup_s"] = startup
@@ -244,6 +295,7 @@ def _table(f: dict[str, float], device: str, small: bool) -> str:
         ("one 50-shot split to its stop (s)", s("split_to_stop_s"), GOALS["split_to_stop_s"]),
         ("  epochs / s per epoch", f"{s('split_epochs')} / {s('split_s_per_epoch')}", None),
         ("  feature cache build (s)", s("split_cache_s"), None),
+        ("  host syncs per epoch (CUDA debug mode)", s("syncs_per_epoch"), 0),
         ("evaluate --splits 3 (s)", s("evaluate3_s"), None),
         ("  start-up (s)", s("startup_s"), None),
         ("evaluate, 10 splits extrapolated (s)", s("evaluate10_extrapolated_s"), ev),

@@ -441,7 +441,7 @@ def test_compiled_step_matches_eager(shots, monkeypatch):
     no_dropout = grmpiqa.ModelConfig(vpt_tokens=4, finetune_blocks=2, vpt_dropout=0.0)
     runs = {}
     for mode in ("off", "default"):
-        cfg = FinetuneConfig(max_epochs=2, eval_every=2, cache_augmentations=2, compile=mode)
+        cfg = FinetuneConfig(max_epochs=1, eval_every=1, cache_augmentations=1, compile=mode)
         model = tiny_model(config=no_dropout)
         runs[mode] = (finetune(model, shots, cfg, progress=False), model)
     (ra, ma), (rb, mb) = runs["off"], runs["default"]

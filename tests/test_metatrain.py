@@ -507,7 +507,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_exact(
     from grmpiqa.runs import RunInterrupted
 
     specs = [kadid_small, kadid]
-    cfg = PretrainConfig(epochs=2, variant=variant, **FAST)
+    cfg = PretrainConfig(epochs=2, variant=variant, inner_passes=1, **FAST)
     ref = tmp_path / "ref.safetensors"
     pretrain(_model(), specs, cfg, ref, progress=False)
 
