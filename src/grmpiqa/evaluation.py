@@ -633,7 +633,7 @@ def run_protocol(
         )  # fmt: skip
         for r in results:
             notes.extend(f"split {r.index}: {w}" for w in r.info.get("metric_warnings", []))
-    pool = FrozenPool(max_bytes=_POOL_BUDGET)
+    pool = FrozenPool(max_bytes=_POOL_BUDGET, seed=config.seed)
     with stop_signals(enabled=out is not None) as stop:
         for k, split in enumerate(bar if not ctx.is_distributed else ()):
             res = None
@@ -720,7 +720,7 @@ def _share_splits(
         return done
 
     results = {int(k): SplitResult.from_dict(d) for k, d in ctx.from_main(finished).items()}
-    pool = FrozenPool(max_bytes=_POOL_BUDGET)
+    pool = FrozenPool(max_bytes=_POOL_BUDGET, seed=config.seed)
     bar.update(len(results))
     todo = [k for k in range(len(splits)) if k not in results]
     if ctx.is_main:
