@@ -19,7 +19,13 @@ from grmpiqa.cli.common import add_backbone_args, device_arg
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
 from grmpiqa.precision import PRECISIONS, describe_choice
-from grmpiqa.scoring.engine import BatchScorer, Result, check_workers, score_pending
+from grmpiqa.scoring.engine import (
+    DEFAULT_MAX_BATCH_BYTES,
+    BatchScorer,
+    Result,
+    check_workers,
+    score_pending,
+)
 from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
 from grmpiqa.scoring.outputs import (
     Columns,
@@ -78,6 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (pixels)"
+    )
+    p.add_argument(
+        "--max-decoded-mb",
+        type=float,
+        default=DEFAULT_MAX_BATCH_BYTES / 2**20,
+        help="decoded-pixel budget of a batch: width x height x channels x bytes per sample, "
+        "read from each header before decoding; images are decoded one at a time, so a larger "
+        f"image is refused (default {DEFAULT_MAX_BATCH_BYTES // 2**20})",
     )
     p.add_argument(
         "--full-decode",
@@ -193,6 +207,8 @@ def _validate(args: argparse.Namespace) -> str | None:
         raise GrmpiqaError(f"--part-size must be at least 1, got {args.part_size}")
     if args.max_pixels < 1:
         raise GrmpiqaError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    if not args.max_decoded_mb > 0:
+        raise GrmpiqaError(f"--max-decoded-mb must be > 0, got {args.max_decoded_mb}")
     if args.output is not None and args.out_dir is not None:
         raise GrmpiqaError("use -o FILE or --out-dir DIR, not both")
     if args.resume and args.output is None and args.out_dir is None:
@@ -269,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "precision": args.precision,
         "max_pixels": args.max_pixels,
+        "max_decoded_bytes": _budget_bytes(args),
         "full_decode": args.full_decode,
         "scale": args.scale,
         "columns": names,
@@ -312,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
             "device": "cuda" if args.gpus_per_actor > 0 else "cpu",
             "precision": args.precision,
             "max_pixels": args.max_pixels,
+            "max_batch_bytes": _budget_bytes(args),
             "reduced_decode": not args.full_decode,
         }
         results = score_pending_ray(
@@ -335,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             max_pixels=args.max_pixels,
             reduced_decode=not args.full_decode,
+            max_batch_bytes=_budget_bytes(args),
         )
         if scorer.split:
             print(
@@ -362,6 +381,10 @@ def run(args: argparse.Namespace) -> int:
     if sink.n_errors:
         print(f"grmpiqa: {sink.n_errors} of {n_images} files could not be scored", file=sys.stderr)
     return 0
+
+
+def _budget_bytes(args: argparse.Namespace) -> int:
+    return int(args.max_decoded_mb * 2**20)
 
 
 def _on_label_scale(

@@ -32,7 +32,7 @@ import numpy as np
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
 from grmpiqa.log import get_logger
-from grmpiqa.scoring.engine import BatchScorer, Result, plan_batches
+from grmpiqa.scoring.engine import DEFAULT_MAX_BATCH_BYTES, BatchScorer, Result, plan_batches
 from grmpiqa.scoring.inputs import ImageSource
 
 log = get_logger("scoring")
@@ -95,6 +95,7 @@ class Scorer:
             path column when present).
         num_threads: torch threads in this actor (default: torch's choice).
         decode_threads: threads decoding a batch.
+        max_batch_bytes: decoded-pixel budget of a batch in bytes (``--max-decoded-mb``).
         keep_bytes: keep the bytes column in the output (default: dropped).
     """
 
@@ -112,6 +113,7 @@ class Scorer:
         precision: str = "fp32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         reduced_decode: bool = True,
+        max_batch_bytes: int | None = DEFAULT_MAX_BATCH_BYTES,
         path_column: str = "path",
         bytes_column: str = "bytes",
         name_column: str | None = None,
@@ -136,6 +138,7 @@ class Scorer:
             precision=precision,
             max_pixels=max_pixels,
             reduced_decode=reduced_decode,
+            max_batch_bytes=max_batch_bytes,
         )
         self.path_column = path_column
         self.bytes_column = bytes_column
