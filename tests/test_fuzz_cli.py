@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -260,3 +261,122 @@ def test_a_real_process_reports_bad_files_in_one_line(tmp_path, good_checkpoint)
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("grmpiqa: error:")]
         assert len(errors) == 1 and "Traceback" not in r.stderr
         assert not out.exists()
+
+
+# -- issue 18: checkpoints that name host paths, ask for huge sizes, nest deeply, come from
+#    a newer grmpiqa or lack a trained tensor ---------------------------------------------
+
+
+def _probe_checkpoint(good: Path, case: str, tmp: Path) -> tuple[Path, str]:
+    """The checkpoint of one probe and the text its refusal must contain."""
+    tensors, meta = read_checkpoint(good)
+
+    def patched(edit: Callable[[dict], None]) -> dict:
+        m = json.loads(json.dumps(meta))
+        edit(m)
+        return m
+
+    path = tmp / f"{case}.safetensors"
+    raw: str | None = None
+    t = dict(tensors)
+    if case == "P022-vpt-tokens-1e9":
+        m, must = patched(lambda m: m["model_config"].update(vpt_tokens=10**9)), "vpt_tokens"
+    elif case == "P025-resize-crop-1e5":
+        m = patched(lambda m: m["preprocess"].update(resize=100_000, crop=100_000))
+        must = "resize must be an integer from 1 to 4096"
+    elif case == "P030-host-path":
+        secret = tmp / "host-secret-weights.pt"
+        secret.write_bytes(b"\x80\x04 not weights")
+        m = patched(
+            lambda m: m["backbone"].update(pretrained={"kind": "file", "path": str(secret)})
+        )
+        must = "--pretrained FILE"
+    elif case == "P030-local-dir-backbone":
+        m = patched(lambda m: m["backbone"].update(name=f"local-dir:{tmp}"))
+        must = "--backbone local-dir:PATH"
+    elif case == "P034-newer-format":
+        m, must = patched(lambda m: m.update(format="grmpiqa-checkpoint/99")), "newer than"
+    elif case == "P037-json-100k-deep":
+        m, must = meta, "nested 100001 levels deep"
+        raw = json.dumps(meta)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    elif case == "D8-context-deleted":
+        m, must = meta, "the trained tensor prompt_learner.ctx is missing"
+        del t["prompt_learner.ctx"]
+    elif case == "D8-listed-tensor-deleted":
+        m, must = meta, "the trained tensor visual.prompt_proj.bias is missing"
+        del t["visual.prompt_proj.bias"]
+    elif case == "P020-same-name-other-sizes":
+        m = patched(lambda m: m["backbone"]["model_cfg"]["vision_cfg"].update(layers=3))
+        must = "recorded architecture of 'test-tiny' differs from this build of it"
+        must += " (vision_cfg.layers: saved 3, now 4)"
+    else:  # pragma: no cover
+        raise AssertionError(case)
+    save_file(t, str(path), metadata={"grmpiqa": raw if raw is not None else json.dumps(m)})
+    return path, must
+
+
+PROBE_CHECKPOINTS = [
+    "P022-vpt-tokens-1e9",
+    "P025-resize-crop-1e5",
+    "P030-host-path",
+    "P030-local-dir-backbone",
+    "P034-newer-format",
+    "P037-json-100k-deep",
+    "D8-context-deleted",
+    "D8-listed-tensor-deleted",
+    "P020-same-name-other-sizes",
+]
+
+
+@pytest.mark.parametrize("case", PROBE_CHECKPOINTS)
+def test_probe_checkpoints_are_refused_in_one_line(tmp_path, capsys, good_checkpoint, case):
+    """Each would have allocated hundreds of GB, opened a host path, recursed, loaded
+    silently or contradicted itself before issue 18."""
+    bad, must = _probe_checkpoint(good_checkpoint, case, tmp_path)
+    _OPENED.clear()
+    img = make_image(tmp_path / "a.png")
+    out = tmp_path / "scores.csv"
+    rc = main(["score", str(img), "--checkpoint", str(bad), "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    opened = [p for p in _OPENED if "host-secret" in p or p.endswith("open_clip_config.json")]
+    assert rc == 1, case
+    errors = [ln for ln in err.splitlines() if ln.startswith("grmpiqa: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert must in errors[0], errors[0]
+    assert not out.exists()
+    assert opened == []  # no path the checkpoint named was opened
+
+
+_OPENED: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and args and isinstance(args[0], str | bytes):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def test_checkpoints_record_no_host_paths(tmp_path):
+    """A weights file is recorded by name and hash; a user-named file stays user-named."""
+    from grmpiqa.backbone import load_backbone
+
+    bb = load_backbone("test-tiny", None, seed=3)
+    weights = tmp_path / "private" / "my-weights.safetensors"
+    weights.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in bb.clip.state_dict().items()}, str(weights))
+    m = grmpiqa.create_model(
+        "test-tiny", pretrained=str(weights), config=grmpiqa.ModelConfig(vpt_tokens=2)
+    )
+    ck = grmpiqa.save_checkpoint(m, tmp_path / "ck.safetensors")
+    _, meta = read_checkpoint(ck)
+    assert str(tmp_path) not in json.dumps(meta)
+    assert meta["backbone"]["pretrained"]["file"] == "my-weights.safetensors"
+    assert meta["tensors"] == sorted(m.adapted_state())
+    # loading needs the weights named again; named, it loads and scores as before
+    with pytest.raises(grmpiqa.errors.CheckpointError, match="my-weights.safetensors"):
+        grmpiqa.create_model(checkpoint=ck)
+    again = grmpiqa.create_model(checkpoint=ck, pretrained=str(weights))
+    x = torch.rand(1, 3, 224, 224)
+    assert torch.allclose(again.score(x), m.score(x), atol=1e-6)

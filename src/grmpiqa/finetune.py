@@ -288,7 +288,9 @@ def build_teacher(
             text = model.text_tower.encode_tokens(tokens)
     else:
         ident = model.backbone_pretrained
-        pretrained = pretrained_from_identity(ident, model.backbone_name, model.backbone_name)
+        pretrained = pretrained_from_identity(
+            ident, model.backbone_name, model.backbone_name, loaded_here=True
+        )
         bb = load_backbone(model.backbone_name, pretrained, seed=int(ident.get("seed", 0)))
         clip = bb.clip.to(model.device)
         visual = clip.visual

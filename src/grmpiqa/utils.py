@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
+import re
 import stat
 import tempfile
 import threading
@@ -111,3 +113,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+#: The deepest nesting grmpiqa reads from a JSON document (checkpoint metadata, resume
+#: states, score manifests, service requests); what grmpiqa writes stays under 10.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_depth(text: str | bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest (brackets inside strings do
+    not count); linear time and no recursion, so it is safe on any input.
+
+    >>> json_depth('{"a": [1, {"b": "]]]"}]}')
+    3
+    """
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    arr = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    closes = (arr == ord("]")) | (arr == ord("}"))
+    where = np.flatnonzero(opens | closes)
+    if where.size == 0:
+        return 0
+    steps = np.where(opens[where], 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max())
+
+
+def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` after checking the nesting (:func:`json_depth`) against
+    ``max_depth``; every problem is a ``ValueError`` with a one-line reason."""
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep, more than the limit of {max_depth}")
+    try:
+        return json.loads(text)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise ValueError(f"JSON nested more than {max_depth} levels deep") from None
