@@ -86,6 +86,34 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def write_problem(target: str | os.PathLike[str], folder: bool = False) -> str | None:
+    """Why grmpiqa could not write ``target`` (a file, or with ``folder`` a folder to fill),
+    or None when it can; checked before any work, without creating anything.
+
+    Files are written atomically (a temporary beside the target, then a rename), so what
+    must be writable is the target's folder, or the nearest folder above it that exists
+    (the rest is created). It is tried for real, with a temporary file created and
+    removed at once: permission bits alone do not tell (root, read-only mounts, ACLs).
+    """
+    t = Path(target).absolute()
+    if not folder and t.is_dir():
+        return "is a folder, not a file name"
+    if folder and t.exists() and not t.is_dir():
+        return "exists and is not a folder"
+    anc = t if folder else t.parent
+    while not anc.exists() and not anc.is_symlink() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"cannot be created, {anc} is not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".grmpiqa-write-check.", suffix=".tmp", dir=anc)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return f"cannot write in {anc} ({err.strerror or err})"
+    return None
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` as plain JSON values: non-finite floats -> None, NumPy and torch scalars
     -> Python numbers, arrays and tuples -> lists, paths -> strings (recursively).

@@ -33,7 +33,7 @@ from typing import Any
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.log import get_logger
 from grmpiqa.scoring.inputs import ImageSource, Part
-from grmpiqa.utils import atomic_open, atomic_path
+from grmpiqa.utils import atomic_open, atomic_path, write_problem
 
 log = get_logger("scoring")
 
@@ -89,10 +89,9 @@ def check_output_dir(path: str | os.PathLike[str], fmt: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise GrmpiqaError(f"{path}: exists and is not a folder (--out-dir)")
-    if not p.exists():
-        _check_parent(p.parent, path)
-    elif not os.access(p, os.W_OK | os.X_OK):
-        raise GrmpiqaError(f"{path}: folder is not writable")
+    problem = write_problem(p, folder=True)
+    if problem:
+        raise GrmpiqaError(f"{path}: {problem} (--out-dir)")
     if fmt == "parquet":
         require_pyarrow(f"{path}: writing Parquet parts")
 
@@ -101,8 +100,9 @@ def _check_parent(parent: Path, target: str | os.PathLike[str]) -> None:
     anc = _first_existing_ancestor(parent)
     if not anc.is_dir():
         raise GrmpiqaError(f"{target}: cannot be created, {anc} is not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise GrmpiqaError(f"{target}: cannot be created, {anc} is not writable")
+    problem = write_problem(anc, folder=True)
+    if problem:
+        raise GrmpiqaError(f"{target}: cannot be created, {anc} is not writable ({problem})")
 
 
 # -- rows -----------------------------------------------------------------------------------
