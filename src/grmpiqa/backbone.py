@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import warnings
@@ -33,6 +32,7 @@ from torch import nn
 
 from grmpiqa.errors import BackboneError
 from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
+from grmpiqa.utils import load_json
 
 DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -138,8 +138,8 @@ def model_config(name: str) -> dict[str, Any]:
                 f"{cfg_path}: missing (a local-dir backbone needs open_clip_config.json)"
             )
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
-        except (ValueError, KeyError) as err:
+            cfg = load_json(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
+        except (ValueError, KeyError, TypeError) as err:
             raise BackboneError(f"{cfg_path}: not a valid open_clip config ({err})") from None
         return dict(cfg)
     cfg = open_clip.get_model_config(name)
@@ -149,6 +149,37 @@ def model_config(name: str) -> dict[str, Any]:
             "open_clip.list_models()), 'test-tiny', or 'local-dir:PATH'"
         )
     return dict(cfg)
+
+
+def unsupported_family(cfg: dict[str, Any]) -> str | None:
+    """What makes an architecture one grmpiqa cannot adapt yet, or None when it can.
+
+    grmpiqa's towers adapt open_clip CLIP models with a ``VisionTransformer`` image
+    tower and open_clip's own text transformer. This is the one place that says so:
+    backbone adapters for other families (issue 22) replace it.
+    """
+    vision = cfg.get("vision_cfg") or {}
+    text = cfg.get("text_cfg") or {}
+    if vision.get("timm_model_name"):
+        return f"a timm image tower ({vision['timm_model_name']})"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "a ResNet image tower (ModifiedResNet)"
+    if text.get("hf_model_name"):
+        return f"a Hugging Face text tower ({text['hf_model_name']})"
+    if "multimodal_cfg" in cfg:
+        return "a CoCa captioning model"
+    return None
+
+
+def check_family(name: str, cfg: dict[str, Any]) -> None:
+    """Refuse, in one line and before any weights are read, a backbone whose family has
+    no adapter (:func:`unsupported_family`)."""
+    why = unsupported_family(cfg)
+    if why is not None:
+        raise BackboneError(
+            f"backbone {name}: {why} is not supported yet; grmpiqa adapts open_clip "
+            f"Vision Transformer backbones (e.g. {DEFAULT_BACKBONE}, ViT-L-14)"
+        )
 
 
 def load_backbone(
@@ -172,6 +203,7 @@ def load_backbone(
             cached nor downloadable (offline).
     """
     cfg = model_config(name)
+    check_family(name, cfg)
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser().resolve()
         clip = _create(f"{LOCAL_DIR_PREFIX}{folder}", None, seed)

@@ -69,6 +69,7 @@ from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metri
 from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.precision import autocast
 from grmpiqa.results import ProtocolResult, SplitResult
+from grmpiqa.utils import load_json
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -441,7 +442,7 @@ def _load_finished(path: Path, fingerprint: str, split: Split) -> SplitResult | 
     if not path.is_file():
         return None
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = load_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise GrmpiqaError(
             f"{path}: unreadable split record ({err}); delete it to rerun the split"

@@ -246,7 +246,7 @@ class RunFiles:
         out = []
         for line in self.log.read_text(encoding="utf-8").splitlines():
             try:
-                rec = json.loads(line)
+                rec = load_json(line)
             except ValueError:
                 continue
             if isinstance(rec, dict):

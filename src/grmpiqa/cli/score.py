@@ -217,6 +217,10 @@ def _validate(args: argparse.Namespace) -> str | None:
         raise GrmpiqaError("--overwrite goes with --out-dir")
     if args.resume and args.overwrite:
         raise GrmpiqaError("--resume and --overwrite contradict each other")
+    if args.actors is not None and args.actors < 1:
+        raise GrmpiqaError(f"--actors must be at least 1, got {args.actors}")
+    if args.gpus_per_actor < 0 or (args.cpus_per_actor is not None and args.cpus_per_actor <= 0):
+        raise GrmpiqaError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
     if args.engine != "ray":
         given = [
             f
@@ -239,15 +243,35 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     out_fmt = _validate(args)
-    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     options = InputOptions(args.path_column, args.id_column, args.skip_bad)
     groups = collect(args.paths, options)
     part_size = args.part_size if args.out_dir is not None else sys.maxsize
     parts = plan_parts(groups, part_size)
     n_images = sum(len(p.items) for p in parts)
 
+    from grmpiqa.scoring.ray import RaySession, actor_layout
+
+    session = None
+    if args.engine == "ray":  # connect (or fail) before anything is written
+        session = RaySession(args.ray_address)
+        try:
+            actor_layout(session.resources(), args.actors, args.gpus_per_actor, args.cpus_per_actor)
+        except BaseException:
+            session.close()
+            raise
+    try:
+        return _run(args, out_fmt, parts, n_images, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _run(
+    args: argparse.Namespace, out_fmt: str | None, parts: list[Any], n_images: int, session: Any
+) -> int:
     from grmpiqa.scoring.ray import build_models
 
+    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     device = device_arg(args.device) if args.engine == "local" else None
     models = build_models(
         checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu")
@@ -341,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             progress=not args.no_progress,
+            session=session,
         )
     else:
         workers = args.workers
