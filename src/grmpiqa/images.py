@@ -347,15 +347,17 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
+#: 16-bit value -> round(v * 255 / 65535) (exact: (2v + 257) // 514, no ties exist).
+_LUT16 = ((np.arange(65536, dtype=np.uint32) * 2 + 257) // 514).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, honouring EXIF orientation."""
     img = ImageOps.exif_transpose(img) or img
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        # round(v * 255 / 65535) in integers (no ties are possible): 4 bytes a pixel, not 8
-        arr32 = np.asarray(img).astype(np.uint32)
-        arr8 = ((arr32 * 2 + 257) // 514).astype(np.uint8)
-        del arr32
+        # round(v * 255 / 65535) through a table: one pass, no wider temporary
+        arr8 = _LUT16[np.asarray(img)]
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if mode == "I":
         arr = np.asarray(img, dtype=np.float64)
