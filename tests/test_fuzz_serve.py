@@ -141,16 +141,20 @@ def test_S51_request_over_the_decoded_budget_is_413_before_any_decode(client_for
     assert r.status_code == 200 and calls == ["b0.png", "b1.png"]
 
 
-def _slow_prepare(monkeypatch, seconds: float) -> None:
-    """Uploads named ``slow*`` take ``seconds`` to decode (a huge image, simulated)."""
+def _slow_prepare(monkeypatch, seconds: float) -> list[float]:
+    """Uploads named ``slow*`` take ``seconds`` to decode (a huge image, simulated);
+    returns the list their decodes' start times are appended to."""
     real = app_module._prepare
+    starts: list[float] = []
 
     def prepare(engine, up, *a):
         if up.name.startswith("slow"):
+            starts.append(time.monotonic())
             time.sleep(seconds)
         return real(engine, up, *a)
 
     monkeypatch.setattr(app_module, "_prepare", prepare)
+    return starts
 
 
 def test_decode_timeout_answers_503_and_drops_the_rest(client_for, monkeypatch):
@@ -167,8 +171,9 @@ def test_decode_timeout_answers_503_and_drops_the_rest(client_for, monkeypatch):
 
 def test_S55_a_small_request_is_not_stuck_behind_a_huge_one(client_for, monkeypatch):
     """A request of four images decoding to 38 MB each (slow), then one small image from
-    another client: the small one is answered while the big one is still decoding."""
-    _slow_prepare(monkeypatch, 1.0)
+    another client: the small one is answered before the big one's last image even
+    starts decoding (first come, first served, it would wait for all four)."""
+    starts = _slow_prepare(monkeypatch, 1.0)
     c = client_for(workers=1)
     big = png16(20)  # 38 MB decoded: not an express image
     done: dict[str, float] = {}
@@ -185,7 +190,7 @@ def test_S55_a_small_request_is_not_stuck_behind_a_huge_one(client_for, monkeypa
     done["small"] = time.monotonic()
     t.join(60)
     assert r.status_code == 200 and r.json()["results"][0]["score"] is not None
-    assert done["small"] < done["big"]  # before: the small one waited for all four
+    assert len(starts) == 4 and done["small"] < starts[-1] < done["big"]
 
 
 # -- with a real server process -------------------------------------------------------------
