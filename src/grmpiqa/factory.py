@@ -1,4 +1,4 @@
-"""``create_model``: backbone + config + checkpoint -> a ready :class:`QualityModel`.
+"""``create_model``: backbone + config + checkpoint -> a ready quality model.
 
 The one entry point that turns names and files into a model (as open_clip's factory):
 it resolves the backbone (:mod:`grmpiqa.backbone`), reads a checkpoint
@@ -24,8 +24,9 @@ from grmpiqa.backbone import DEFAULT_BACKBONE, LOCAL_DIR_PREFIX, default_pretrai
 from grmpiqa.checkpoint import apply_checkpoint, portable_identity, read_checkpoint
 from grmpiqa.errors import CheckpointError, GrmpiqaError
 from grmpiqa.log import GrmpiqaWarning
-from grmpiqa.model import ModelConfig, QualityModel
+from grmpiqa.model import ModelConfig
 from grmpiqa.scale import scale_from_metadata
+from grmpiqa.scoring.api import ScoringModel
 from grmpiqa.transforms import PreprocessConfig
 
 __all__ = ["DEFAULT", "create_model", "resolve_device", "pretrained_from_identity"]
@@ -98,8 +99,11 @@ def create_model(
     config: ModelConfig | None = None,
     preprocess: PreprocessConfig | None = None,
     cache_dir: str | None = None,
-) -> QualityModel:
-    """Build a :class:`QualityModel`, optionally restoring a grmpiqa checkpoint.
+) -> ScoringModel:
+    """Build a quality model, optionally restoring a grmpiqa checkpoint.
+
+    It is a :class:`~grmpiqa.model.QualityModel` with ``score``/``quality_map`` methods
+    (:class:`~grmpiqa.scoring.api.ScoringModel`).
 
     Args:
         backbone: open_clip model name, ``"test-tiny"`` or ``"local-dir:PATH"``; default:
@@ -156,7 +160,7 @@ def create_model(
     bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        model = QualityModel(bb, config, preprocess)
+        model = ScoringModel(bb, config, preprocess)
     if checkpoint is not None and tensors is not None:
         if bmeta.get("pretrained") and portable_identity(bmeta["pretrained"]) != portable_identity(
             bb.pretrained
