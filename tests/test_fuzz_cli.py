@@ -475,21 +475,30 @@ def test_T17_tar_member_declaring_20_GB_is_refused_before_it_is_read(tmp_path, c
 
 
 def test_T07_resume_with_a_changed_input_set_refuses_and_keeps_the_folder(tmp_path, capsys):
+    """Resuming with 2 of the 4 shards (parts 2-3 would stay beside the new ones), or with
+    a stray part file in the folder: one line, the folder untouched. More inputs than
+    before are a resume that scores the new parts."""
     from shard_utils import make_shards
 
-    shards = make_shards(tmp_path / "shards", n_shards=4, per_shard=2)
+    shards = make_shards(tmp_path / "shards", n_shards=5, per_shard=2)
     out = tmp_path / "out"
-    assert main(["score", *map(str, shards), "--out-dir", str(out), *TINY]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["score", *map(str, shards[:4]), "--out-dir", str(out), *TINY]) == 0
     capsys.readouterr()
-    for subset in (shards[:2], [shards[0], shards[2], shards[1], shards[3]]):
+    stray = tmp_path / "stray"
+    for subset, plant in ((shards[:2], False), (shards[:4], True)):
+        if plant:
+            (out / "part-00099.csv").write_text("path,score,error\nx.png,0.5,\n")
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
         rc = main(["score", *map(str, subset), "--out-dir", str(out), "--resume", *TINY])
         err = capsys.readouterr().err
         errors = [ln for ln in err.splitlines() if ln.startswith("grmpiqa: error:")]
-        assert rc == 1 and len(errors) == 1 and "Traceback" not in err
+        assert rc == 1 and len(errors) == 1 and "Traceback" not in err, err
         assert "cannot resume, the inputs differ from the earlier run" in errors[0]
+        assert ("part-00002 was planned before" if not plant else "part-00099.csv") in errors[0]
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "part-00099.csv").rename(stray)
     assert main(["score", *map(str, shards), "--out-dir", str(out), "--resume", *TINY]) == 0
+    assert sorted(p.name for p in out.glob("part-*")) == [f"part-{i:05d}.csv" for i in range(5)]
 
 
 @pytest.mark.parametrize(

@@ -463,29 +463,26 @@ class PartsSink(Sink):
         return data
 
     def _check_same_plan(self, old: dict[str, Any]) -> None:
-        """A resume goes on with the same inputs: every part of the earlier plan (and
-        every part file in the folder) must be a part of this plan with the same images,
-        else the folder would mix parts of two input sets."""
-        planned = {p.name: self._hashes[p.index] for p in self.parts}
+        """A resume may rescore a part whose images changed (its file is replaced) and add
+        parts, but every part of the earlier plan, and every part file in the folder, must
+        be a part of this plan: stale parts would stay mixed in with this run's."""
+        planned = {p.name for p in self.parts}
         recorded = old.get("parts")
         before: list[Any] = recorded if isinstance(recorded, list) else []
-        problems: list[str] = []
-        for rec in before:
-            if not isinstance(rec, dict):
-                continue
-            name = str(rec.get("name"))
-            if name not in planned:
-                problems.append(f"{name} was planned before and is not now")
-            elif rec.get("items_hash") != planned[name]:
-                problems.append(f"{name} now holds other images")
-        if len(before) != len(self.parts) and not problems:
-            problems.append(f"{len(before)} parts were planned before, {len(self.parts)} now")
+        stale = [
+            str(rec.get("name"))
+            for rec in before
+            if isinstance(rec, dict) and str(rec.get("name")) not in planned
+        ]
         strays = sorted(
             f.name
             for f in self.dir.glob("part-*")
             if f.is_file() and f.name.split(".", 1)[0] not in planned
         )
-        problems += [f"{n} is not a part of this run" for n in strays[:1]]
+        problems = [f"{n} was planned before and is not now" for n in stale]
+        problems += [
+            f"{n} is not a part of this run" for n in strays if n.split(".")[0] not in stale
+        ]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise GrmpiqaError(

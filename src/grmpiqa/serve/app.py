@@ -152,7 +152,9 @@ class Service:
 
     def start(self) -> None:
         self.pool = FairDecodePool(self.config.workers)
-        self.probe_pool = ThreadPoolExecutor(1, thread_name_prefix="grmpiqa-probe")
+        self.probe_pool = ThreadPoolExecutor(
+            self.config.workers, thread_name_prefix="grmpiqa-probe"
+        )
         for name, e in self.engines.items():
             self.batchers[name] = MicroBatcher(
                 e, self.config.max_batch, self.config.max_wait_ms, self.metrics.on_batch
@@ -336,8 +338,8 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
         return response
 
     async def _score(request: Request) -> JSONResponse:
-        if service.stopping:
-            return shutting_down(service.engines[service.default].card())
+        # During a drain a request already received is still served if it can finish in
+        # time (uvicorn accepts no new connections and closes idle ones).
         q = request.query_params
         scale = q.get("scale", "prob").strip().lower()
         if scale not in SCALES:
