@@ -21,15 +21,18 @@ from typing import Any
 import torch
 
 from grmpiqa.backbone import DEFAULT_BACKBONE, LOCAL_DIR_PREFIX, default_pretrained, load_backbone
+from grmpiqa.backbones.tokenizers import TOKENIZER_ENV
 from grmpiqa.checkpoint import apply_checkpoint, portable_identity, read_checkpoint
-from grmpiqa.errors import CheckpointError, GrmpiqaError
-from grmpiqa.log import GrmpiqaWarning
+from grmpiqa.errors import BackboneError, CheckpointError, GrmpiqaError
+from grmpiqa.log import GrmpiqaWarning, get_logger
 from grmpiqa.model import ModelConfig
 from grmpiqa.scale import scale_from_metadata
 from grmpiqa.scoring.api import ScoringModel
 from grmpiqa.transforms import PreprocessConfig
 
 __all__ = ["DEFAULT", "create_model", "resolve_device", "pretrained_from_identity"]
+
+logger = get_logger("factory")
 
 
 class _Default:
@@ -99,6 +102,7 @@ def create_model(
     config: ModelConfig | None = None,
     preprocess: PreprocessConfig | None = None,
     cache_dir: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> ScoringModel:
     """Build a quality model, optionally restoring a grmpiqa checkpoint.
 
@@ -113,12 +117,16 @@ def create_model(
             checkpoint's, else ``"openai"`` (random for architectures without tags).
         checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors).
         device: torch device.
-        visual_prompts: use VPT-deep; default: the checkpoint's, else True.
+        visual_prompts: use VPT-deep; default: the checkpoint's, else True where the
+            backbone's trunk has tokens (token-free trunks such as ConvNeXt adapt the
+            text prompts and their last blocks only; docs/backbones.md).
         seed: seed of a random backbone and of the prompts' init; default: the
             checkpoint's, else 0.
         config: full :class:`ModelConfig` (``visual_prompts`` overrides its field).
         preprocess: preprocessing; default: the checkpoint's, else the released test
-            transform.
+            transform at the backbone's input size (:meth:`PreprocessConfig.for_backbone`).
+        tokenizer: a saved Hugging Face tokenizer folder, for backbones whose tokenizer
+            is not in the local cache (default: the checkpoint's, if that folder exists).
     """
     dev = resolve_device(device)
     tensors: dict[str, torch.Tensor] | None = None
@@ -157,7 +165,32 @@ def create_model(
             )
         config = replace(config, visual_prompts=visual_prompts)
 
-    bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
+    try:
+        bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir, tokenizer=tokenizer)
+    except BackboneError as err:
+        recorded = bmeta.get("tokenizer")
+        if tokenizer is None and recorded and not os.environ.get(TOKENIZER_ENV):
+            raise CheckpointError(
+                f"{source}: trained with the tokenizer folder {Path(str(recorded)).name}; name "
+                f"it with --tokenizer DIR (a checkpoint never makes grmpiqa open a path it "
+                f"records): {err}"
+            ) from None
+        raise
+    assert bb.adapter is not None
+    family = (bmeta.get("adapter") or {}).get("family")
+    if checkpoint is not None and family and family != bb.adapter.family:
+        raise CheckpointError(
+            f"{checkpoint}: trained on a {family} backbone ({bmeta.get('name')}); "
+            f"{name} is a {bb.adapter.family} backbone"
+        )
+    problem = bb.adapter.visual_prompts_problem
+    if config.visual_prompts and problem is not None:
+        if visual_prompts:
+            raise GrmpiqaError(f"{name}: no visual prompts ({problem})")
+        logger.info("%s: no visual prompts (%s)", name, problem)
+        config = replace(config, visual_prompts=False)
+    if preprocess is None:
+        preprocess = PreprocessConfig.for_backbone(bb.adapter.preprocessing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         model = ScoringModel(bb, config, preprocess)
