@@ -74,6 +74,7 @@ from grmpiqa.results import ProtocolResult, SplitResult
 from grmpiqa.runs import DEFAULT_SAVE_EVERY, RunFiles, stop_signals
 from grmpiqa.scoring.api import score as score_images
 from grmpiqa.scoring.engine import BatchScorer, text_features
+from grmpiqa.utils import load_json
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -527,7 +528,7 @@ def _load_finished(path: Path, fingerprint: str, split: Split) -> SplitResult | 
     if not path.is_file():
         return None
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = load_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise GrmpiqaError(
             f"{path}: unreadable split record ({err}); delete it to rerun the split"

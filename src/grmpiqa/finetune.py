@@ -56,7 +56,7 @@ from grmpiqa.backbones import ImageTrunk
 from grmpiqa.checkpoint import save_checkpoint
 from grmpiqa.data.datasets import Dataset
 from grmpiqa.distributed import Context, DataParallel, current
-from grmpiqa.errors import GrmpiqaError, TrainingError
+from grmpiqa.errors import GrmpiqaError, RunError, TrainingError
 from grmpiqa.factory import pretrained_from_identity
 from grmpiqa.feature_cache import (
     FrozenFeatureCache,
@@ -74,6 +74,7 @@ from grmpiqa.precision import PRECISIONS, autocast, storage_dtype
 from grmpiqa.prompts import l2_normalize, scaled_cosines
 from grmpiqa.runs import (
     DEFAULT_SAVE_EVERY,
+    NUMBER,
     RunFiles,
     RunState,
     SaveClock,
@@ -317,7 +318,9 @@ def build_teacher(
             text = model.text_tower.encode_tokens(tokens)
     else:
         ident = model.backbone_pretrained
-        pretrained = pretrained_from_identity(ident, model.backbone_name, model.backbone_name)
+        pretrained = pretrained_from_identity(
+            ident, model.backbone_name, model.backbone_name, loaded_here=True
+        )
         bb = load_backbone(
             model.backbone_name,
             pretrained,
@@ -335,6 +338,19 @@ def build_teacher(
 
 
 # -- schedule --------------------------------------------------------------------------
+
+
+#: The resume-state fields :func:`finetune` reads, with their JSON types.
+STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "fingerprint": dict,
+    "epoch": int,
+    "seconds": NUMBER,
+    "stopped": str,
+    "history": list,
+    "schedule": dict,
+    "schedule.lr": NUMBER,
+    "optimizer": dict,
+}
 
 
 @dataclass
@@ -838,6 +854,26 @@ def _correlations(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return srcc, plcc
 
 
+#: The figures of every evaluation row a monitor may combine (``val_*`` with a
+#: validation set; an API caller's ``on_eval`` may add its own).
+EVALUATION_FIGURES = ("train_srcc", "train_plcc", "loss_q", "loss_s", "grad_cos", "lr")
+VALIDATION_FIGURES = ("val_srcc", "val_plcc")
+
+
+def check_monitor(name: str, with_val: bool, extra: Sequence[str] = ()) -> None:
+    """Refuse a monitor (``train_srcc``, ``val_srcc+val_plcc``, ``-loss_q``) that names a
+    figure no evaluation row will have, before any training."""
+    known = [*EVALUATION_FIGURES, *(VALIDATION_FIGURES if with_val else ()), *extra]
+    body = name[1:] if name.startswith("-") else name
+    for key in body.split("+"):
+        if key.strip() not in known:
+            hint = "" if with_val or key.strip() not in VALIDATION_FIGURES else " (needs --val)"
+            raise GrmpiqaError(
+                f"--monitor {name}: {key.strip()!r} is not an evaluation figure{hint}; use "
+                f"{', '.join(known)}, a sum of them with '+', or '-' before to minimise"
+            )
+
+
 def _monitor_value(name: str, row: dict[str, Any]) -> float:
     sign = 1.0
     if name.startswith("-"):
@@ -991,7 +1027,7 @@ def finetune(
     fingerprint = _fingerprint(config, train)
     state: RunState | None = None
     if run is not None and ctx.start_run(run, resume, overwrite):
-        state = run.load_state()
+        state = run.load_state(expect=STATE_FIELDS)
         run.check_resume(
             state.record.get("fingerprint", {}),
             fingerprint,
@@ -1068,7 +1104,7 @@ def finetune(
         if schedule.best is None:  # -inf (nothing seen yet) is written as JSON null
             schedule.best = -math.inf
         history.extend(state.record["history"])
-        window = _window_from_record(state.record.get("window", []))
+        window = _window_from_record(state.record.get("window", []), run.state)
         epoch0, seconds0 = int(state.record["epoch"]), float(state.record["seconds"])
         run.write_log(history)  # drop rows logged after the state was written
         logger.info("resuming %s after epoch %d", out, epoch0)
@@ -1307,14 +1343,26 @@ def _read_window(window: list[StepStats]) -> list[tuple[float, float, int, float
     return [(a, b, int(c), d) for a, b, c, d in zip(lq, ls, pr, cos, strict=True)]
 
 
-def _window_from_record(rows: Sequence[Sequence[float | None]]) -> list[StepStats]:
-    """The steps since the last evaluation as a resume state recorded them."""
-    out = []
-    for r in rows:
-        lq = math.nan if r[0] is None else float(r[0])
-        ls = math.nan if r[1] is None else float(r[1])
-        out.append(StepStats(lq, ls, 0, math.nan))
-    return out
+def _window_from_record(rows: Any, path: Path) -> list[StepStats]:
+    """The steps since the last evaluation as a resume state recorded them (pairs of
+    losses, null for NaN); anything else is a corrupt state (one line)."""
+
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and len(r) == 2 and all(number(v) for v in r) for r in rows
+    ):
+        raise RunError(f"{path}: corrupt resume state (window is not a list of loss pairs)")
+    return [
+        StepStats(
+            math.nan if lq is None else float(lq),
+            math.nan if ls is None else float(ls),
+            0,
+            math.nan,
+        )
+        for lq, ls in rows
+    ]
 
 
 def _eval_row(

@@ -12,7 +12,7 @@ from grmpiqa.cli.common import add_backbone_args, model_from_args
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image
 from grmpiqa.precision import PRECISIONS
-from grmpiqa.utils import atomic_open
+from grmpiqa.utils import atomic_open, write_problem
 
 SUMMARY = "maps.csv"
 
@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise GrmpiqaError(f"{out_dir}: --out must be a folder")
+    problem = write_problem(out_dir, folder=True)
+    if problem:
+        raise GrmpiqaError(f"{out_dir}: {problem} (--out)")
     paths = collect_paths(args.images)
     model = model_from_args(args, checkpoint=args.checkpoint)
     print(f"grmpiqa: quality maps of {len(paths)} images with {model.describe()}", file=sys.stderr)
