@@ -78,7 +78,6 @@ from grmpiqa.runs import (
     RunFiles,
     RunState,
     SaveClock,
-    StopRequest,
     json_safe,
     optimizer_from_state,
     optimizer_to_state,
@@ -1173,7 +1172,7 @@ def finetune(
                 f"fine-tuning stopped at epoch {err.epoch}: {err} (lower --lr); {kept}"
             ) from None
 
-    def save(final: str, stop: StopRequest | None = None) -> None:
+    def save(final: str) -> None:
         nonlocal saved_epoch
         if run is None:
             return
@@ -1215,7 +1214,6 @@ def finetune(
                         try:
                             stats = step.step_async(optimizer, lq, ls, cosine=evaluated)
                         except NonFiniteError as err:  # torchrun: found at the step
-                            health.check()
                             raise TrainingError(
                                 f"fine-tuning stopped at epoch {epoch}: {err} (lower --lr); "
                                 + (
