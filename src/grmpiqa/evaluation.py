@@ -634,7 +634,7 @@ def run_protocol(
         )  # fmt: skip
         for r in results:
             notes.extend(f"split {r.index}: {w}" for w in r.info.get("metric_warnings", []))
-    pool = FrozenPool(max_bytes=_POOL_BUDGET, seed=config.seed)
+    pool = FrozenPool(max_bytes=_POOL_BUDGET)
     with stop_signals(enabled=out is not None) as stop:
         for k, split in enumerate(bar if not ctx.is_distributed else ()):
             res = None
@@ -721,7 +721,7 @@ def _share_splits(
         return done
 
     results = {int(k): SplitResult.from_dict(d) for k, d in ctx.from_main(finished).items()}
-    pool = FrozenPool(max_bytes=_POOL_BUDGET, seed=config.seed)
+    pool = FrozenPool(max_bytes=_POOL_BUDGET)
     bar.update(len(results))
     todo = [k for k in range(len(splits)) if k not in results]
     if ctx.is_main:

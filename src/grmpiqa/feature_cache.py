@@ -87,9 +87,8 @@ def frozen_image_blocks(model: QualityModel) -> int | None:
     return len(blocks)
 
 
-def bank_generator(seed: int, index: int | str, view: int) -> random.Random:
-    """Generator of view ``view`` of training image ``index`` in the augmentation bank
-    (a run's bank: its position among the shots; a protocol's: the image's name)."""
+def bank_generator(seed: int, index: int, view: int) -> random.Random:
+    """Generator of view ``view`` of training image ``index`` in the augmentation bank."""
     return random.Random(f"grmpiqa-bank:{seed}:{index}:{view}")
 
 
@@ -115,7 +114,7 @@ def _normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
 
 
 def bank_view_tensor(
-    config: PreprocessConfig, pixels: torch.Tensor, seed: int, index: int | str, view: int
+    config: PreprocessConfig, pixels: torch.Tensor, seed: int, index: int, view: int
 ) -> torch.Tensor:
     """:func:`bank_view` of an image already resized to ``config.resize`` and held as a
     uint8 ``[3, R, R]`` tensor (on any device): the same random draws (crop offsets,
@@ -225,13 +224,15 @@ def build_feature_cache(
     batch_size: int = 16,
     progress: bool = False,
     context: Context | None = None,
+    eval_hidden: torch.Tensor | None = None,
 ) -> FrozenFeatureCache:
     """Compute the frozen features of ``images`` (decoded RGB training images, or their
     resized uint8 tensors from a :class:`FrozenPool`: the views are then cut on the
     device, with the same values).
 
     ``teacher`` maps preprocessed views to scene logits (the frozen CLIP of method.md 7).
-    Hidden states are stored in fp32, or bf16 when computing in bf16.
+    Hidden states are stored in fp32, or bf16 when computing in bf16. ``eval_hidden``:
+    the eval views' hidden states, already computed (a pool's); they are not redone.
 
     ``context`` (several ranks, :mod:`grmpiqa.distributed`): each rank computes the
     chunks of ``batch_size`` views it owns (chunk ``c`` on rank ``c mod world``, the same
@@ -243,9 +244,9 @@ def build_feature_cache(
     t0 = time.perf_counter()
     n, k = len(images), augmentations
     store = storage_dtype(precision, model.device)
-    jobs: list[tuple[int, int]] = [(i, v) for i in range(n) for v in range(-1, k)]  # -1: eval view
+    first = -1 if eval_hidden is None else 0  # -1: the eval view
+    jobs: list[tuple[int, int]] = [(i, v) for i in range(n) for v in range(first, k)]
     hidden: torch.Tensor | None = None
-    eval_hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     shared = context is not None and context.is_distributed
     starts = list(range(0, len(jobs), batch_size))
@@ -265,7 +266,10 @@ def build_feature_cache(
             if hidden is None:
                 new = torch.zeros if shared else torch.empty
                 hidden = new((n, k, *h.shape[1:]), dtype=store, device=h.device)
-                eval_hidden = new((n, *h.shape[1:]), dtype=store, device=h.device)
+                if eval_hidden is None:
+                    eval_hidden = new((n, *h.shape[1:]), dtype=store, device=h.device)
+                else:
+                    eval_hidden = eval_hidden.to(device=h.device, dtype=store)
             assert eval_hidden is not None
             if not write:
                 continue
@@ -293,7 +297,7 @@ def build_feature_cache(
             shapes = [s for s in context.all_gather_json(_shape(logits)) if s is not None]
             if logits is None:
                 logits = torch.zeros(shapes[0], dtype=torch.float32, device=hidden.device)
-        for full in (hidden, eval_hidden, logits):
+        for full in (hidden, None if first == 0 else eval_hidden, logits):
             if full is not None:
                 context.all_reduce_(full)
     return FrozenFeatureCache(
@@ -321,31 +325,21 @@ class FrozenPool:
       from it by :func:`bank_view_tensor`);
     * :meth:`eval_hidden`: the hidden state of an image's eval view entering the first
       trained block (the shots' eval view in the cache, the test images' frozen part);
-    * :meth:`feature_cache`: the frozen-feature cache of a run's shots, assembled from
-      each image's augmentation bank - ``K`` views drawn from the pool's ``seed`` and
-      the image's name (not the run's seed and its position among the shots), their
-      hidden states and the teacher's targets - computed once per image, whichever
-      splits it is a shot of;
     * :meth:`shared`: objects built once, such as the semantic teacher (method.md 7).
 
     Valid only while the frozen part (the blocks before ``start_block``, the embedding
     and the visual prompts) is the same in every model it is used with - true for the
     copies of one base model that an evaluation fine-tunes. Entries are keyed by image
-    (and ``start_block``, precision); past ``max_bytes`` new ones are computed but not
-    kept. Each image is computed on its own (its eval view alone, its bank views in one
-    batch), so its numbers never depend on which images were needed with it.
+    path (and ``start_block``, precision); past ``max_bytes`` new ones are computed but
+    not kept.
     """
 
     max_bytes: int = 2 * 1024**3
-    seed: int = 0
     nbytes: int = 0
     _pixels: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
     _hidden: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
     _shared: dict[Any, Any] = field(default_factory=dict, repr=False)
     _extra: dict[Any, Any] = field(default_factory=dict, repr=False)
-    _bank: dict[Any, tuple[torch.Tensor, torch.Tensor | None]] = field(
-        default_factory=dict, repr=False
-    )
 
     def _keep(self, store: dict[Any, Any], key: Any, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
@@ -405,58 +399,6 @@ class FrozenPool:
                     self._keep(self._hidden, keys[i], h[j])
         rows = [fresh[i] if i in fresh else self._hidden[k] for i, k in enumerate(keys)]
         return torch.stack(rows)
-
-    @torch.no_grad()
-    def feature_cache(
-        self,
-        model: QualityModel,
-        data: Dataset,
-        start_block: int,
-        augmentations: int,
-        precision: str = "fp32",
-        teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> FrozenFeatureCache:
-        """The :class:`FrozenFeatureCache` of the images of ``data`` (a run's shots) from
-        the pool's per-image banks (see the class docstring); ``teacher``: the frozen
-        teacher whose scene logits the bank keeps (None: no distillation)."""
-        t0 = time.perf_counter()
-        store = storage_dtype(precision, model.device)
-        c = model.preprocess
-        hidden, logits = [], []
-        for i, it in enumerate(data):
-            key = (
-                it.name or str(it.path), start_block, precision, augmentations, self.seed,
-                teacher is not None, str(model.device),
-            )  # fmt: skip
-            hit = self._bank.get(key)
-            if hit is None:
-                px = self.resized(model, data.subset([i]))[0]
-                name = it.name or str(it.path)
-                x = torch.stack(
-                    [bank_view_tensor(c, px, self.seed, name, v) for v in range(augmentations)]
-                )
-                h = encode_frozen(model, x, start_block, precision).to(store)
-                t = None
-                if teacher is not None:
-                    with autocast(model.device, precision):
-                        t = teacher(x).float()
-                hit = (h, t)
-                size = h.numel() * h.element_size() + (0 if t is None else t.numel() * 4)
-                if self.nbytes + size <= self.max_bytes:
-                    self._bank[key] = hit
-                    self.nbytes += size
-            hidden.append(hit[0])
-            logits.append(hit[1])
-        eval_hidden = self.eval_hidden(model, data, start_block, precision)
-        return FrozenFeatureCache(
-            start_block=start_block,
-            hidden=torch.stack(hidden),
-            eval_hidden=eval_hidden,
-            teacher_logits=torch.stack(logits) if teacher is not None else None,  # type: ignore[arg-type]
-            augmentations=augmentations,
-            seed=self.seed,
-            build_seconds=time.perf_counter() - t0,
-        )
 
     def shared(self, key: Any, build: Callable[[], Any]) -> Any:
         """``build()`` at the first call with ``key``, the same object afterwards (the

@@ -437,8 +437,9 @@ class CachedShots:
 
     The cache, the labels and the step's view live on the model's device; a step of
     all shots (the released one batch per epoch) takes a view without any copy.
-    ``cache``: a cache already assembled (by a
-    :class:`~grmpiqa.feature_cache.FrozenPool`), used instead of building one.
+    ``images`` may be decoded PIL images or the resized uint8 tensors of a
+    :class:`~grmpiqa.feature_cache.FrozenPool` (then ``eval_hidden``, the pool's hidden
+    states of the shots' eval view, is reused instead of computed).
     """
 
     def __init__(
@@ -451,12 +452,12 @@ class CachedShots:
         teacher: SemanticTeacher | None,
         progress: bool = False,
         context: Context | None = None,
-        cache: FrozenFeatureCache | None = None,
+        eval_hidden: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.labels = labels.to(model.device)
         self.config = config
-        self.cache: FrozenFeatureCache = cache or build_feature_cache(
+        self.cache: FrozenFeatureCache = build_feature_cache(
             model,
             images,
             start_block=start_block,
@@ -466,6 +467,7 @@ class CachedShots:
             precision=config.precision,
             progress=progress,
             context=context,
+            eval_hidden=eval_hidden,
         )
         self.build_seconds = self.cache.build_seconds
 
@@ -1063,14 +1065,16 @@ def finetune(
     labels = torch.tensor(train.labels, dtype=torch.float32)
     source: ShotSource
     if start_block is not None:
-        if pool is not None:  # every image's bank and eval view computed once per pool
-            cache = pool.feature_cache(
-                model, train, start_block, config.cache_augmentations, config.precision, teacher
-            )
-            source = CachedShots(model, [], labels, config, start_block, None, cache=cache)
+        eval_hidden = None
+        images: Sequence[Image.Image | torch.Tensor]
+        if pool is not None:
+            images = pool.resized(model, train)
+            eval_hidden = pool.eval_hidden(model, train, start_block, config.precision)
         else:
             images = _load_resized(model, train)
-            source = CachedShots(model, images, labels, config, start_block, teacher, progress, ctx)
+        source = CachedShots(
+            model, images, labels, config, start_block, teacher, progress, ctx, eval_hidden
+        )
         teacher = None  # its logits are cached; free the copy (a pool keeps its own)
     else:
         source = PixelShots(model, _load_resized(model, train), labels, config, teacher)
