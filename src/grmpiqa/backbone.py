@@ -31,11 +31,10 @@ import open_clip
 import torch
 from torch import nn
 
+from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from grmpiqa.errors import BackboneError
 from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
 
-DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
-DEFAULT_PRETRAINED = "openai"
 LOCAL_DIR_PREFIX = "local-dir:"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")

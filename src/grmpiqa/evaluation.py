@@ -60,6 +60,7 @@ from grmpiqa.baselines import (
     coop_model_config,
     image_features,
 )
+from grmpiqa.config import METHODS, SELECTIONS
 from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
 from grmpiqa.distributed import Context, current, local
 from grmpiqa.errors import DatasetError, GrmpiqaError
@@ -87,8 +88,6 @@ __all__ = [
 
 logger = get_logger("evaluate")
 
-METHODS: tuple[str, ...] = ("grmp", "coop", "clipiqa", "linear-probe")
-SELECTIONS: tuple[str, ...] = ("final", "best-on-test")
 _TRAINED = ("grmp", "coop")
 # Test tensors kept in memory for best-on-test scoring up to this size; beyond it the
 # test images are decoded again at every evaluation.

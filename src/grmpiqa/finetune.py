@@ -41,7 +41,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from grmpiqa.backbone import load_backbone
 from grmpiqa.checkpoint import save_checkpoint
+from grmpiqa.config import SCENE_PROMPTS, SCENES, FinetuneConfig
 from grmpiqa.data.datasets import Dataset
 from grmpiqa.distributed import Context, DataParallel, current
 from grmpiqa.errors import GrmpiqaError, TrainingError
@@ -67,8 +68,8 @@ from grmpiqa.feature_cache import (
 from grmpiqa.gradient import set_quality_aware_grads
 from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
-from grmpiqa.model import STAGE2_GROUPS, QualityModel
-from grmpiqa.precision import PRECISIONS, autocast, storage_dtype
+from grmpiqa.model import QualityModel
+from grmpiqa.precision import autocast, storage_dtype
 from grmpiqa.prompts import l2_normalize
 from grmpiqa.runs import RunFiles, RunState, json_safe, optimizer_from_state, optimizer_to_state
 from grmpiqa.scale import LabelScale, fit_score_scale, label_scale_of
@@ -95,119 +96,8 @@ __all__ = [
 
 logger = get_logger("finetune")
 
-#: LIQE's scene classes, as written in the released GRMP-IQA code (``still_life`` with
-#: its underscore: the released code tokenizes ``f"a photo of a {c}"`` verbatim).
-SCENES: tuple[str, ...] = (
-    "animal",
-    "cityscape",
-    "human",
-    "indoor",
-    "landscape",
-    "night",
-    "plant",
-    "still_life",
-    "others",
-)
-#: The teacher's and student's hard scene prompts (method.md 7).
-SCENE_PROMPTS: tuple[str, ...] = tuple(f"a photo of a {s}" for s in SCENES)
-
 # FinetuneConfig fields that may change when a run is resumed.
 _RESUMABLE_CHANGES = {"max_epochs"}
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of stage 2 (method.md 7); defaults are the released ones.
-
-    Attributes:
-        lam: QGR lambda; 0 = plain fine-tuning (one backward pass).
-        lr, weight_decay: SGD (no momentum).
-        max_epochs, eval_every, patience, lr_decay, min_lr: the plateau schedule.
-        batch_size: shots per step; None = all shots in one batch (released).
-        groups: trainable parameter groups (``("text_context",)`` = CoOp).
-        distill: use the teacher and ``L_s`` (False: no teacher at all).
-        temperature: distillation temperature T.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast, CPU or CUDA).
-        cache: cache the frozen features (:mod:`grmpiqa.feature_cache`).
-        cache_augmentations: views per image in the cache's augmentation bank.
-        seed: seeds augmentation, prompt dropout and batch order.
-        monitor: figure the schedule watches: ``train_srcc`` (becomes ``val_srcc`` when
-            a validation set is given), any key of the evaluation row or of what
-            ``on_eval`` returns, a sum ``"a+b"``, or ``"-key"`` for lower-is-better.
-        scene_prompts: the hard scene prompts of teacher and student.
-        eval_batch_size: batch size when scoring for evaluations.
-    """
-
-    lam: float = 5.0
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    max_epochs: int = 2000
-    eval_every: int = 5
-    patience: int = 5
-    lr_decay: float = 0.3
-    min_lr: float = 5e-7
-    batch_size: int | None = None
-    groups: tuple[str, ...] = STAGE2_GROUPS
-    distill: bool = True
-    temperature: float = 1.0
-    precision: str = "fp32"
-    cache: bool = True
-    cache_augmentations: int = 8
-    seed: int = 0
-    monitor: str = "train_srcc"
-    scene_prompts: tuple[str, ...] = SCENE_PROMPTS
-    eval_batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        self.groups = tuple(self.groups)
-        self.scene_prompts = tuple(self.scene_prompts)
-
-    def validate(self) -> None:
-        """Raise :class:`GrmpiqaError` for settings that cannot run."""
-        problems = []
-        if not math.isfinite(self.lam) or self.lam < 0:
-            problems.append(f"lambda must be >= 0, not {self.lam}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, not {self.lr}")
-        if self.weight_decay < 0:
-            problems.append(f"weight decay must be >= 0, not {self.weight_decay}")
-        if self.max_epochs < 1:
-            problems.append(f"max_epochs must be >= 1, not {self.max_epochs}")
-        if self.eval_every < 1:
-            problems.append(f"eval_every must be >= 1, not {self.eval_every}")
-        if not 0 < self.lr_decay < 1:
-            problems.append(f"lr_decay must be in (0, 1), not {self.lr_decay}")
-        if self.batch_size is not None and self.batch_size < 1:
-            problems.append(f"batch size must be >= 1, not {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            problems.append(
-                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
-            )
-        if self.cache_augmentations < 1:
-            problems.append(f"cache_augmentations must be >= 1, not {self.cache_augmentations}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, not {self.temperature}")
-        if self.distill and not self.scene_prompts:
-            problems.append("distillation needs at least one scene prompt")
-        if not self.groups:
-            problems.append("no trainable parameter groups")
-        if problems:
-            raise GrmpiqaError("fine-tuning settings: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["groups"] = list(self.groups)
-        d["scene_prompts"] = list(self.scene_prompts)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("groups", "scene_prompts"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
 
 
 @dataclass

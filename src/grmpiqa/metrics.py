@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
+from grmpiqa.config import LOGISTIC_MODELS
+
 __all__ = [
     "LOGISTIC_MODELS",
     "METRICS",
@@ -60,8 +62,6 @@ __all__ = [
 
 #: Metric names in report order.
 METRICS: tuple[str, ...] = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
-#: Logistic models accepted by :func:`fit_logistic`.
-LOGISTIC_MODELS: tuple[str, ...] = ("4", "5")
 
 ArrayLike = Sequence[float] | np.ndarray | Any
 

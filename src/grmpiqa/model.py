@@ -24,6 +24,9 @@ from torch import nn
 
 from grmpiqa import _openclip as oc
 from grmpiqa.backbone import Backbone
+from grmpiqa.config import CLIPIQA_PROMPTS as CLIPIQA_PROMPTS
+from grmpiqa.config import STAGE1_GROUPS as STAGE1_GROUPS
+from grmpiqa.config import STAGE2_GROUPS as STAGE2_GROUPS
 from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize
 from grmpiqa.towers import PromptedVisionTower, TextTower
 from grmpiqa.transforms import PreprocessConfig
@@ -31,19 +34,6 @@ from grmpiqa.transforms import PreprocessConfig
 if TYPE_CHECKING:
     from grmpiqa.explain import QualityMap
     from grmpiqa.scale import ScoreScale
-
-#: Parameter groups trained in stage 1 (meta-prompt pre-training, method.md 6).
-STAGE1_GROUPS: tuple[str, ...] = ("text_context", "visual_prompts")
-#: Parameter groups trained in stage 2 (few-shot fine-tuning, method.md 7).
-STAGE2_GROUPS: tuple[str, ...] = (
-    "text_context",
-    "text_blocks",
-    "image_blocks",
-    "ln_final",
-    "ln_post",
-)
-#: Hand-written prompts of the zero-shot CLIP-IQA baseline.
-CLIPIQA_PROMPTS: tuple[str, str] = ("Good photo.", "Bad photo.")
 
 
 @dataclass(frozen=True)

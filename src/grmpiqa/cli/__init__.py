@@ -1,7 +1,9 @@
 """The ``grmpiqa`` command line: one module per subcommand in this package.
 
 Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). Errors
+``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). Parsers
+are built from :mod:`grmpiqa.config` alone: torch and open_clip are imported only inside
+the ``func`` of a command that needs them, so ``--help`` and ``--version`` are instant. Errors
 the user caused (:class:`~grmpiqa.errors.GrmpiqaError`) are printed as one line on
 stderr with a non-zero exit, never a traceback.
 """
@@ -13,7 +15,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from grmpiqa import distributed
 from grmpiqa._version import __version__
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.log import install_cli_handler
@@ -57,12 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("grmpiqa: interrupted", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        if "grmpiqa.distributed" in sys.modules:  # a command that ran may have joined a job
+            sys.modules["grmpiqa.distributed"].shutdown()
 
 
 def _rank_tag() -> str:
     """``[rank R]`` under torchrun (each rank prints its own error), else nothing."""
-    ctx = distributed.current()
+    dist = sys.modules.get("grmpiqa.distributed")
+    if dist is None:
+        return ""
+    ctx = dist.current()
     return f"[rank {ctx.rank}]" if ctx.is_distributed else ""
 
 

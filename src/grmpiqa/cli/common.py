@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
-from grmpiqa.distributed import Context, init_from_env
+from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, FinetuneConfig
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.factory import DEFAULT, create_model, resolve_device
 from grmpiqa.log import get_logger
-from grmpiqa.model import QualityModel
-from grmpiqa.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    import torch
+
+    from grmpiqa.distributed import Context
+    from grmpiqa.model import QualityModel
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True) -> None:
@@ -42,6 +42,8 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True
 
 def pretrained_arg(value: str | None) -> Any:
     """CLI value of ``--pretrained`` -> create_model's argument."""
+    from grmpiqa.factory import DEFAULT
+
     if value is None:
         return DEFAULT
     if value.lower() in ("random", "none"):
@@ -51,6 +53,8 @@ def pretrained_arg(value: str | None) -> Any:
 
 def device_arg(value: str) -> torch.device:
     """``--device`` -> a torch device that exists here (one-line error otherwise)."""
+    from grmpiqa.factory import resolve_device
+
     try:
         return resolve_device(value)
     except GrmpiqaError as err:
@@ -63,6 +67,8 @@ def join_job(args: argparse.Namespace) -> Context:
     Sets ``args.device`` to this rank's device (``cuda`` -> ``cuda:LOCAL_RANK``) and
     keeps ranks other than 0 to warnings and errors. One process: nothing changes.
     """
+    from grmpiqa.distributed import init_from_env
+
     ctx, dev = init_from_env(device_arg(args.device))
     if ctx.is_distributed:
         args.device = str(dev)
@@ -75,6 +81,8 @@ def model_from_args(
     args: argparse.Namespace, checkpoint: str | None = None, **kwargs: Any
 ) -> QualityModel:
     """Build the model the backbone flags (and an optional checkpoint) describe."""
+    from grmpiqa.factory import create_model
+
     return create_model(
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained),
@@ -89,8 +97,6 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     """The stage-2 settings (method.md 7) as flags: every :class:`FinetuneConfig` field
     a user sets (``--lambda``, ``--lr``, ``--max-epochs``, ...), defaults taken from the
     dataclass; read them back with :func:`finetune_config_from_args`."""
-    from grmpiqa.finetune import FinetuneConfig
-
     d = FinetuneConfig()
     g = parser.add_argument_group("fine-tuning (stage 2)")
     g.add_argument(
@@ -163,8 +169,6 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
 
 def finetune_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
     """The :class:`~grmpiqa.finetune.FinetuneConfig` that :func:`add_finetune_args` flags give."""
-    from grmpiqa.finetune import FinetuneConfig
-
     kw: dict[str, Any] = {
         "lam": args.lam,
         "lr": args.lr,

@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from grmpiqa.cli.common import add_backbone_args, device_arg, pretrained_arg
-from grmpiqa.demo import MIN_PRISTINE
-from grmpiqa.factory import DEFAULT
+
+#: Pristine photos ``--pristine`` needs at least (:data:`grmpiqa.demo.MIN_PRISTINE`).
+MIN_PRISTINE = 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     from grmpiqa.demo import run_demo
+    from grmpiqa.factory import DEFAULT
 
     result = run_demo(
         args.out,

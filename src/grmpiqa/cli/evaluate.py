@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grmpiqa.cli.common import (
     add_backbone_args,
@@ -15,10 +16,11 @@ from grmpiqa.cli.common import (
     join_job,
     pretrained_arg,
 )
+from grmpiqa.config import LOGISTIC_MODELS, METHODS, SELECTIONS
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.evaluation import METHODS, SELECTIONS, ProtocolConfig, format_summary, run_protocol
-from grmpiqa.metrics import LOGISTIC_MODELS
-from grmpiqa.model import ModelConfig
+
+if TYPE_CHECKING:
+    from grmpiqa.evaluation import ProtocolConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -90,6 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
     """The :class:`ProtocolConfig` the flags describe."""
+    from grmpiqa.evaluation import ProtocolConfig
+    from grmpiqa.model import ModelConfig
+
     seed = args.seed if args.seed is not None else 0
     if args.init is not None and not Path(args.init).is_file():
         raise GrmpiqaError(f"{args.init}: --init checkpoint not found")
@@ -125,6 +130,8 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from grmpiqa.evaluation import format_summary, run_protocol
+
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
     config = config_from_args(args)
     progress = not args.no_progress

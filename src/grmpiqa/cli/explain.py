@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image
-from grmpiqa.precision import PRECISIONS
-from grmpiqa.utils import atomic_open
+from grmpiqa.images import DEFAULT_MAX_PIXELS
 
 SUMMARY = "maps.csv"
 
@@ -51,8 +50,10 @@ def _unique_stems(paths: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.cli.score import collect_paths
     from grmpiqa.explain import quality_maps, write_map_files
+    from grmpiqa.images import load_image
+    from grmpiqa.scoring.inputs import collect_paths
+    from grmpiqa.utils import atomic_open
 
     if args.batch_size < 1:
         raise GrmpiqaError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -13,7 +13,6 @@ from grmpiqa.cli.common import (
     join_job,
     model_from_args,
 )
-from grmpiqa.data import load_dataset, make_split, write_splits
 from grmpiqa.errors import GrmpiqaError
 
 
@@ -66,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from grmpiqa.data import load_dataset, make_split, write_splits
     from grmpiqa.finetune import finetune
 
     ctx = join_job(args)  # torchrun: this rank's device; one process: nothing changes

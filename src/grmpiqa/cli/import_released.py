@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from grmpiqa.cli.common import pretrained_arg
-from grmpiqa.released import import_released
+from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -33,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from grmpiqa.released import import_released
+
     out = import_released(
         args.file,
         args.out,

@@ -7,12 +7,12 @@ import sys
 from dataclasses import replace
 
 from grmpiqa.cli.common import add_backbone_args, join_job, model_from_args
+from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from grmpiqa.metatrain import OUTER_SCHEDULES, VARIANT_DEFAULTS, VARIANTS, PretrainConfig
+    from grmpiqa.config import OUTER_SCHEDULES, VARIANT_DEFAULTS, VARIANTS, PretrainConfig
 
     d = PretrainConfig()
 

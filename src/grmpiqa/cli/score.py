@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from grmpiqa.cli.common import add_backbone_args, device_arg
+from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
-from grmpiqa.precision import PRECISIONS, describe_choice
-from grmpiqa.scoring.engine import BatchScorer, Result, check_workers, score_pending
 from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
 from grmpiqa.scoring.outputs import (
     Columns,
     FileSink,
     PartsSink,
+    Result,
     Sink,
     StdoutSink,
     check_output_dir,
@@ -222,6 +222,9 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from grmpiqa.precision import describe_choice
+    from grmpiqa.scoring.engine import BatchScorer, check_workers, score_pending
+
     out_fmt = _validate(args)
     checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     options = InputOptions(args.path_column, args.id_column, args.skip_bad)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.precision import PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
