@@ -36,6 +36,7 @@ from grmpiqa.errors import BackboneError
 from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
 
 LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -70,6 +71,8 @@ class Backbone:
     name: str
     model_cfg: dict[str, Any]
     pretrained: dict[str, Any] = field(default_factory=dict)
+    #: the local folder an ``hf-hub:`` backbone was read from (its tokenizer config)
+    folder: str | None = None
 
     @property
     def is_random(self) -> bool:
@@ -81,6 +84,8 @@ class Backbone:
         return float(self.clip.logit_scale.detach().exp().item())
 
     def tokenizer(self) -> Any:
+        if self.folder is not None:  # hf-hub: the cached folder, never the network again
+            return open_clip.get_tokenizer(f"{LOCAL_DIR_PREFIX}{self.folder}")
         return open_clip.get_tokenizer(self.name)
 
     def describe(self) -> str:
@@ -92,6 +97,8 @@ class Backbone:
             return f"{self.name} (pretrained '{p.get('tag')}')"
         if kind == "file":
             return f"{self.name} (weights from {p.get('path')})"
+        if kind == "hf-hub":
+            return f"{self.name} (Hub weights at {str(p.get('revision'))[:12]})"
         return self.name
 
 
@@ -99,7 +106,7 @@ def default_pretrained(name: str) -> str | None:
     """The weights used when none are named: ``openai`` where open_clip knows that tag for
     ``name``, else its only tag, else ``None`` (random weights, announced) for
     architectures without pretrained tags such as ``test-tiny``."""
-    if name.startswith(LOCAL_DIR_PREFIX):
+    if name.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX)):
         return None
     tags = [str(t) for t in open_clip.list_pretrained_tags_by_model(name)]
     if DEFAULT_PRETRAINED in tags or not tags and name == DEFAULT_BACKBONE:
@@ -110,7 +117,9 @@ def default_pretrained(name: str) -> str | None:
         return None
     raise BackboneError(
         f"{name} has several pretrained tags ({', '.join(tags)}); choose one with "
-        "--pretrained TAG, pass a weights file, or --pretrained random"
+        "--pretrained TAG, pass a weights file, or --pretrained random",
+        api=f"{name} has several pretrained tags ({', '.join(tags)}); choose one with "
+        "pretrained='TAG', pass a weights file, or pretrained=None (random)",
     )
 
 
@@ -126,7 +135,12 @@ def announce_random(name: str, seed: int) -> None:
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """The architecture config of ``name`` (a registry name or ``local-dir:PATH``)."""
+    """The architecture config of ``name`` (a registry name, ``local-dir:PATH`` or
+    ``hf-hub:OWNER/REPO``, whose files come from the Hugging Face cache or the Hub)."""
+    if name.startswith(HF_HUB_PREFIX):
+        from grmpiqa.hub import open_clip_folder
+
+        name = f"{LOCAL_DIR_PREFIX}{open_clip_folder(name)[0]}"
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser()
         cfg_path = folder / "open_clip_config.json"
@@ -170,6 +184,14 @@ def load_backbone(
         BackboneError: unknown name, unreadable file, or a tag whose weights are neither
             cached nor downloadable (offline).
     """
+    if name.startswith(HF_HUB_PREFIX):
+        from grmpiqa.hub import open_clip_folder
+
+        hub_folder, ref, revision = open_clip_folder(name, cache=cache_dir)
+        local = f"{LOCAL_DIR_PREFIX}{hub_folder}"
+        clip = _create(local, None, seed)
+        hub_id: dict[str, Any] = {"kind": "hf-hub", "repo": ref.repo_id, "revision": revision}
+        return _finish(Backbone(clip, name, model_config(local), hub_id, str(hub_folder)))
     cfg = model_config(name)
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser().resolve()
@@ -200,7 +222,7 @@ def load_backbone(
             try:
                 clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
             except Exception as err:  # noqa: BLE001 - open_clip raises bare RuntimeErrors
-                raise BackboneError(_offline_message(name, pretrained, err)) from None
+                raise _offline_error(name, pretrained, err) from None
             return _finish(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}))
         clip = _create(name, None, seed)
         _load_weights_file(clip, path)
@@ -234,10 +256,16 @@ def _create(name: str, pretrained: str | None, seed: int) -> Any:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return open_clip.create_model(name, pretrained=pretrained)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        raise BackboneError(f"{name}: cannot build backbone ({err})") from None
+    except Exception as err:  # noqa: BLE001 - open_clip/timm/hub raise many types; one line
+        raise BackboneError(f"{name}: cannot build backbone ({_first_line(err)})") from None
     finally:
         logger.setLevel(level)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _finish(bb: Backbone) -> Backbone:
@@ -368,13 +396,20 @@ def _require_network(name: str, tag: str) -> None:
             pass
         finally:
             socket.setdefaulttimeout(None)
-    raise BackboneError(_offline_message(name, tag, None))
+    raise _offline_error(name, tag, None)
 
 
-def _offline_message(name: str, tag: str, err: Exception | None) -> str:
-    why = "offline and not in the local cache" if err is None else f"download failed: {err}"
-    return (
-        f"cannot get pretrained weights '{tag}' for {name} ({why}); pass a local file "
-        f"with --pretrained /path/to/ViT-B-16.pt (OpenAI or open_clip checkpoint) or "
-        f"--backbone local-dir:/path/to/open_clip_folder"
+def _offline_error(name: str, tag: str, err: Exception | None) -> BackboneError:
+    """One line: the tag's weights cannot be had, and how to pass them (CLI and API)."""
+    if err is None:
+        why = "offline and not in the local cache"
+    else:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        why = f"download failed: {first or type(err).__name__}"
+    head = f"cannot get pretrained weights '{tag}' for {name} ({why}); pass a local file "
+    return BackboneError(
+        f"{head}with --pretrained /path/to/ViT-B-16.pt (OpenAI or open_clip checkpoint) or "
+        "--backbone local-dir:/path/to/open_clip_folder",
+        api=f"{head}as pretrained='/path/to/ViT-B-16.pt' (OpenAI or open_clip checkpoint) "
+        "or backbone='local-dir:/path/to/open_clip_folder'",
     )

@@ -151,6 +151,14 @@ class QualityModel(nn.Module):
         self.adapted_keys: set[str] = set(self.parameter_names(("text_context", "visual_prompts")))
         #: the label scale and p -> MOS map a fine-tuning run recorded (``scale="mos"``)
         self.score_scale: ScoreScale | None = None
+        #: where the prompts come from: ``"zero-shot"`` (hand prompts, nothing trained),
+        #: ``"checkpoint"``, ``"training"`` (trained in this process), or None: learned
+        #: prompts at their random init (UNTRAINED; set by the factory and the loops)
+        self.prompt_origin: str | None = "zero-shot" if self.config.hand_prompts else None
+        #: the checkpoint as the user named it (a file, or ``hf-hub:...``), if any, and
+        #: the local grmpiqa file it resolved to (a Hub cache or conversion cache entry)
+        self.checkpoint_ref: str | None = None
+        self.checkpoint_file: os.PathLike[str] | None = None
         self.set_trainable(())
 
     # -- encoders ---------------------------------------------------------------------
@@ -206,7 +214,7 @@ class QualityModel(nn.Module):
         [0, 1] (preprocessed with the model's eval transform). Scores do not depend on
         ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
         ``scale="mos"`` maps them to the label scale recorded by fine-tuning
-        (:mod:`grmpiqa.scale`; float64); a model without one raises GrmpiqaError.
+        (:mod:`grmpiqa.scale`; same dtype); a model without one raises GrmpiqaError.
         """
         from grmpiqa.scale import apply_scale, check_scale, require_score_scale
         from grmpiqa.scoring import score_inputs
@@ -301,4 +309,24 @@ class QualityModel(nn.Module):
             if self.visual is not None
             else "no visual prompts"
         )
-        return f"{self.backbone_name} ({w}), {vp}"
+        return f"{self.backbone_name} ({w}), {vp}, {self.describe_prompts()}"
+
+    @property
+    def untrained(self) -> bool:
+        """Learned prompts still at their random init (scores mean nothing)."""
+        return self.prompt_learner is not None and self.prompt_origin is None
+
+    def describe_prompts(self) -> str:
+        """What the quality prompts are: zero-shot hand prompts, UNTRAINED learned
+        prompts, or learned prompts from a checkpoint (or from training in this process)."""
+        hand = self.config.hand_prompts
+        if hand is not None:
+            texts = " / ".join(repr(t) for t in hand)
+            zero_shot = tuple(hand) == CLIPIQA_PROMPTS
+            kind = "zero-shot CLIP-IQA prompts" if zero_shot else "hand prompts"
+            return f"{kind} {texts}"
+        if self.prompt_origin is None:
+            return "UNTRAINED learned prompts (random init)"
+        if self.prompt_origin == "checkpoint" and self.checkpoint_ref:
+            return f"learned prompts from {self.checkpoint_ref}"
+        return f"learned prompts ({self.prompt_origin})"

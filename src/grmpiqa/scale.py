@@ -272,10 +272,10 @@ def require_score_scale(model: QualityModel, source: str | None = None) -> Score
 
 def apply_scale(model: QualityModel, scores: torch.Tensor, scale: str) -> torch.Tensor:
     """``scores`` (p) in the units ``scale`` names: unchanged for ``"prob"``, MOS for
-    ``"mos"`` (float64 tensor)."""
+    ``"mos"``; the same dtype either way."""
     import torch
 
     if check_scale(scale) == "prob":
         return scores
     s = require_score_scale(model)
-    return torch.from_numpy(s.to_mos(scores.detach().cpu().numpy()))
+    return torch.from_numpy(s.to_mos(scores.detach().cpu().numpy())).to(scores.dtype)

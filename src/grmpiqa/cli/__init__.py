@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GrmpiqaError as err:
-        print(f"grmpiqa{_rank_tag()}: error: {err}", file=sys.stderr)
+        print(f"grmpiqa{_rank_tag()}: error: {err.for_cli()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("grmpiqa: interrupted", file=sys.stderr)

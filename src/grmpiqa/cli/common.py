@@ -40,6 +40,47 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True
         g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
 
 
+#: Help of ``--checkpoint`` where a command scores with a trained model.
+CHECKPOINT_HELP = (
+    "trained model: a grmpiqa .safetensors checkpoint, an authors' released .pt file "
+    "(converted once into the cache), or hf-hub:OWNER/REPO/FILE for either, e.g. "
+    "hf-hub:zzhowe/GRMP-IQA/clive_50_prompt_lda_5.0.pt (default: none, zero-shot CLIP-IQA "
+    "prompts)"
+)
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """``--untrained-prompts``: what a scoring command uses without a checkpoint."""
+    parser.add_argument(
+        "--untrained-prompts",
+        action="store_true",
+        help="without --checkpoint, score with learned prompts at their random init instead "
+        "of the zero-shot CLIP-IQA prompts (meaningless scores; for tests of the pipeline)",
+    )
+
+
+def scoring_config(args: argparse.Namespace, has_checkpoint: bool) -> Any:
+    """The :class:`ModelConfig` a scoring command asks for: None (the checkpoint's, else
+    zero-shot CLIP-IQA), or learned prompts at their random init (``--untrained-prompts``,
+    announced)."""
+    if not getattr(args, "untrained_prompts", False):
+        return None
+    if has_checkpoint:
+        raise GrmpiqaError("--untrained-prompts goes without --checkpoint")
+    import warnings
+
+    from grmpiqa.log import GrmpiqaWarning
+    from grmpiqa.model import ModelConfig
+
+    warnings.warn(
+        "UNTRAINED learned prompts (random init, --untrained-prompts): the scores carry no "
+        "quality knowledge",
+        GrmpiqaWarning,
+        stacklevel=2,
+    )
+    return ModelConfig()
+
+
 def pretrained_arg(value: str | None) -> Any:
     """CLI value of ``--pretrained`` -> create_model's argument."""
     from grmpiqa.factory import DEFAULT

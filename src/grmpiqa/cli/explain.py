@@ -8,7 +8,13 @@ import io
 import sys
 from pathlib import Path
 
-from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.cli.common import (
+    CHECKPOINT_HELP,
+    add_backbone_args,
+    add_prompt_args,
+    model_from_args,
+    scoring_config,
+)
 from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
@@ -28,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image, folder, glob or list")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--checkpoint", default=None, help="grmpiqa .safetensors checkpoint")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    add_prompt_args(p)
     add_backbone_args(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -61,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise GrmpiqaError(f"{out_dir}: --out must be a folder")
     paths = collect_paths(args.images)
-    model = model_from_args(args, checkpoint=args.checkpoint)
+    config = scoring_config(args, args.checkpoint is not None)
+    model = model_from_args(args, checkpoint=args.checkpoint, config=config)
     print(f"grmpiqa: quality maps of {len(paths)} images with {model.describe()}", file=sys.stderr)
     scale = model.score_scale
     rows: list[dict[str, object]] = []

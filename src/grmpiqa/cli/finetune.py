@@ -77,7 +77,12 @@ def run(args: argparse.Namespace) -> int:
     train = split.train(dataset)
     config = finetune_config_from_args(args, monitor=args.monitor)
     val = load_dataset(args.val) if args.val else None
-    model = model_from_args(args, checkpoint=args.init)
+    if args.init is not None:
+        model = model_from_args(args, checkpoint=args.init)
+    else:  # learned prompts from their random init: the "no meta init" ablation
+        from grmpiqa.model import ModelConfig
+
+        model = model_from_args(args, config=ModelConfig())
     progress = not args.no_progress
     if progress and ctx.is_main:
         init = args.init or "random prompts (no meta init)"

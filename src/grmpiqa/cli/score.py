@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from grmpiqa.cli.common import add_backbone_args, device_arg
+from grmpiqa.cli.common import (
+    CHECKPOINT_HELP,
+    add_backbone_args,
+    add_prompt_args,
+    device_arg,
+    scoring_config,
+)
 from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
@@ -58,8 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=None,
         metavar="CKPT",
-        help="grmpiqa .safetensors checkpoint; repeat it for one score column per checkpoint",
+        help=CHECKPOINT_HELP + "; repeat it for one score column per checkpoint",
     )
+    add_prompt_args(p)
     add_backbone_args(p)
     p.add_argument(
         "--batch-size", type=int, default=32, help="images per forward pass (default 32)"
@@ -157,7 +164,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def _checkpoint_id(path: str | None) -> dict[str, Any] | None:
+def _checkpoint_id(path: Any, ref: str | None) -> dict[str, Any] | None:
+    """Identity of a checkpoint for the run's fingerprint: its name as given (an
+    ``hf-hub:`` reference, or the file name) and the sha256 of the file it resolved to."""
     if path is None:
         return None
     h = hashlib.sha256()
@@ -167,18 +176,22 @@ def _checkpoint_id(path: str | None) -> dict[str, Any] | None:
                 h.update(block)
     except OSError as err:
         raise GrmpiqaError(f"{path}: cannot read checkpoint ({err.strerror or err})") from None
-    return {"file": Path(path).name, "sha256": h.hexdigest()}
+    name = ref if ref is not None and ref.startswith("hf-hub:") else Path(str(ref or path)).name
+    return {"file": name, "sha256": h.hexdigest()}
 
 
-def _score_names(checkpoints: list[str | None]) -> list[str]:
+def _score_names(checkpoints: list[str | None], scale: str = "prob") -> list[str]:
+    """``score`` (p in (0, 1)) or ``mos`` (``--scale mos``); with several checkpoints
+    ``score_<name>`` / ``mos_<name>``."""
+    base = "mos" if scale == "mos" else "score"
     if len(checkpoints) == 1:
-        return ["score"]
+        return [base]
     names: list[str] = []
     for i, c in enumerate(checkpoints):
         stem = Path(str(c)).stem
-        name = f"score_{stem}"
+        name = f"{base}_{stem}"
         if name in names:
-            name = f"score_{stem}_{i}"
+            name = f"{base}_{stem}_{i}"
         names.append(name)
     return names
 
@@ -236,10 +249,12 @@ def run(args: argparse.Namespace) -> int:
     from grmpiqa.scoring.ray import build_models
 
     device = device_arg(args.device) if args.engine == "local" else None
+    untrained = scoring_config(args, args.checkpoint is not None)
+    model_config = untrained.to_dict() if untrained is not None else None
     models = build_models(
-        checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu")
+        checkpoints, args.backbone, args.pretrained, args.seed, model_config, str(device or "cpu")
     )
-    names = _score_names(checkpoints)
+    names = _score_names(checkpoints, args.scale)
     to_mos = None
     if args.scale == "mos":
         from grmpiqa.scale import require_score_scale
@@ -264,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
             {
                 "backbone": m.backbone_name,
                 "pretrained": m.backbone_pretrained,
-                "checkpoint": _checkpoint_id(c),
+                "checkpoint": _checkpoint_id(m.checkpoint_file, c),
+                "prompts": m.describe_prompts(),
                 "config": m.config.to_dict(),
                 "preprocess": m.preprocess.to_dict(),
             }
@@ -308,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         scorer_kwargs: dict[str, Any] = {
             "checkpoint": checkpoints[0] if len(checkpoints) == 1 else None,
             "checkpoints": None if len(checkpoints) == 1 else [str(c) for c in checkpoints],
-            "names": None if len(checkpoints) == 1 else [n[len("score_") :] for n in names],
+            "names": None if len(checkpoints) == 1 else [n.split("_", 1)[1] for n in names],
             "backbone": args.backbone,
             "pretrained": args.pretrained,
             "seed": args.seed,
