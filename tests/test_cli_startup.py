@@ -26,8 +26,8 @@ with contextlib.redirect_stdout(buf):
         cli.main(argv)
     except SystemExit:
         pass
-print(json.dumps({"heavy": [m for m in %r if m in sys.modules], "out": buf.getvalue()}))
-""" % (HEAVY,)
+print(json.dumps({"heavy": [m for m in HEAVY if m in sys.modules], "out": buf.getvalue()}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def _probe(*argv: str) -> dict:

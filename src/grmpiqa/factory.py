@@ -117,22 +117,13 @@ def resolve_checkpoint(
     or either of them on the Hub as ``hf-hub:OWNER/REPO/FILE`` (fetched into the Hugging
     Face cache, :func:`grmpiqa.hub.download`).
     """
-    from grmpiqa.hub import blob_id, download, is_hub_ref, parse_hub_ref, snapshot_revision
+    from grmpiqa.hub import fetch, is_hub_ref
     from grmpiqa.released import converted_checkpoint, is_released_file
 
     ref = os.fspath(checkpoint)
     source: dict[str, Any] = {}
     if is_hub_ref(ref):
-        hub = parse_hub_ref(ref)
-        path = download(hub)
-        source = {
-            "hf_hub": hub.repo_id,
-            "filename": hub.filename,
-            "revision": snapshot_revision(path) or hub.revision,
-        }
-        content = blob_id(path)
-        if content:
-            source["content_id"] = content
+        path, source = fetch(ref)
     else:
         path = Path(ref).expanduser()
         if not path.is_file():

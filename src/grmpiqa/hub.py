@@ -38,6 +38,7 @@ __all__ = [
     "snapshot_revision",
     "cache_dir",
     "download",
+    "fetch",
     "hub_reachable",
     "is_hub_ref",
     "parse_hub_ref",
@@ -202,6 +203,28 @@ def download(
         text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise GrmpiqaError(f"{hub}: cannot get it from the Hub ({text})") from None
     return Path(path)
+
+
+def fetch(
+    ref: str,
+    *,
+    cli_hint: str = "download {url} and pass the file with --checkpoint FILE",
+    api_hint: str = "download {url} and pass the file as checkpoint='FILE'",
+) -> tuple[Path, dict[str, Any]]:
+    """A Hub file (:func:`download`) and where it came from: repository, file, the commit
+    of the cached snapshot and the content id (:func:`blob_id`), for metadata records
+    (never a host path)."""
+    hub = parse_hub_ref(ref)
+    path = download(hub, cli_hint=cli_hint, api_hint=api_hint)
+    source: dict[str, Any] = {
+        "hf_hub": hub.repo_id,
+        "filename": hub.filename,
+        "revision": snapshot_revision(path) or hub.revision,
+    }
+    content = blob_id(path)
+    if content:
+        source["content_id"] = content
+    return path, source
 
 
 def blob_id(path: str | os.PathLike[str]) -> str | None:

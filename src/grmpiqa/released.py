@@ -100,6 +100,7 @@ def import_released(
     *,
     seed: int = 0,
     source: dict[str, Any] | None = None,
+    announce: str | None = None,
 ) -> Path:
     """Convert a state dict saved by the authors' GRMP-IQA code into a grmpiqa checkpoint.
 
@@ -137,6 +138,8 @@ def import_released(
         if "visual.deep_prompt_embeddings" in mapped:
             cfg_kw["vpt_deep_layers"] = int(mapped["visual.deep_prompt_embeddings"].shape[0])
     bb = _base_backbone(backbone, pretrained, seed)
+    if announce:
+        logger.info("%s", announce)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         model = QualityModel(bb, ModelConfig(**cfg_kw))
@@ -258,7 +261,6 @@ def converted_checkpoint(
             return out
         except CheckpointError:
             logger.warning("%s: unreadable cache entry; converting again", out)
-    logger.info("converting the released file %s (once) into %s", src.name, out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -267,4 +269,5 @@ def converted_checkpoint(
             "GRMPIQA_CACHE to a writable folder"
         ) from None
     record = {**(source or {}), "content_id": content}
-    return import_released(src, out, name, pretrained, seed=seed, source=record)
+    note = f"converting the released file {src.name} (once) into {out}"
+    return import_released(src, out, name, pretrained, seed=seed, source=record, announce=note)
