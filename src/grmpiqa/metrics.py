@@ -216,12 +216,14 @@ def logistic_degeneracy(f: Callable[[np.ndarray], np.ndarray], pred: ArrayLike) 
 
 @dataclass(frozen=True)
 class MonotoneFit:
-    """A fitted monotone map predictions -> targets: a logistic or a linear fallback.
+    """A fitted monotone map predictions -> targets: a logistic, or a simpler fallback.
 
     Attributes:
-        kind: ``"logistic4"``, ``"logistic5"`` or ``"linear"``.
-        params: the fitted parameters (for ``linear``: slope, intercept).
-        note: why a logistic was replaced by the linear map (None when it was not).
+        kind: ``"logistic4"``, ``"logistic5"``, ``"linear"`` or ``"isotonic"``.
+        params: the fitted parameters (for ``linear``: slope, intercept; for
+            ``isotonic``: the knots' x values, ascending, then their y values; the map
+            interpolates linearly between knots and is flat beyond them).
+        note: why a logistic was replaced by a simpler map (None when it was not).
     """
 
     kind: str
@@ -232,6 +234,9 @@ class MonotoneFit:
         xs = np.asarray(x, dtype=np.float64)
         if self.kind == "linear":
             return np.asarray(self.params[0] * xs + self.params[1], dtype=np.float64)
+        if self.kind == "isotonic":
+            k = len(self.params) // 2
+            return np.asarray(np.interp(xs, self.params[:k], self.params[k:]), dtype=np.float64)
         func = _logistic4 if self.kind == "logistic4" else _logistic5
         return np.asarray(func(xs, *self.params), dtype=np.float64)
 
@@ -247,7 +252,11 @@ class MonotoneFit:
             params = tuple(float(v) for v in d["params"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a monotone fit record ({err})") from None
-        if kind not in expected or len(params) != expected[kind]:
+        if kind == "isotonic":
+            k = len(params) // 2
+            if len(params) < 2 or len(params) % 2 or any(np.diff(params[:k]) < 0):
+                raise ValueError("not a monotone fit record: isotonic knots")
+        elif kind not in expected or len(params) != expected[kind]:
             raise ValueError(f"not a monotone fit record: kind {kind!r}, {len(params)} params")
         if not all(math.isfinite(v) for v in params):
             raise ValueError("non-finite parameters in a monotone fit record")
