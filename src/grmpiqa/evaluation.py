@@ -153,6 +153,10 @@ class ProtocolConfig:
             )
         if self.splits < 1:
             raise GrmpiqaError(f"splits must be at least 1, got {self.splits}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise GrmpiqaError(
+                f"test fraction must be in (0, 1) for the protocol, got {self.test_fraction}"
+            )
         if self.shots < 2:
             raise GrmpiqaError(f"shots must be at least 2, got {self.shots}")
         if self.seed < 0:

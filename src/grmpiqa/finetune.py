@@ -620,6 +620,7 @@ def finetune(
     config: FinetuneConfig,
     *,
     val: Dataset | None = None,
+    held_out: Dataset | None = None,
     on_eval: Callable[[int, QualityModel], dict[str, float]] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
@@ -635,6 +636,11 @@ def finetune(
         train: the shots, with labels in [0, 1] (higher is better).
         config: :class:`FinetuneConfig`.
         val: optional validation set; its SRCC is then the default monitor.
+        held_out: rated images kept out of training (``finetune --test-fraction``):
+            scored at every evaluation (``held_out_srcc``/``held_out_plcc`` in the
+            history and the progress bar), never monitored; the final figures, and the
+            RMSE of the p -> MOS map on them, are recorded in the checkpoint
+            (``extra["held_out"]``).
         on_eval: called as ``on_eval(epoch, model)`` at every evaluation (model in eval
             mode); the returned figures join the history row and may be monitored.
         out: checkpoint written at every evaluation and at the end (the final model),
@@ -642,7 +648,9 @@ def finetune(
         resume: continue from the resume state when it exists.
         overwrite: replace an earlier run at ``out`` (without it, and without ``resume``,
             an existing run is refused).
-        progress: tqdm progress on stderr.
+        progress: tqdm progress on stderr: epochs (no total: the stop rule decides), the
+            lr and how many decays are left before the lr floor stops the run, the
+            plateau counter, train and held-out SRCC.
         extra: metadata added to the checkpoint's ``extra`` record (which also gets
             ``"world_size"``).
 
@@ -664,6 +672,8 @@ def finetune(
         raise GrmpiqaError(f"{train.spec}: fine-tuning needs a label for every shot")
     if val is not None and not val.has_labels:
         raise GrmpiqaError(f"{val.spec}: the validation set needs labels")
+    if held_out is not None and len(held_out) and not held_out.has_labels:
+        raise GrmpiqaError(f"{held_out.spec}: the held-out images need labels")
     if resume and out is None:
         raise GrmpiqaError("resume needs the output checkpoint path (out)")
     monitor = config.monitor
@@ -717,6 +727,9 @@ def finetune(
     validation = None
     if val is not None and ctx.is_main:  # rank 0 evaluates
         validation = _Validation(model, val, config, start_block)
+    held = None
+    if held_out is not None and len(held_out) and ctx.is_main:
+        held = _Validation(model, held_out, config, start_block)
 
     step = Stage2Step(model, config)
     if ctx.is_distributed:
@@ -755,6 +768,7 @@ def finetune(
             train,
             _with_world(extra, ctx),
             _label_scale(train),
+            held_out=held_out if held is not None else None,
         )
         if run is not None and ctx.is_main
         else None
@@ -766,13 +780,16 @@ def finetune(
     window: list[StepStats] = []
     saved_epoch = epoch0
     stopped = ""
+    # No total: the plateau schedule stops the run long before the epoch cap, so a bar
+    # (and an ETA) towards max_epochs would mislead; the postfix shows the stop rule.
     bar = tqdm(
-        total=config.max_epochs,
+        total=None,
         initial=epoch0,
         unit="epoch",
         desc="fine-tuning",
         disable=not progress,
     )
+    figures: dict[str, str] = {}
     epoch = epoch0
     device = model.device
 
@@ -786,6 +803,11 @@ def finetune(
         if validation is not None:
             vpred = validation.predictions(model, _text(model, step, config))
             row["val_srcc"], row["val_plcc"] = _correlations(vpred, validation.val.labels)
+        if held is not None:
+            shot_pred["held"] = held.predictions(model, _text(model, step, config))
+            row["held_out_srcc"], row["held_out_plcc"] = _correlations(
+                shot_pred["held"], held.val.labels
+            )
         row["eval_seconds"] = time.perf_counter() - t_eval
         if on_eval is not None:
             model.eval()
@@ -820,7 +842,8 @@ def finetune(
                         ) from None
             epoch_seconds.append(time.perf_counter() - t_epoch)
             bar.update(1)
-            bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{window[-1].loss_q:.4f}")
+            if progress:
+                bar.set_postfix_str(_bar_text(schedule, config, window[-1].loss_q, figures))
             if not evaluated:
                 continue
             row = ctx.from_main(functools.partial(evaluation, epoch, window))  # rank 0's row
@@ -831,8 +854,12 @@ def finetune(
                     stopped = "min_lr"
                 row["next_lr"] = schedule.lr
             history.append(row)
+            for key, name in (("train_srcc", "train"), ("held_out_srcc", "held-out")):
+                if isinstance(row.get(key), float):
+                    figures[name] = f"{row[key]:.3f}"
             if saver is not None:
                 saver.shot_pred = shot_pred.get("last")
+                saver.held_pred = shot_pred.get("held")
                 final = stopped or ("max_epochs" if epoch == config.max_epochs else "")
                 saver.save(epoch, schedule, history, final, row["seconds"])
             if run is not None:  # saved (by rank 0)
@@ -858,6 +885,26 @@ def finetune(
         final_lr=schedule.lr,
         epoch_seconds=epoch_seconds,
     )
+
+
+def _bar_text(
+    schedule: PlateauSchedule, config: FinetuneConfig, loss_q: float, figures: dict[str, str]
+) -> str:
+    """The progress bar's state of the stop rule: lr, how many decays are left before it
+    falls below the floor (the run stops there), the plateau counter, the figures."""
+    left = 0
+    lr = schedule.lr
+    while lr >= schedule.min_lr:
+        lr *= schedule.decay
+        left += 1
+    text = (
+        f"lr {schedule.lr:.1e} ({left} decay{'s' if left != 1 else ''} to stop; plateau "
+        f"{schedule.bad}/{schedule.patience + 1} evals), loss_q {loss_q:.4f}"
+    )
+    text += "".join(f", {k} SRCC {v}" for k, v in figures.items())
+    if config.max_epochs < 2000:
+        text += f", cap {config.max_epochs} epochs"
+    return text
 
 
 def _with_world(extra: dict[str, Any] | None, ctx: Context) -> dict[str, Any]:
@@ -950,6 +997,9 @@ class _Saver:
     #: predictions of the shots) the checkpoint records the p -> MOS map (grmpiqa.scale)
     label_scale: LabelScale | None = None
     shot_pred: np.ndarray | None = None
+    #: images held out of training and the current model's predictions of them
+    held_out: Dataset | None = None
+    held_pred: np.ndarray | None = None
 
     def save(
         self,
@@ -969,9 +1019,25 @@ class _Saver:
             "train_names": self.train.names,
             **(self.extra or {}),
         }
+        if history:  # the figures of the last evaluation (the model written)
+            keys = ("epoch", "train_srcc", "train_plcc", "val_srcc", "val_plcc")
+            record["figures"] = {k: history[-1][k] for k in keys if k in history[-1]}
+        fitted = None
         if self.label_scale is not None and self.shot_pred is not None:
             fitted = fit_score_scale(self.shot_pred, self.train.mos, self.label_scale)
             record["scale"] = fitted.to_dict()
+        if self.held_out is not None and self.held_pred is not None and history:
+            last = history[-1]
+            held: dict[str, Any] = {
+                "n": len(self.held_out),
+                "epoch": last.get("epoch"),
+                "srcc": last.get("held_out_srcc"),
+                "plcc": last.get("held_out_plcc"),
+            }
+            if fitted is not None:  # the p -> MOS map on images it was not fitted on
+                err = fitted.to_mos(self.held_pred) - np.asarray(self.held_out.mos, float)
+                held["mos_rmse"] = float(np.sqrt(np.mean(err**2)))
+            record["held_out"] = held
         save_checkpoint(self.model, self.run.out, extra=json_safe(record))
         opt_tensors, opt_record = optimizer_to_state(self.optimizer)
         params = {f"params/{n}": p for n, p in self.model.trainable_parameters().items()}

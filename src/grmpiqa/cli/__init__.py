@@ -22,6 +22,8 @@ from grmpiqa.log import install_cli_handler
 # Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
     "score",
+    "info",
+    "export",
     "import_released",
     "synth",
     "pretrain",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, FinetuneConfig
@@ -79,6 +80,26 @@ def scoring_config(args: argparse.Namespace, has_checkpoint: bool) -> Any:
         stacklevel=2,
     )
     return ModelConfig()
+
+
+def add_progress_args(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress``; by default bars show only on a terminal."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars on stderr even when it is not a terminal (default: only on one)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def want_progress(args: argparse.Namespace) -> bool:
+    """Progress bars: as asked, else when stderr is a terminal."""
+    if getattr(args, "progress", False):
+        return True
+    if getattr(args, "no_progress", False):
+        return False
+    return sys.stderr.isatty()
 
 
 def pretrained_arg(value: str | None) -> Any:

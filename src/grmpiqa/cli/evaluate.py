@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 from grmpiqa.cli.common import (
     add_backbone_args,
     add_finetune_args,
+    add_progress_args,
     device_arg,
     finetune_config_from_args,
     join_job,
     pretrained_arg,
+    want_progress,
 )
 from grmpiqa.config import LOGISTIC_MODELS, METHODS, SELECTIONS
 from grmpiqa.errors import GrmpiqaError
@@ -84,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="grmp/coop: keep each split's model as DIR/splits/split_K.safetensors (lets "
         "--resume continue an interrupted split; ~170 MB each for ViT-B/16)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_progress_args(p)
     add_finetune_args(p)
     add_backbone_args(p)
     p.set_defaults(func=run)
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
     config = config_from_args(args)
-    progress = not args.no_progress
+    progress = want_progress(args)
     result = run_protocol(
         args.data,
         config,

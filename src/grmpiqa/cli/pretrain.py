@@ -6,7 +6,13 @@ import argparse
 import sys
 from dataclasses import replace
 
-from grmpiqa.cli.common import add_backbone_args, join_job, model_from_args
+from grmpiqa.cli.common import (
+    add_backbone_args,
+    add_progress_args,
+    join_job,
+    model_from_args,
+    want_progress,
+)
 from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
 
@@ -120,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's state")
     p.add_argument("--no-cache", action="store_true", help="decode images again every epoch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_progress_args(p)
     add_backbone_args(p)
     p.set_defaults(func=run)
 
@@ -180,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         val=val,
         log=args.log,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=want_progress(args),
     )
     if not ctx.is_main:
         return 0

@@ -18,9 +18,11 @@ from typing import Any
 from grmpiqa.cli.common import (
     CHECKPOINT_HELP,
     add_backbone_args,
+    add_progress_args,
     add_prompt_args,
     device_arg,
     scoring_config,
+    want_progress,
 )
 from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError, ImageError
@@ -99,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="prob: p(high quality) in (0, 1) (default); mos: the label scale the checkpoint's "
         "fine-tuning recorded (e.g. CLIVE MOS 0-100)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_progress_args(p)
 
     g = p.add_argument_group("inputs")
     g.add_argument("--path-column", default=None, help="image path column of .csv/.parquet tables")
@@ -341,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
             actors=args.actors,
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
-            progress=not args.no_progress,
+            progress=want_progress(args),
         )
     else:
         workers = args.workers
@@ -361,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         results = score_pending(
-            scorer, pending, args.batch_size, num_workers=workers, progress=not args.no_progress
+            scorer, pending, args.batch_size, num_workers=workers, progress=want_progress(args)
         )
 
     if to_mos is not None:
