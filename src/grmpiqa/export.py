@@ -33,7 +33,14 @@ from grmpiqa.errors import GrmpiqaError
 from grmpiqa.model import QualityModel
 from grmpiqa.utils import atomic_path
 
-__all__ = ["ONNX_EXTRA_HINT", "FORMATS", "OnnxScorer", "export_onnx", "onnx_metadata"]
+__all__ = [
+    "ONNX_EXTRA_HINT",
+    "FORMATS",
+    "OnnxScorer",
+    "check_onnx",
+    "export_onnx",
+    "onnx_metadata",
+]
 
 FORMATS: tuple[str, ...] = ("onnx",)
 ONNX_EXTRA_HINT = "ONNX export needs onnx and onnxscript: pip install 'grmpiqa[onnx]'"
@@ -135,3 +142,19 @@ def export_onnx(
             entry.key, entry.value = f"grmpiqa.{key}", value
         onnx.save_model(proto, str(tmp))
     return out
+
+
+def check_onnx(model: QualityModel, path: str | os.PathLike[str], n: int = 3) -> float | None:
+    """Max |p_onnxruntime - p_torch| on ``n`` seeded random inputs (None without
+    onnxruntime)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    crop = model.preprocess.crop
+    x = torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["p"], {"image": x.numpy()})[0]
+    with torch.no_grad():
+        want = OnnxScorer(model)(x).numpy()
+    return float(abs(got - want).max())
