@@ -15,13 +15,25 @@ from grmpiqa.cli import main
 from grmpiqa.factory import ZERO_SHOT
 
 
-def test_no_checkpoint_means_zero_shot_clipiqa(caplog):
-    with caplog.at_level("INFO", logger="grmpiqa"):
+def test_no_checkpoint_means_zero_shot_clipiqa():
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("grmpiqa")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
         model = grmpiqa.create_model("test-tiny", pretrained=None)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     assert model.config == ZERO_SHOT and model.visual is None and model.prompt_learner is None
     assert model.prompt_origin == "zero-shot" and not model.untrained
     assert "zero-shot CLIP-IQA prompts 'Good photo.' / 'Bad photo.'" in model.describe()
-    assert sum("zero-shot CLIP-IQA" in r.getMessage() for r in caplog.records) == 1
+    assert sum("zero-shot CLIP-IQA" in r.getMessage() for r in records) == 1
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model.score(x), clipiqa_model("test-tiny", None).score(x))
     # learned prompts are built only when asked for, and are announced as untrained

@@ -340,26 +340,43 @@ def _bounded_logistic(
     ``sign``."""
     from scipy import optimize
 
-    from grmpiqa.metrics import _logistic4
-
     lo, hi = bounds
-    span = float(np.ptp(p))
-    inset = 1e-6 * max(hi - lo, 1e-12)
-    top, bottom = (hi - inset, lo + inset) if sign > 0 else (lo + inset, hi - inset)
-    lower = [lo, lo, float(p.min()) - span, span / 100]
-    upper = [hi, hi, float(p.max()) + span, 10 * span]
-    p0 = [top, bottom, float(np.median(p)), float(np.clip(np.std(p), span / 50, 5 * span))]
+    pmin, span = float(p.min()), float(np.ptp(p))
+    # fitted in unit coordinates (x, y in [0, 1]): well scaled, so it converges quickly
+    x = (p - pmin) / span
+    y = (t - lo) / (hi - lo)
+
+    def f(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+        s = 1.0 / (1.0 + np.exp(np.clip(-(x - b3) / b4, -500.0, 500.0)))
+        return np.asarray(b2 + (b1 - b2) * s)
+
+    def jac(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+        s = 1.0 / (1.0 + np.exp(np.clip(-(x - b3) / b4, -500.0, 500.0)))
+        g = (b1 - b2) * s * (1.0 - s) / b4
+        return np.stack([s, 1.0 - s, -g, -g * (x - b3) / b4], axis=1)
+
+    inset = 1e-6
+    p0 = [1.0 - inset, inset] if sign > 0 else [inset, 1.0 - inset]
+    p0 += [float(np.median(x)), float(np.clip(np.std(x), 0.02, 5.0))]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             params, _ = optimize.curve_fit(
-                _logistic4, p, t, p0=p0, bounds=(lower, upper), maxfev=20000
+                f,
+                x,
+                y,
+                p0=p0,
+                jac=jac,
+                bounds=([0.0, 0.0, -1.0, 0.01], [1.0, 1.0, 2.0, 10.0]),
+                max_nfev=2000,
             )
     except (RuntimeError, ValueError, optimize.OptimizeWarning, FloatingPointError):
         return None
-    if not np.all(np.isfinite(params)) or sign * (params[0] - params[1]) <= 0:
+    b1, b2, b3, b4 = (float(v) for v in params)
+    if not np.all(np.isfinite(params)) or sign * (b1 - b2) <= 0:
         return None
-    return MonotoneFit("logistic4", tuple(float(v) for v in params))
+    w = hi - lo
+    return MonotoneFit("logistic4", (lo + b1 * w, lo + b2 * w, pmin + b3 * span, b4 * span))
 
 
 def _isotonic(p: np.ndarray, t: np.ndarray, sign: float, note: str) -> MonotoneFit:
