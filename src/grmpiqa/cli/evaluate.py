@@ -35,11 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "median/mean/std), report.md, predictions.csv, scatter.png and curves.png. "
         "Methods: grmp (stage 2 with QGR from --init; without --init = 'no meta init' "
         "ablation, --lambda 0 = 'no QGR' ablation), coop (text context only), clipiqa "
-        "(zero-shot antonym prompts), linear-probe (ridge on frozen CLIP embeddings).",
+        "(zero-shot antonym prompts), linear-probe (ridge on frozen CLIP embeddings). Several "
+        "methods (--method grmp,clipiqa,linear-probe) run on the same splits, each with its own "
+        "report in DIR/METHOD/, and DIR/report.md, report.json and comparison.png compare them: "
+        "per-method medians and paired differences against grmp with bootstrap 95% CIs.",
     )
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec KIND:PATH")
     p.add_argument("--report", required=True, metavar="DIR", help="report folder")
-    p.add_argument("--method", choices=METHODS, default="grmp", help="default grmp")
+    p.add_argument(
+        "--method",
+        default="grmp",
+        metavar="METHOD[,METHOD...]",
+        help=f"one of {', '.join(METHODS)}, or several separated by commas to compare them on "
+        "the same splits (default grmp)",
+    )
     p.add_argument("--shots", type=int, default=50, help="training images per split (default 50)")
     p.add_argument("--splits", type=int, default=10, help="number of random splits (default 10)")
     p.add_argument(
@@ -92,34 +101,52 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
-    """The :class:`ProtocolConfig` the flags describe."""
+def methods_from_args(args: argparse.Namespace) -> list[str]:
+    """The methods ``--method`` names (one, or several separated by commas)."""
+    names = [m.strip() for m in str(args.method).split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if not names or bad:
+        raise GrmpiqaError(
+            f"--method {args.method}: unknown method {', '.join(bad) or '(none)'}; use "
+            f"{', '.join(METHODS)} or several of them separated by commas"
+        )
+    if len(set(names)) != len(names):
+        raise GrmpiqaError(f"--method {args.method}: a method is named twice")
+    if args.init is not None and "grmp" not in names:
+        raise GrmpiqaError("--init is a stage-1 checkpoint for method grmp")
+    return names
+
+
+def config_from_args(args: argparse.Namespace, method: str | None = None) -> ProtocolConfig:
+    """The :class:`ProtocolConfig` the flags describe (for ``method``, one of several)."""
     from grmpiqa.evaluation import ProtocolConfig
     from grmpiqa.model import ModelConfig
 
     seed = args.seed if args.seed is not None else 0
+    method = method or args.method
     if args.init is not None and not Path(args.init).is_file():
         raise GrmpiqaError(f"{args.init}: --init checkpoint not found")
+    trained = method in ("grmp", "coop")
     ft = None
-    if args.method in ("grmp", "coop"):
+    if trained:
         ft = finetune_config_from_args(args, seed=seed, monitor=args.monitor)
     model_config = None
     if args.vpt_tokens is not None:
         if args.vpt_tokens < 1:
             raise GrmpiqaError(f"--vpt-tokens must be at least 1, got {args.vpt_tokens}")
-        if args.init is not None:
+        if args.init is not None and method == "grmp":
             raise GrmpiqaError("--vpt-tokens comes from the --init checkpoint; drop one of them")
         model_config = replace(ModelConfig(), vpt_tokens=args.vpt_tokens)
     if args.score_batch_size < 1:
         raise GrmpiqaError(f"--score-batch-size must be at least 1, got {args.score_batch_size}")
     return ProtocolConfig(
-        method=args.method,
+        method=method,
         shots=args.shots,
         splits=args.splits,
         seed=seed,
         test_fraction=args.test_fraction,
-        selection=args.selection,
-        init=args.init,
+        selection=args.selection if trained else "final",
+        init=args.init if method == "grmp" else None,
         finetune=ft,
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained),
@@ -132,11 +159,31 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.evaluation import format_summary, run_protocol
+    from grmpiqa.evaluation import format_comparison, format_summary, run_comparison, run_protocol
 
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
-    config = config_from_args(args)
+    methods = methods_from_args(args)
     progress = want_progress(args)
+    if len(methods) > 1:
+        comparison = run_comparison(
+            args.data,
+            [config_from_args(args, m) for m in methods],
+            report_dir=args.report,
+            resume=args.resume,
+            progress=progress,
+            keep_checkpoints=args.keep_checkpoints,
+        )
+        if not ctx.is_main:
+            return 0
+        print(format_comparison(comparison))
+        print(f"report: {Path(args.report) / 'report.md'}")
+        if comparison.config.get("random_backbone"):
+            print(
+                "grmpiqa: WARNING: these numbers come from a RANDOM backbone, not pretrained CLIP",
+                file=sys.stderr,
+            )
+        return 0
+    config = config_from_args(args)
     result = run_protocol(
         args.data,
         config,
