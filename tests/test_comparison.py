@@ -106,7 +106,7 @@ def test_curves_have_one_axis_per_loss_named_lines_and_lr_drops():
     assert [ax.get_title() for ax in axes] == [
         "quality loss L_q",
         "scene distillation L_s (not minimised)",
-        "SRCC during training",
+        "SRCC during training (train)",
     ]
     for ax in axes:
         assert ax.get_legend_handles_labels()[1] == ["split 0"]

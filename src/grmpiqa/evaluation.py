@@ -266,7 +266,7 @@ def _config_record(config: ProtocolConfig, dataset: Dataset, model: QualityModel
         "backbone": model.backbone_name,
         "pretrained": pre,
         "random_backbone": pre.get("kind") == "random",
-        "backbone_description": model.describe(),
+        "backbone_description": model.describe_backbone(),
         "model_config": model.config.to_dict(),
         "preprocess": model.preprocess.to_dict(),
         "device": str(config.device),

@@ -297,6 +297,11 @@ class QualityModel(nn.Module):
         return self.backbone_pretrained.get("kind") == "random"
 
     def describe(self) -> str:
+        """The backbone, its weights, the visual prompts and what the quality prompts are."""
+        return f"{self.describe_backbone()}, {self.describe_prompts()}"
+
+    def describe_backbone(self) -> str:
+        """The backbone, its weights and the visual prompts' architecture."""
         p = self.backbone_pretrained
         if p.get("kind") == "random":
             w = f"RANDOM weights, seed {p.get('seed')}"
@@ -309,7 +314,7 @@ class QualityModel(nn.Module):
             if self.visual is not None
             else "no visual prompts"
         )
-        return f"{self.backbone_name} ({w}), {vp}, {self.describe_prompts()}"
+        return f"{self.backbone_name} ({w}), {vp}"
 
     @property
     def untrained(self) -> bool:

@@ -273,7 +273,9 @@ def curves_figure(splits: Sequence[SplitResult]) -> Figure:
     titles = {
         "loss_q": "quality loss L_q",
         "loss_s": "scene distillation L_s (not minimised)",
-        "srcc": "SRCC during training",
+        "srcc": "SRCC during training ("
+        + ", ".join(k.replace("_srcc", "").replace("_", "-") for k in corrs)
+        + ")",
     }
     styles = ["-", "--", ":", "-."]
     for ax, panel in zip(axes, panels, strict=False):
@@ -433,6 +435,8 @@ def settings_lines(cfg: dict[str, Any]) -> list[str]:
             else "- ridge probe"
         )
     mc = cfg.get("model_config") or {}
+    if cfg.get("method") == "linear-probe":
+        mc = {}  # the probe reads image embeddings; no prompts
     if mc.get("hand_prompts"):
         lines.append("- prompts: " + " / ".join(f"'{t}'" for t in mc["hand_prompts"]))
     elif mc:
