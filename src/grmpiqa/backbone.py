@@ -84,9 +84,14 @@ class Backbone:
         return float(self.clip.logit_scale.detach().exp().item())
 
     def tokenizer(self) -> Any:
-        if self.folder is not None:  # hf-hub: the cached folder, never the network again
-            return open_clip.get_tokenizer(f"{LOCAL_DIR_PREFIX}{self.folder}")
-        return open_clip.get_tokenizer(self.name)
+        # hf-hub: the cached folder, never the network again
+        name = f"{LOCAL_DIR_PREFIX}{self.folder}" if self.folder is not None else self.name
+        try:
+            return open_clip.get_tokenizer(name)
+        except Exception as err:  # noqa: BLE001 - open_clip/HF tokenizers raise many types
+            raise BackboneError(
+                f"{self.name}: cannot build its tokenizer ({_first_line(err)})"
+            ) from None
 
     def describe(self) -> str:
         p = self.pretrained
