@@ -218,16 +218,16 @@ def test_interrupted_run_keeps_its_rows_and_resumes(image_dir, tmp_path, monkeyp
 
     clean = tmp_path / "clean.csv"
     assert main(["score", str(image_dir), *TINY, "--batch-size", "2", "-o", str(clean)]) == 0
-    real = engine._score_tensor
+    real = engine.BatchScorer.score_tensor
     calls: list[int] = []
 
-    def dying(model, x, *a, **k):
+    def dying(scorer, x, *a, **k):
         calls.append(len(x))
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if killed while the second batch runs
-        return real(model, x, *a, **k)
+        return real(scorer, x, *a, **k)
 
-    monkeypatch.setattr(engine, "_score_tensor", dying)
+    monkeypatch.setattr(engine.BatchScorer, "score_tensor", dying)
     out = tmp_path / "scores.csv"
     assert main(["score", str(image_dir), *TINY, "--batch-size", "2", "-o", str(out)]) == 130
     assert not out.exists()
@@ -236,9 +236,9 @@ def test_interrupted_run_keeps_its_rows_and_resumes(image_dir, tmp_path, monkeyp
     assert "--resume" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(
-        engine,
-        "_score_tensor",
-        lambda model, x, *a, **k: calls.append(len(x)) or real(model, x, *a, **k),
+        engine.BatchScorer,
+        "score_tensor",
+        lambda scorer, x, *a, **k: calls.append(len(x)) or real(scorer, x, *a, **k),
     )
     assert (
         main(["score", str(image_dir), *TINY, "--batch-size", "2", "-o", str(out), "--resume"]) == 0

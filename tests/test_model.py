@@ -118,3 +118,47 @@ def test_dataloader_workers_do_not_change_scores(tiny_model, tmp_path):
     in_process = tiny_model.score(paths, batch_size=2, num_workers=0)
     workers = tiny_model.score(paths, batch_size=2, num_workers=2)
     torch.testing.assert_close(in_process, workers, rtol=0, atol=0)
+
+
+def test_probabilities_are_the_models_one_output(tiny_model):
+    """``probabilities`` is softmax(s * [v.t_hq, v.t_lq])[..., 0] for images and tokens."""
+    m = tiny_model
+    x = m.preprocess.preprocess_tensor(torch.rand(3, 3, 200, 150))
+    with torch.no_grad():
+        v = F.normalize(m.image_tower(x), dim=-1)
+        t = m.quality_text_features()
+        expected = torch.softmax(m.logit_scale * v @ t.T, dim=-1)[:, 0]
+        torch.testing.assert_close(m.probabilities(v), expected, rtol=0, atol=0)
+        torch.testing.assert_close(m.probabilities(v, t), expected, rtol=0, atol=0)
+        torch.testing.assert_close(m.probabilities(v[:, None, :].expand(3, 5, -1))[:, 3], expected)
+        assert torch.equal(m.forward(x).softmax(-1)[:, 0], expected)
+
+
+def test_create_model_gives_the_scoring_api_over_the_plain_model(tiny_model):
+    from grmpiqa.scoring.api import ScoringModel, quality_map, score
+
+    assert isinstance(tiny_model, ScoringModel) and isinstance(tiny_model, grmpiqa.QualityModel)
+    assert not hasattr(grmpiqa.QualityModel, "score")  # model.py owns the network only
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(score(tiny_model, x), tiny_model.score(x))
+    img = Image.new("RGB", (40, 30), "gray")
+    assert quality_map(tiny_model, img).score == tiny_model.quality_map(img).score
+
+
+def test_model_module_imports_nothing_above_it():
+    """model.py must not import scoring, explain, the factory or the CLI, not even for
+    types (the layering of docs; structure_check counts type-only imports)."""
+    import ast
+    import inspect
+
+    import grmpiqa.model
+
+    tree = ast.parse(inspect.getsource(grmpiqa.model))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    above = ("grmpiqa.scoring", "grmpiqa.explain", "grmpiqa.factory", "grmpiqa.cli")
+    assert not [m for m in imported if m.startswith(above)], imported

@@ -145,3 +145,42 @@ def test_large_jpegs_decode_at_reduced_scale_with_nearly_the_same_scores(tiny_mo
         [tiny_model.preprocess.eval_transform()(grmpiqa.images.load_image(p)) for p in paths]
     )
     torch.testing.assert_close(b, full.score_tensor(direct)[:, 0], rtol=0, atol=1e-6)
+
+
+def test_the_towers_decide_what_they_share(tmp_path):
+    """``PromptedVisionTower.shared_blocks`` compares tensors and modules, not key names:
+    the same seed on another architecture, other deep prompts or plain CLIP towers."""
+    a = _finetuned(0, 1, tmp_path, "a")
+    b = _finetuned(0, 2, tmp_path, "b")
+    assert a.image_tower.shared_blocks(b.image_tower) == 2
+    assert a.image_tower.shared_blocks(a.image_tower) == a.image_tower.n_blocks
+    # one deep prompt changed before block 1: blocks 0 stays shared, nothing after it
+    c = _finetuned(0, 3, tmp_path, "c")
+    with torch.no_grad():
+        c.visual.deep_prompt_embeddings[0].add_(0.01)
+    assert a.image_tower.shared_blocks(c.image_tower) == 1
+    # no visual prompts (plain CLIP towers) share their untouched blocks too
+    plain = [
+        grmpiqa.create_model("test-tiny", pretrained=None, visual_prompts=False, seed=0)
+        for _ in range(2)
+    ]
+    with torch.no_grad():
+        for p in list(plain[1].image_tower.block_modules()[-1].parameters()):
+            p.add_(0.01)
+    assert shared_prefix_blocks(plain) == plain[0].image_tower.n_blocks - 1
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    both = BatchScorer(plain).score_tensor(x)
+    for j, m in enumerate(plain):
+        torch.testing.assert_close(
+            both[:, j], BatchScorer(m).score_tensor(x)[:, 0], atol=1e-5, rtol=0
+        )
+    # the same seed with other activations (another architecture): nothing shared
+    from grmpiqa.towers import PromptedVisionTower
+
+    other_act = PromptedVisionTower(plain[0].clip.visual)
+    import copy
+
+    visual = copy.deepcopy(plain[0].clip.visual)
+    for blk in visual.transformer.resblocks:
+        blk.mlp.gelu = torch.nn.ReLU()
+    assert other_act.shared_blocks(PromptedVisionTower(visual)) == 0

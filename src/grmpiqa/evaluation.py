@@ -68,8 +68,9 @@ from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.log import get_logger
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import ModelConfig, QualityModel
-from grmpiqa.precision import autocast
 from grmpiqa.results import ComparisonResult, ProtocolResult, SplitResult
+from grmpiqa.scoring.api import score as score_images
+from grmpiqa.scoring.engine import BatchScorer
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -300,17 +301,15 @@ class _TestScorer:
     @torch.inference_mode()
     def __call__(self, model: QualityModel) -> np.ndarray:
         if self.x is None:
-            s = model.score(self.paths, batch_size=self.batch_size, precision=self.precision)
+            s = score_images(model, self.paths, self.batch_size, precision=self.precision)
             return s.double().numpy()
         was_training = model.training
-        model.eval()
-        out = []
         try:
-            for i in range(0, len(self.x), self.batch_size):
-                xb = self.x[i : i + self.batch_size].to(model.device)
-                with autocast(model.device, self.precision):
-                    logits = model(xb)
-                out.append(torch.softmax(logits.float(), -1)[:, 0].cpu())
+            scorer = BatchScorer(model, precision=self.precision)
+            out = [
+                scorer.score_tensor(self.x[i : i + self.batch_size])[:, 0]
+                for i in range(0, len(self.x), self.batch_size)
+            ]
         finally:
             model.train(was_training)
         return torch.cat(out).double().numpy()
@@ -340,7 +339,7 @@ def _run_split(
         torch.manual_seed(seed)
         if config.method == "clipiqa":
             pred = (
-                base.score(test.paths, batch_size=config.batch_size, precision=precision)
+                score_images(base, test.paths, config.batch_size, precision=precision)
                 .double()
                 .numpy()
             )

@@ -17,7 +17,7 @@ Example:
     >>> import torch, grmpiqa
     >>> from PIL import Image
     >>> model = grmpiqa.create_model("test-tiny", pretrained=None)
-    >>> qm = model.quality_map(Image.new("RGB", (64, 48), "gray"))
+    >>> qm = quality_maps(model, [Image.new("RGB", (64, 48), "gray")])[0]
     >>> qm.grid.shape, 0.0 < qm.mean < 1.0
     ((7, 7), True)
 """
@@ -123,9 +123,7 @@ def map_tensor(
         with autocast(model.device, precision):
             text = model.quality_text_features().float()
             tokens, prefix = _token_embeddings(model, x)
-            feats = l2_normalize(tokens.float())
-            logits = model.logit_scale * feats @ text.t()
-        p = torch.softmax(logits.float(), dim=-1)[..., 0].cpu()
+            p = model.probabilities(l2_normalize(tokens.float()), text).cpu()
     finally:
         model.train(was_training)
     rows, cols = grid_shape(model)

@@ -62,8 +62,7 @@ class OnnxScorer(nn.Module):
         self.register_buffer("text", text.detach().clone())
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        logits = self.model.logits_from_features(self.model.encode_image(image), self.text)
-        return torch.softmax(logits.float(), dim=-1)[:, 0]
+        return self.model.probabilities(self.model.encode_image(image), self.text)
 
 
 def onnx_metadata(model: QualityModel) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""``create_model``: backbone + config + checkpoint -> a ready :class:`QualityModel`.
+"""``create_model``: backbone + config + checkpoint -> a ready quality model.
 
 The one entry point that turns names and files into a model (as open_clip's factory):
 it resolves the backbone (:mod:`grmpiqa.backbone`), finds the checkpoint (a grmpiqa
@@ -35,8 +35,9 @@ from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
 from grmpiqa.config import CLIPIQA_PROMPTS, DEFAULT_PRETRAINED
 from grmpiqa.errors import CheckpointError, GrmpiqaError
 from grmpiqa.log import GrmpiqaWarning, get_logger
-from grmpiqa.model import ModelConfig, QualityModel
+from grmpiqa.model import ModelConfig
 from grmpiqa.scale import scale_from_metadata
+from grmpiqa.scoring.api import ScoringModel
 from grmpiqa.transforms import PreprocessConfig
 
 __all__ = [
@@ -150,8 +151,11 @@ def create_model(
     config: ModelConfig | None = None,
     preprocess: PreprocessConfig | None = None,
     cache_dir: str | None = None,
-) -> QualityModel:
-    """Build a :class:`QualityModel`, optionally restoring a grmpiqa checkpoint.
+) -> ScoringModel:
+    """Build a quality model, optionally restoring a grmpiqa checkpoint.
+
+    It is a :class:`~grmpiqa.model.QualityModel` with ``score``/``quality_map`` methods
+    (:class:`~grmpiqa.scoring.api.ScoringModel`).
 
     Args:
         backbone: open_clip model name, ``"test-tiny"`` or ``"local-dir:PATH"``; default:
@@ -210,7 +214,7 @@ def create_model(
     bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        model = QualityModel(bb, config, preprocess)
+        model = ScoringModel(bb, config, preprocess)
     if checkpoint is not None and tensors is not None:
         if bmeta.get("pretrained") and bmeta.get("pretrained") != bb.pretrained:
             warnings.warn(

@@ -70,9 +70,10 @@ from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import QualityModel
 from grmpiqa.precision import autocast, storage_dtype
-from grmpiqa.prompts import l2_normalize
+from grmpiqa.prompts import l2_normalize, scaled_cosines
 from grmpiqa.runs import RunFiles, RunState, json_safe, optimizer_from_state, optimizer_to_state
 from grmpiqa.scale import LabelScale, fit_score_scale, label_scale_of
+from grmpiqa.scoring.api import score as score_images
 from grmpiqa.towers import PromptedVisionTower
 from grmpiqa.transforms import ResizeCropNormalize, _pil_resample
 
@@ -152,7 +153,7 @@ class SemanticTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = l2_normalize(self.tower(images))
-        return self.logit_scale * v @ self.text_features.t().to(v.dtype)
+        return scaled_cosines(self.logit_scale, v, self.text_features)
 
     def train(self, mode: bool = True) -> SemanticTeacher:  # always eval
         return super().train(False)
@@ -551,8 +552,7 @@ def _monitor_value(name: str, row: dict[str, Any]) -> float:
 
 
 def _probabilities(model: QualityModel, features: torch.Tensor, text: torch.Tensor) -> np.ndarray:
-    logits = model.logits_from_features(features.to(model.device), text.float())
-    return torch.softmax(logits.float(), -1)[:, 0].cpu().numpy()
+    return model.probabilities(features.to(model.device), text.float()).cpu().numpy()
 
 
 class _Validation:
@@ -591,8 +591,8 @@ class _Validation:
                 model, self.hidden, self.start_block, self.config, self.config.eval_batch_size
             )
             return _probabilities(model, f, text)
-        return model.score(
-            self.val.paths, self.config.eval_batch_size, precision=self.config.precision
+        return score_images(
+            model, self.val.paths, self.config.eval_batch_size, precision=self.config.precision
         ).numpy()
 
 

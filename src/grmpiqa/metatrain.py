@@ -77,6 +77,7 @@ from grmpiqa.runs import (
     rng_from_state,
     rng_to_state,
 )
+from grmpiqa.scoring.api import score as score_images
 from grmpiqa.transforms import stage1_query_transform, stage1_support_transform
 
 __all__ = [
@@ -317,14 +318,14 @@ def _finite(x: float) -> float | None:
 def evaluate(
     model: QualityModel, dataset: Dataset, precision: str = "fp32", batch_size: int = 32
 ) -> dict[str, float | None]:
-    """SRCC and PLCC (raw, no logistic fit) of ``model.score`` against the labels."""
+    """SRCC and PLCC (raw, no logistic fit) of the model's scores against the labels."""
     from scipy.stats import pearsonr, spearmanr
 
     if not dataset.has_labels:
         raise DatasetError(f"{dataset.spec}: the validation set needs labels (MOS)")
     if len(dataset) < 3:
         raise DatasetError(f"{dataset.spec}: the validation set needs at least 3 images")
-    scores = model.score(dataset.paths, batch_size=batch_size, precision=precision).numpy()
+    scores = score_images(model, dataset.paths, batch_size, precision=precision).numpy()
     labels = dataset.labels
     if np.ptp(scores) == 0 or np.ptp(labels) == 0:
         return {"srcc": None, "plcc": None}

@@ -3,23 +3,29 @@
 Build one with :func:`grmpiqa.create_model` (:mod:`grmpiqa.factory`), which resolves the
 backbone, the config and a checkpoint.
 
+The model owns its output: :meth:`QualityModel.probabilities` turns image features into
+p(high quality), the one place the formula is written. Scoring images (decoding, batches,
+devices) is the job of the layer above: :func:`grmpiqa.scoring.api.score`, and
+``model.score(...)`` on the models :func:`grmpiqa.create_model` returns.
+
 Example:
     >>> import torch, grmpiqa
     >>> model = grmpiqa.create_model("test-tiny", pretrained=None)
-    >>> scores = model.score(torch.rand(2, 3, 256, 256))
-    >>> scores.shape, bool(((scores > 0) & (scores < 1)).all())
+    >>> x = model.preprocess.preprocess_tensor(torch.rand(2, 3, 256, 256))
+    >>> with torch.no_grad():
+    ...     p = model.probabilities(model.encode_image(x))
+    >>> p.shape, bool(((p > 0) & (p < 1)).all())
     (torch.Size([2]), True)
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from grmpiqa import _openclip as oc
@@ -27,12 +33,11 @@ from grmpiqa.backbone import Backbone
 from grmpiqa.config import CLIPIQA_PROMPTS as CLIPIQA_PROMPTS
 from grmpiqa.config import STAGE1_GROUPS as STAGE1_GROUPS
 from grmpiqa.config import STAGE2_GROUPS as STAGE2_GROUPS
-from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize
+from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize, scaled_cosines
 from grmpiqa.towers import PromptedVisionTower, TextTower
 from grmpiqa.transforms import PreprocessConfig
 
 if TYPE_CHECKING:
-    from grmpiqa.explain import QualityMap
     from grmpiqa.scale import ScoreScale
 
 
@@ -158,7 +163,7 @@ class QualityModel(nn.Module):
         #: the checkpoint as the user named it (a file, or ``hf-hub:...``), if any, and
         #: the local grmpiqa file it resolved to (a Hub cache or conversion cache entry)
         self.checkpoint_ref: str | None = None
-        self.checkpoint_file: os.PathLike[str] | None = None
+        self.checkpoint_file: Path | None = None
         self.set_trainable(())
 
     # -- encoders ---------------------------------------------------------------------
@@ -190,54 +195,28 @@ class QualityModel(nn.Module):
     def logits_from_features(
         self, image_features: torch.Tensor, text_features: torch.Tensor
     ) -> torch.Tensor:
-        return self.logit_scale * image_features @ text_features.t().to(image_features.dtype)
+        """Quality logits ``s * [v.t_hq, v.t_lq]`` of L2-normalised features (method.md 1)."""
+        return scaled_cosines(self.logit_scale, image_features, text_features)
+
+    def probabilities(
+        self, image_features: torch.Tensor, text_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """p(high quality) ``= softmax(s * [v.t_hq, v.t_lq])[0]`` (method.md 1), float32.
+
+        ``image_features``: L2-normalised embeddings ``[..., D]`` (``[N, D]`` images, or
+        ``[N, T, D]`` per-token read-outs); ``text_features``: ``[t_hq, t_lq]`` (default:
+        :meth:`quality_text_features`). Returns ``[...]`` on the features' device. The one
+        place the model's output is computed: scoring, evaluation, validation, quality
+        maps and the service all read it here.
+        """
+        if text_features is None:
+            text_features = self.quality_text_features()
+        logits = self.logits_from_features(image_features, text_features)
+        return torch.softmax(logits.float(), dim=-1)[..., 0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Quality logits ``[N, 2]`` (column 0: high quality) of preprocessed images."""
         return self.logits_from_features(self.encode_image(images), self.quality_text_features())
-
-    # -- scoring ----------------------------------------------------------------------
-
-    def score(
-        self,
-        inputs: torch.Tensor | Sequence[str | os.PathLike[str] | Image.Image],
-        batch_size: int = 32,
-        *,
-        precision: str = "fp32",
-        num_workers: int = 0,
-        progress: bool = False,
-        scale: str = "prob",
-    ) -> torch.Tensor:
-        """Quality scores in (0, 1), higher is better, as a 1-D float tensor on the CPU.
-
-        ``inputs``: image paths, PIL images, or a float tensor ``[N, 3, H, W]`` in
-        [0, 1] (preprocessed with the model's eval transform). Scores do not depend on
-        ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
-        ``scale="mos"`` maps them to the label scale recorded by fine-tuning
-        (:mod:`grmpiqa.scale`; same dtype); a model without one raises GrmpiqaError.
-        """
-        from grmpiqa.scale import apply_scale, check_scale, require_score_scale
-        from grmpiqa.scoring import score_inputs
-
-        if check_scale(scale) == "mos":
-            require_score_scale(self)
-        scores = score_inputs(
-            self,
-            inputs,
-            batch_size=batch_size,
-            precision=precision,
-            num_workers=num_workers,
-            progress=progress,
-        )
-        return apply_scale(self, scores, scale)
-
-    def quality_map(
-        self, image: str | os.PathLike[str] | Image.Image, *, precision: str = "fp32"
-    ) -> QualityMap:
-        """Map of local quality of one image from its patch tokens (:mod:`grmpiqa.explain`)."""
-        from grmpiqa.explain import quality_maps
-
-        return quality_maps(self, [image], precision=precision)[0]
 
     # -- parameter groups -------------------------------------------------------------
 

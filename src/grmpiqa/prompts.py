@@ -128,3 +128,11 @@ class VisualPrompts(nn.Module):
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
+
+
+def scaled_cosines(
+    scale: torch.Tensor | float, image_features: torch.Tensor, text_features: torch.Tensor
+) -> torch.Tensor:
+    """``scale * v @ t.T`` of L2-normalised features: CLIP's logits (method.md 1), in the
+    image features' dtype (the quality model and the scene teacher both use it)."""
+    return scale * image_features @ text_features.t().to(image_features.dtype)

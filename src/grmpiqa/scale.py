@@ -30,7 +30,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -41,9 +41,8 @@ if TYPE_CHECKING:
     import torch
 
     from grmpiqa.data.datasets import Dataset
-    from grmpiqa.model import QualityModel
 
-#: Values of ``scale`` that :meth:`QualityModel.score` and ``--scale`` accept.
+#: Values of ``scale`` that :func:`grmpiqa.scoring.api.score` and ``--scale`` accept.
 SCALES: tuple[str, ...] = ("prob", "mos")
 #: Version of the JSON record (``to_dict``).
 SCALE_FORMAT = "grmpiqa-scale/1"
@@ -448,19 +447,25 @@ def check_scale(scale: str) -> str:
     return scale
 
 
-def require_score_scale(model: QualityModel, source: str | None = None) -> ScoreScale:
+class HasScoreScale(Protocol):
+    """Anything carrying the scale its fine-tuning recorded (a quality model)."""
+
+    score_scale: ScoreScale | None
+
+
+def require_score_scale(model: HasScoreScale, source: str | None = None) -> ScoreScale:
     """The model's recorded scale, or a clear error saying why MOS is not available."""
-    s = getattr(model, "score_scale", None)
+    s: ScoreScale | None = getattr(model, "score_scale", None)
     if s is None:
         what = source or "this model"
         raise GrmpiqaError(
             f"{what}: no MOS scale recorded (only checkpoints written by `grmpiqa finetune` "
             "carry one); score with the default scale (p in (0, 1)) or fine-tune first"
         )
-    return s  # type: ignore[no-any-return]
+    return s
 
 
-def apply_scale(model: QualityModel, scores: torch.Tensor, scale: str) -> torch.Tensor:
+def apply_scale(model: HasScoreScale, scores: torch.Tensor, scale: str) -> torch.Tensor:
     """``scores`` (p) in the units ``scale`` names: unchanged for ``"prob"``, MOS for
     ``"mos"``; the same dtype either way."""
     import torch

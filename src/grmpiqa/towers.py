@@ -100,6 +100,55 @@ class PromptedVisionTower(nn.Module):
         """CLIP's head parameters (``ln_post``, projection, any attention pooler)."""
         return oc.vision_head_parameters(self.visual)
 
+    def shared_blocks(self, other: PromptedVisionTower) -> int:
+        """How many leading blocks ``other`` computes exactly as this tower does.
+
+        ``s`` means: for any images, the state entering block ``s`` (:meth:`hidden`) is
+        the same in both towers, so it can be computed once and finished per tower with
+        :meth:`forward_from`. That holds when the architectures agree (the ViT's modules,
+        prompt tokens, deep layers, fast path), every tensor the embedding reads (the ViT's tensors
+        outside its blocks and head, the input prompts and their projection) is equal,
+        and blocks ``0..s-1`` with the deep prompts entering them are equal. Stage-2
+        checkpoints fine-tuned from one stage-1 checkpoint (method.md 7) share every
+        block before their fine-tuned ones. 0 when even the embedding differs.
+        """
+        if other is self:
+            return self.n_blocks
+        a, b = self.prompts, other.prompts
+        layout = (self.n_blocks, self.num_prompts, self.fast, self.grid_size)
+        if layout != (other.n_blocks, other.num_prompts, other.fast, other.grid_size):
+            return 0
+        if repr(self.visual) != repr(other.visual):  # same modules (activations, norms)
+            return 0
+        if (a is None) != (b is None) or (
+            a is not None and b is not None and a.deep_layers != b.deep_layers
+        ):
+            return 0
+        if not _same_tensors(self._embedding_tensors(), other._embedding_tensors()):
+            return 0
+        if a is not None and b is not None:
+            if not _same_tensors(
+                [a.prompt_embeddings, *a.prompt_proj.parameters()],
+                [b.prompt_embeddings, *b.prompt_proj.parameters()],
+            ):
+                return 0
+        mine, theirs = self.block_modules(), other.block_modules()
+        for i in range(self.n_blocks):
+            if not _same_tensors(_module_tensors(mine[i]), _module_tensors(theirs[i])):
+                return i
+            if a is not None and b is not None and a.replaces(i):
+                if not _same_tensors(
+                    [a.deep_prompt_embeddings[i - 1]], [b.deep_prompt_embeddings[i - 1]]
+                ):
+                    return i
+        return self.n_blocks
+
+    def _embedding_tensors(self) -> list[torch.Tensor]:
+        """The ViT's tensors read before the first block (outside the blocks and head)."""
+        inner = {id(t) for blk in self.block_modules() for t in _module_tensors(blk)}
+        inner |= {id(p) for p in self.head_parameters()}
+        return [t for t in _module_tensors(self.visual) if id(t) not in inner]
+
     def _replaces(self, block: int) -> bool:
         return self.prompts is not None and self.prompts.replaces(block)
 
@@ -227,6 +276,23 @@ class PromptedVisionTower(nn.Module):
     def _finish(self, r: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
         # the head pools the CLS row; prompt_norm and ln_post act per token
         return self.head(r[:, :1])
+
+
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers of ``module``, in registration order."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two lists of tensors are equal element by element (shape, dtype, device,
+    values)."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape
+        and x.dtype == y.dtype
+        and x.device == y.device
+        and (x is y or torch.equal(x, y))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 class TextTower(nn.Module):

@@ -1,8 +1,10 @@
 """Scoring images at any scale (see docs/scoring-at-scale.md).
 
-* :mod:`~grmpiqa.scoring.engine` - :class:`BatchScorer`, shared by the API
-  (:meth:`QualityModel.score`), ``grmpiqa score`` (local and Ray engines) and
-  :class:`grmpiqa.ray.Scorer`;
+* :mod:`~grmpiqa.scoring.engine` - :class:`BatchScorer`, the one inference loop, shared
+  by the API, ``grmpiqa score`` (local and Ray engines), :class:`grmpiqa.ray.Scorer`,
+  the service and evaluation;
+* :mod:`~grmpiqa.scoring.api` - ``score(model, images)`` and ``quality_map(model, image)``
+  (``model.score``/``model.quality_map`` on the models ``create_model`` returns);
 * :mod:`~grmpiqa.scoring.inputs` - folders, globs, lists, tables, tar shards -> parts;
 * :mod:`~grmpiqa.scoring.outputs` - CSV/JSON/Parquet files and parts, manifest, resume;
 * :mod:`~grmpiqa.scoring.ray` - the Ray Data engine and ``Scorer`` (imported on demand).
@@ -15,7 +17,6 @@ if TYPE_CHECKING:
         BatchScorer,
         ImageListDataset,
         ScoredBatch,
-        _score_tensor,
         iter_scores,
         score_inputs,
         shared_prefix_blocks,
@@ -26,7 +27,6 @@ __all__ = [
     "BatchScorer",
     "ImageListDataset",
     "ScoredBatch",
-    "_score_tensor",
     "iter_scores",
     "score_inputs",
     "shared_prefix_blocks",

@@ -6,10 +6,11 @@ in; the quality text features are computed once per run; decoding runs in DataLo
 workers (local engine) or in the Ray actor; on CUDA batches are pinned and copied
 without blocking.
 
-The model is called through two functions only, :func:`text_features` and
-:func:`_score_tensor` (one checkpoint), plus :func:`_score_shared_prefix` for several
-checkpoints that share their frozen prefix (``--checkpoint A --checkpoint B``): the
-frozen blocks run once and only the fine-tuned blocks run per checkpoint.
+The model is called through :func:`text_features` (once per run) and
+:meth:`BatchScorer.score_tensor`, which reads the model's own output
+(:meth:`~grmpiqa.model.QualityModel.probabilities`); for several checkpoints that share
+their frozen prefix (``--checkpoint A --checkpoint B``) the frozen blocks run once and
+only the fine-tuned blocks run per checkpoint.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def _score_tensor(
     if text is None:
         text = text_features(model, precision)
     with autocast(model.device, precision):
-        logits = model.logits_from_features(model.encode_image(x), text)
-    return torch.softmax(logits.float(), dim=-1)[:, 0].cpu()
+        p = model.probabilities(model.encode_image(x), text)
+    return p.cpu()
 
 
 @torch.inference_mode()
@@ -164,71 +165,23 @@ def _score_shared_prefix(
         hidden = first.image_tower.hidden(x, split)
         for m, text in zip(models, texts, strict=True):
             feats = l2_normalize(m.image_tower.forward_from(hidden, split))
-            out.append(torch.softmax(m.logits_from_features(feats, text).float(), dim=-1)[:, 0])
+            out.append(m.probabilities(feats, text))
     return torch.stack(out, dim=1).cpu()
 
 
-def _tensor_names(model: QualityModel, modules: Sequence[torch.nn.Module]) -> list[str]:
-    """State-dict keys of the parameters and buffers of ``modules`` inside ``model``."""
-    prefix = {id(mod): name for name, mod in model.named_modules()}
-    keys: list[str] = []
-    for mod in modules:
-        base = prefix[id(mod)]
-        keys.extend(f"{base}.{k}" if base else k for k in mod.state_dict())
-    return keys
-
-
 def shared_prefix_blocks(models: Sequence[QualityModel]) -> int | None:
-    """How many leading image blocks several checkpoints share exactly, or None.
+    """How many leading image blocks several models share exactly, or None.
 
-    They share blocks ``0..s-1`` when the backbone architecture and the prompt layout
-    agree and every tensor the embedding uses (patch embedding, positions, ``ln_pre``,
-    input prompts, prompt projection) and every tensor of those blocks (with the deep
-    prompts inserted before them) are equal. Stage-2 checkpoints fine-tuned from one
+    The image towers decide (:meth:`~grmpiqa.towers.PromptedVisionTower.shared_blocks`);
+    the models must also sit on one device. Stage-2 checkpoints fine-tuned from one
     stage-1 checkpoint (method.md 7) share every block before their fine-tuned ones.
     """
-    if len(models) < 2 or any(m.visual is None for m in models):
+    if len(models) < 2:
         return None
-    m0 = models[0]
-    v0, t0 = m0.visual, m0.image_tower
-    assert v0 is not None
-    for m in models[1:]:
-        v, t = m.visual, m.image_tower
-        assert v is not None
-        if (
-            m.backbone_model_cfg != m0.backbone_model_cfg
-            or m.device != m0.device
-            or (v.num_tokens, v.deep_layers, t.n_blocks, t.fast)
-            != (v0.num_tokens, v0.deep_layers, t0.n_blocks, t0.fast)
-        ):
-            return None
-    states = [m.state_dict() for m in models]
-
-    def same(keys: Sequence[str]) -> bool:
-        return all(k in s and torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys)
-
-    blocks = t0.block_modules()
-    block_keys = [_tensor_names(m0, [b]) for b in blocks]
-    in_blocks = {k for keys in block_keys for k in keys}
-    head = {id(p) for p in t0.head_parameters()}
-    vit_keys = _tensor_names(m0, [m0.clip.visual])
-    head_keys = {n for n, p in m0.named_parameters() if id(p) in head}
-    embed_keys = [k for k in vit_keys if k not in in_blocks and k not in head_keys]
-    prompt_keys = [k for k in _tensor_names(m0, [v0]) if not k.endswith("deep_prompt_embeddings")]
-    prompt_keys = [k for k in prompt_keys if ".prompt_norm." not in k]
-    if not same(embed_keys + prompt_keys):
+    first = models[0]
+    if any(m.device != first.device for m in models[1:]):
         return None
-    deep_key = _tensor_names(m0, [v0])
-    deep_key = [k for k in deep_key if k.endswith("deep_prompt_embeddings")]
-    split = 0
-    for i in range(t0.n_blocks):
-        if not same(block_keys[i]):
-            break
-        if 1 <= i <= v0.deep_layers and deep_key:
-            deep = [s[deep_key[0]][i - 1] for s in states]
-            if not all(torch.equal(d, deep[0]) for d in deep[1:]):
-                break
-        split = i + 1
+    split = min(first.image_tower.shared_blocks(m.image_tower) for m in models[1:])
     return split or None
 
 
@@ -380,7 +333,7 @@ class BatchScorer:
             bar.close()
 
 
-# -- API helpers (QualityModel.score, benchmarks) ------------------------------------------------
+# -- API helpers (scoring.api.score, benchmarks) ---------------------------------------------
 
 
 def iter_scores(

@@ -22,7 +22,7 @@ from grmpiqa.explain import QualityMap, grid_shape, maps_from_pixels
 from grmpiqa.model import QualityModel
 from grmpiqa.precision import check_precision
 from grmpiqa.scale import ScoreScale
-from grmpiqa.scoring import _score_tensor, text_features
+from grmpiqa.scoring.engine import BatchScorer
 
 
 class ScoringEngine:
@@ -47,7 +47,7 @@ class ScoringEngine:
         self.precision = check_precision(precision)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self._transform = model.preprocess.eval_transform()
-        self._text = text_features(model, self.precision)
+        self._scorer = BatchScorer(model, precision=self.precision)
         self._digest = _sha256(self.checkpoint) if self.checkpoint is not None else None
 
     @property
@@ -64,7 +64,7 @@ class ScoringEngine:
 
     def score(self, pixels: torch.Tensor) -> torch.Tensor:
         """p(high quality) ``[N]`` of a stack of preprocessed images."""
-        return _score_tensor(self.model, pixels, self.precision, self._text)
+        return self._scorer.score_tensor(pixels)[:, 0]
 
     def maps(self, pixels: torch.Tensor) -> list[QualityMap]:
         """Quality maps of a stack of preprocessed images."""
