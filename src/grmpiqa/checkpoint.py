@@ -140,11 +140,12 @@ def apply_checkpoint(
     """Copy checkpoint tensors into ``model`` after checking they belong to its backbone."""
     arch = meta.get("backbone", {}).get("model_cfg")
     if arch is not None and _canonical(arch) != _canonical(model.backbone_model_cfg):
-        raise CheckpointError(
-            f"{source}: trained on backbone {meta['backbone'].get('name')!r}, whose architecture "
-            f"differs from {model.backbone_name!r}; load it with --backbone "
-            f"{meta['backbone'].get('name')}"
+        name = meta["backbone"].get("name")
+        head = (
+            f"{source}: trained on backbone {name!r}, whose architecture differs from "
+            f"{model.backbone_name!r}; load it with "
         )
+        raise CheckpointError(f"{head}--backbone {name}", api=f"{head}backbone={name!r}")
     own = model.state_dict()
     unknown = sorted(set(tensors) - set(own))
     if unknown:

@@ -707,6 +707,16 @@ def finetune(
                 final_lr=float(rec["schedule"]["lr"]),
             )
 
+    if (
+        "text_context" in config.groups
+        and model.prompt_learner is None
+        and not [g for g in config.groups if g != "text_context"]
+    ):
+        raise GrmpiqaError(
+            "the model has no learned prompts to train (hand prompts, such as the zero-shot "
+            "model create_model builds without a checkpoint); build it with "
+            "config=ModelConfig()"
+        )
     # The teacher and the cache need the model as it was *before* fine-tuning.
     teacher = build_teacher(model, config.scene_prompts) if config.distill else None
     model.set_trainable(config.groups)

@@ -169,9 +169,7 @@ def download(
         from huggingface_hub import errors as hf_errors
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - a dependency of open_clip
-        raise GrmpiqaError(
-            f"{hub}: needs huggingface_hub (pip install huggingface_hub)"
-        ) from None
+        raise GrmpiqaError(f"{hub}: needs huggingface_hub (pip install huggingface_hub)") from None
     online = hub_reachable()
     where = _hub_cache_location(cache)
     try:

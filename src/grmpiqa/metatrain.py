@@ -34,7 +34,8 @@ runs its sequential chain on every rank (docs/distributed.md). Rank 0 writes the
 
 Example:
     >>> import grmpiqa
-    >>> model = grmpiqa.create_model("test-tiny", pretrained=None)  # doctest: +SKIP
+    >>> config = grmpiqa.ModelConfig()  # learned prompts (without it: zero-shot)
+    >>> model = grmpiqa.create_model("test-tiny", None, config=config)  # doctest: +SKIP
     >>> cfg = grmpiqa.PretrainConfig(epochs=2)
     >>> cfg.inner_lr, cfg.outer_lr, cfg.inner_passes, cfg.support_batch, cfg.query_batch
     (0.001, 1.0, 3, 16, 4)
@@ -379,7 +380,11 @@ def pretrain(
     model.set_trainable(STAGE1_GROUPS)
     params = model.trainable_parameters()
     if not params:
-        raise GrmpiqaError("the model has no prompt parameters to pre-train (hand prompts?)")
+        raise GrmpiqaError(
+            "the model has no prompt parameters to pre-train (hand prompts, such as the "
+            "zero-shot model create_model builds without a checkpoint); build it with "
+            "config=ModelConfig()"
+        )
     plist = list(params.values())
     device = model.device
 

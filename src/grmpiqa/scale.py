@@ -318,9 +318,7 @@ def fit_score_scale(
         if step is not None:
             fallback = f"the 4-parameter logistic is degenerate ({step})"
         elif r2 < R2_LOGISTIC:
-            fallback = (
-                f"the 4-parameter logistic explains little (R2 {r2:.2f} < {R2_LOGISTIC})"
-            )
+            fallback = f"the 4-parameter logistic explains little (R2 {r2:.2f} < {R2_LOGISTIC})"
         else:
             return _scale(label, logistic, bounds, p, t, None)
     slope, icpt = np.polyfit(p, t, 1)
@@ -387,9 +385,7 @@ def _isotonic(p: np.ndarray, t: np.ndarray, sign: float, note: str) -> MonotoneF
     sums = np.bincount(inv, weights=t)
     counts = np.bincount(inv).astype(np.float64)
     fitted = isotonic_regression(sums / counts, weights=counts, increasing=sign > 0).x
-    return MonotoneFit(
-        "isotonic", tuple(float(v) for v in (*xs, *fitted)), f"{note}; isotonic map"
-    )
+    return MonotoneFit("isotonic", tuple(float(v) for v in (*xs, *fitted)), f"{note}; isotonic map")
 
 
 def _r2(fitted: np.ndarray, t: np.ndarray) -> float:
