@@ -138,11 +138,16 @@ def import_released(
         if "visual.deep_prompt_embeddings" in mapped:
             cfg_kw["vpt_deep_layers"] = int(mapped["visual.deep_prompt_embeddings"].shape[0])
     bb = _base_backbone(backbone, pretrained, seed)
-    if announce:
-        logger.info("%s", announce)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         model = QualityModel(bb, ModelConfig(**cfg_kw))
+    if (model.adapter.family, model.adapter.text.kind) != ("openclip-vit", "clip-text"):
+        raise CheckpointError(
+            f"{src}: the authors' files use the OpenAI CLIP ViT layout; {backbone} is a "
+            f"{model.adapter.family} backbone (use ViT-B-16-quickgelu)"
+        )
+    if announce:
+        logger.info("%s", announce)
     own = model.state_dict()
     unknown = sorted(k for k in mapped if k not in own)
     if unknown:

@@ -32,6 +32,7 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "explain",
     "serve",
+    "backbones",
 )
 
 
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     install_cli_handler()
+    _export_tokenizer(args)
     try:
         return int(args.func(args) or 0)
     except GrmpiqaError as err:
@@ -62,6 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if "grmpiqa.distributed" in sys.modules:  # a command that ran may have joined a job
             sys.modules["grmpiqa.distributed"].shutdown()
+
+
+def _export_tokenizer(args: argparse.Namespace) -> None:
+    """``--tokenizer DIR`` reaches every model the command builds, in every process."""
+    import os
+    from pathlib import Path
+
+    folder = getattr(args, "tokenizer", None)
+    if folder:
+        os.environ["GRMPIQA_TOKENIZER"] = str(Path(folder).expanduser().resolve())
 
 
 def _rank_tag() -> str:
