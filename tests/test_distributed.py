@@ -586,6 +586,8 @@ def test_torchrun_finetune_writes_the_single_process_checkpoint(
         e.pop("world_size"), e.pop("distributed", None)
         assert e["split"].pop("file") in ("one.splits.csv", "two.splits.csv")
     assert _approx_record(extra["got"].pop("scale"), extra["want"].pop("scale"))
+    assert _approx_record(extra["got"].pop("figures"), extra["want"].pop("figures"))
+    assert _approx_record(extra["got"].pop("held_out", None), extra["want"].pop("held_out", None))
     assert extra["got"] == extra["want"]
     assert (
         two.with_suffix(".splits.csv").read_bytes()
