@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import warnings
@@ -35,6 +34,7 @@ from grmpiqa.backbones import BackboneAdapter, build_adapter, resolve_name
 from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from grmpiqa.errors import BackboneError
 from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
+from grmpiqa.utils import load_json
 
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
@@ -162,8 +162,8 @@ def model_config(name: str) -> dict[str, Any]:
                 f"{cfg_path}: missing (a local-dir backbone needs open_clip_config.json)"
             )
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
-        except (ValueError, KeyError) as err:
+            cfg = load_json(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
+        except (ValueError, KeyError, TypeError) as err:
             raise BackboneError(f"{cfg_path}: not a valid open_clip config ({err})") from None
         return dict(cfg)
     cfg = open_clip.get_model_config(name)

@@ -31,6 +31,7 @@ from grmpiqa.errors import GrmpiqaError
 __all__ = [
     "CLIPIQA_PROMPTS",
     "DEFAULT_BACKBONE",
+    "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_PRETRAINED",
     "LOGISTIC_MODELS",
     "METHODS",
@@ -72,6 +73,10 @@ CLIPIQA_PROMPTS: tuple[str, str] = ("Good photo.", "Bad photo.")
 
 #: Normalisation statistics by name (:func:`grmpiqa.transforms.stats_for`).
 STATS: tuple[str, ...] = ("imagenet", "clip")
+
+#: Decoded bytes one scoring batch may hold at once (``grmpiqa score --max-decoded-mb``;
+#: :data:`grmpiqa.scoring.engine.DEFAULT_MAX_BATCH_BYTES`).
+DEFAULT_MAX_BATCH_BYTES = 1024 * 2**20
 
 #: Methods of the evaluation protocol (method.md 8).
 METHODS: tuple[str, ...] = ("grmp", "coop", "clipiqa", "linear-probe")

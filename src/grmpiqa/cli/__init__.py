@@ -61,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grmpiqa: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        dist = sys.modules.get("grmpiqa.distributed")  # loaded by a command that joined a job
+        peers = dist.peer_failure(err) if dist is not None else None  # a peer rank died
+        if peers is None:
+            raise
+        print(f"grmpiqa{_rank_tag()}: error: {peers}", file=sys.stderr)
+        return 1
     finally:
         if "grmpiqa.distributed" in sys.modules:  # a command that ran may have joined a job
             sys.modules["grmpiqa.distributed"].shutdown()

@@ -20,6 +20,7 @@ from grmpiqa.cli.common import (
 )
 from grmpiqa.config import LOGISTIC_MODELS, METHODS, SELECTIONS
 from grmpiqa.errors import GrmpiqaError
+from grmpiqa.utils import write_problem
 
 if TYPE_CHECKING:
     from grmpiqa.evaluation import ProtocolConfig
@@ -159,6 +160,9 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Pro
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = write_problem(args.report, folder=True)
+    if problem:  # before any data is read or any split computed
+        raise GrmpiqaError(f"{args.report}: {problem} (--report)")
     from grmpiqa.evaluation import format_comparison, format_summary, run_comparison, run_protocol
 
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes

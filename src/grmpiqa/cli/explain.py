@@ -18,6 +18,7 @@ from grmpiqa.cli.common import (
 from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
+from grmpiqa.utils import write_problem
 
 SUMMARY = "maps.csv"
 
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise GrmpiqaError(f"{out_dir}: --out must be a folder")
+    problem = write_problem(out_dir, folder=True)
+    if problem:
+        raise GrmpiqaError(f"{out_dir}: {problem} (--out)")
     paths = collect_paths(args.images)
     config = scoring_config(args, args.checkpoint is not None)
     model = model_from_args(args, checkpoint=args.checkpoint, config=config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from grmpiqa.cli.common import (
     add_backbone_args,
@@ -158,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.keep_best_val and args.val is None:
         raise GrmpiqaError("--keep-best-val needs --val SPEC")
+    # The output must be writable before any data is read or any model built.
+    from grmpiqa.runs import RunFiles
+
+    RunFiles(
+        Path(args.out), "pretrain", log=Path(args.log) if args.log else Path()
+    ).check_output_path()
     # Load the data (and fail on bad specs) before building the model.
     datasets = [load_dataset(spec) for spec in args.tasks]
     val = load_dataset(args.val) if args.val is not None else None

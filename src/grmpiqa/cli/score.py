@@ -24,7 +24,7 @@ from grmpiqa.cli.common import (
     scoring_config,
     want_progress,
 )
-from grmpiqa.config import PRECISIONS
+from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES, PRECISIONS
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
 from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
@@ -87,6 +87,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (pixels)"
+    )
+    p.add_argument(
+        "--max-decoded-mb",
+        type=float,
+        default=DEFAULT_MAX_BATCH_BYTES / 2**20,
+        help="decoded-pixel budget of a batch: width x height x channels x bytes per sample, "
+        "read from each header before decoding; images are decoded one at a time, so a larger "
+        f"image is refused (default {DEFAULT_MAX_BATCH_BYTES // 2**20})",
     )
     p.add_argument(
         "--full-decode",
@@ -208,6 +216,8 @@ def _validate(args: argparse.Namespace) -> str | None:
         raise GrmpiqaError(f"--part-size must be at least 1, got {args.part_size}")
     if args.max_pixels < 1:
         raise GrmpiqaError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    if not args.max_decoded_mb > 0:
+        raise GrmpiqaError(f"--max-decoded-mb must be > 0, got {args.max_decoded_mb}")
     if args.output is not None and args.out_dir is not None:
         raise GrmpiqaError("use -o FILE or --out-dir DIR, not both")
     if args.resume and args.output is None and args.out_dir is None:
@@ -216,6 +226,10 @@ def _validate(args: argparse.Namespace) -> str | None:
         raise GrmpiqaError("--overwrite goes with --out-dir")
     if args.resume and args.overwrite:
         raise GrmpiqaError("--resume and --overwrite contradict each other")
+    if args.actors is not None and args.actors < 1:
+        raise GrmpiqaError(f"--actors must be at least 1, got {args.actors}")
+    if args.gpus_per_actor < 0 or (args.cpus_per_actor is not None and args.cpus_per_actor <= 0):
+        raise GrmpiqaError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
     if args.engine != "ray":
         given = [
             f
@@ -237,19 +251,39 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.precision import describe_choice
-    from grmpiqa.scoring.engine import BatchScorer, check_workers, score_pending
 
     out_fmt = _validate(args)
-    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     options = InputOptions(args.path_column, args.id_column, args.skip_bad)
     groups = collect(args.paths, options)
     part_size = args.part_size if args.out_dir is not None else sys.maxsize
     parts = plan_parts(groups, part_size)
     n_images = sum(len(p.items) for p in parts)
 
+    from grmpiqa.scoring.ray import RaySession, actor_layout
+
+    session = None
+    if args.engine == "ray":  # connect (or fail) before anything is written
+        session = RaySession(args.ray_address)
+        try:
+            actor_layout(session.resources(), args.actors, args.gpus_per_actor, args.cpus_per_actor)
+        except BaseException:
+            session.close()
+            raise
+    try:
+        return _run(args, out_fmt, parts, n_images, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _run(
+    args: argparse.Namespace, out_fmt: str | None, parts: list[Any], n_images: int, session: Any
+) -> int:
+    from grmpiqa.precision import describe_choice
+    from grmpiqa.scoring.engine import BatchScorer, check_workers, score_pending
     from grmpiqa.scoring.ray import build_models
 
+    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     device = device_arg(args.device) if args.engine == "local" else None
     untrained = scoring_config(args, args.checkpoint is not None)
     model_config = untrained.to_dict() if untrained is not None else None
@@ -290,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "precision": args.precision,
         "max_pixels": args.max_pixels,
+        "max_decoded_bytes": _budget_bytes(args),
         "full_decode": args.full_decode,
         "scale": args.scale,
         "columns": names,
@@ -333,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
             "device": "cuda" if args.gpus_per_actor > 0 else "cpu",
             "precision": args.precision,
             "max_pixels": args.max_pixels,
+            "max_batch_bytes": _budget_bytes(args),
             "reduced_decode": not args.full_decode,
         }
         results = score_pending_ray(
@@ -344,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             progress=want_progress(args),
+            session=session,
         )
     else:
         workers = args.workers
@@ -356,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             max_pixels=args.max_pixels,
             reduced_decode=not args.full_decode,
+            max_batch_bytes=_budget_bytes(args),
         )
         if scorer.split:
             print(
@@ -383,6 +421,10 @@ def run(args: argparse.Namespace) -> int:
     if sink.n_errors:
         print(f"grmpiqa: {sink.n_errors} of {n_images} files could not be scored", file=sys.stderr)
     return 0
+
+
+def _budget_bytes(args: argparse.Namespace) -> int:
+    return int(args.max_decoded_mb * 2**20)
 
 
 def _on_label_scale(

@@ -26,11 +26,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES as _DEFAULT_MAX_BATCH_BYTES
 from grmpiqa.errors import GrmpiqaError, ImageError
-from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
+from grmpiqa.images import (
+    DEFAULT_MAX_PIXELS,
+    decoded_bytes,
+    load_image,
+    probe_image,
+    split_by_budget,
+    to_rgb,
+)
 from grmpiqa.precision import autocast, check_precision
 from grmpiqa.prompts import l2_normalize
-from grmpiqa.scoring.inputs import ImageSource, decode_source
+from grmpiqa.scoring.inputs import ImageSource, decode_source, probe_source
 
 if TYPE_CHECKING:
     from grmpiqa.model import QualityModel
@@ -40,24 +48,75 @@ if TYPE_CHECKING:
 Item = Any
 
 
-def _decode(item: Item, max_pixels: int, min_side: int | None = None) -> Image.Image:
+#: Decoded bytes one batch may hold at once (``grmpiqa score --max-decoded-mb``).
+DEFAULT_MAX_BATCH_BYTES = _DEFAULT_MAX_BATCH_BYTES
+
+
+def decode_groups(
+    items: Sequence[Item], max_batch_bytes: int | None, max_pixels: int, min_side: int | None
+) -> list[list[int]]:
+    """The per-batch decoded-pixel budget: which items of a batch may be decoded at once.
+
+    The budget counts decoded bytes (:func:`grmpiqa.images.decoded_bytes`: width x height
+    x channels x bytes per sample, from each header, before any pixel is decoded). Items
+    decoded one at a time (the DataLoader path) hold one image at a time, so there the
+    budget bounds each image (:func:`prepare` refuses a larger one); several decoding at
+    once (threads, a batched decoder) hold at most one group of this split together.
+    """
+    if max_batch_bytes is None:
+        return [list(range(len(items)))]
+    costs = [_decode_cost(it, max_pixels, min_side) for it in items]
+    return split_by_budget(costs, max_batch_bytes)
+
+
+def _decode_cost(item: Item, max_pixels: int, min_side: int | None) -> int:
+    """Decoded bytes of one item from its header; 0 when unreadable (decoding says why)."""
+    try:
+        if isinstance(item, Image.Image):
+            return decoded_bytes(item)
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], bytes | bytearray):
+            return probe_image(
+                bytes(item[0]), str(item[1]), max_pixels, min_side=min_side
+            ).decoded_bytes
+        if isinstance(item, str | os.PathLike):
+            item = ImageSource(os.fspath(item))
+        if isinstance(item, ImageSource):
+            return probe_source(item, max_pixels, min_side).decoded_bytes
+    except ImageError:
+        pass
+    return 0
+
+
+def _decode(
+    item: Item, max_pixels: int, min_side: int | None = None, max_bytes: int | None = None
+) -> Image.Image:
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, ImageSource):
-        return decode_source(item, max_pixels, min_side)
+        return decode_source(item, max_pixels, min_side, max_bytes)
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], bytes | bytearray):
-        return load_image(bytes(item[0]), max_pixels, name=str(item[1]), min_side=min_side)
+        return load_image(
+            bytes(item[0]),
+            max_pixels,
+            name=str(item[1]),
+            min_side=min_side,
+            max_decoded_bytes=max_bytes,
+        )
     if isinstance(item, str | os.PathLike):
-        return decode_source(ImageSource(os.fspath(item)), max_pixels, min_side)
+        return decode_source(ImageSource(os.fspath(item)), max_pixels, min_side, max_bytes)
     raise ImageError(f"cannot score an object of type {type(item).__name__}")
 
 
 def prepare(
-    item: Item, transform: Any, max_pixels: int, min_side: int | None = None
+    item: Item,
+    transform: Any,
+    max_pixels: int,
+    min_side: int | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[torch.Tensor | None, str | None]:
     """Decode and preprocess one item: ``(tensor, None)`` or ``(None, error message)``."""
     try:
-        return transform(_decode(item, max_pixels, min_side)), None
+        return transform(_decode(item, max_pixels, min_side, max_bytes)), None
     except ImageError as err:
         return None, str(err)
 
@@ -71,17 +130,21 @@ class ImageListDataset(Dataset[tuple[int, torch.Tensor | None, str | None]]):
         transform: Any,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int | None = None,
+        max_bytes: int | None = None,
     ):
         self.items = items
         self.transform = transform
         self.max_pixels = max_pixels
         self.min_side = min_side
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        tensor, err = prepare(self.items[i], self.transform, self.max_pixels, self.min_side)
+        tensor, err = prepare(
+            self.items[i], self.transform, self.max_pixels, self.min_side, self.max_bytes
+        )
         return i, tensor, err
 
 
@@ -202,6 +265,8 @@ class BatchScorer:
             ``score_0``, ``score_1``, ... for several).
         precision: ``fp32``, ``bf16`` or ``auto`` (see :mod:`grmpiqa.precision`).
         max_pixels: larger images are refused before decoding.
+        max_batch_bytes: the decoded-pixel budget of a batch in bytes, bit depth counted
+            (:func:`decode_groups`); None: no budget.
         reduced_decode: let large JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8)
             down to the resize target (``PreprocessConfig.decode_min_side``); scores move
             by less than 0.001 on 12-megapixel photos (``benchmarks/score_throughput.py``).
@@ -217,6 +282,7 @@ class BatchScorer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         share_prefix: bool = True,
         reduced_decode: bool = True,
+        max_batch_bytes: int | None = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         self.models = [models] if not isinstance(models, Sequence) else list(models)
         if not self.models:
@@ -224,6 +290,7 @@ class BatchScorer:
         check_precision(precision)
         self.precision = precision
         self.max_pixels = max_pixels
+        self.max_bytes = max_batch_bytes
         pre = self.models[0].preprocess
         for m in self.models[1:]:
             if m.preprocess != pre:
@@ -268,17 +335,22 @@ class BatchScorer:
         )
 
     def score_items(self, items: Sequence[Item], decode_threads: int = 1) -> ScoredBatch:
-        """Decode (in ``decode_threads`` threads) and score one batch of items."""
+        """Decode (in ``decode_threads`` threads, at most one :func:`decode_groups` group
+        at a time) and score one batch of items."""
+
+        def one(it: Item) -> tuple[torch.Tensor | None, str | None]:
+            return prepare(it, self.transform, self.max_pixels, self.min_side, self.max_bytes)
+
+        prepared: list[tuple[torch.Tensor | None, str | None]]
         if decode_threads > 1 and len(items) > 1:
+            prepared = [(None, None)] * len(items)
+            groups = decode_groups(items, self.max_bytes, self.max_pixels, self.min_side)
             with ThreadPoolExecutor(decode_threads) as pool:
-                prepared = list(
-                    pool.map(
-                        lambda it: prepare(it, self.transform, self.max_pixels, self.min_side),
-                        items,
-                    )
-                )
+                for group in groups:
+                    for i, res in zip(group, pool.map(one, [items[i] for i in group]), strict=True):
+                        prepared[i] = res
         else:
-            prepared = [prepare(it, self.transform, self.max_pixels, self.min_side) for it in items]
+            prepared = [one(it) for it in items]
         idx = [i for i, (t, _) in enumerate(prepared) if t is not None]
         bad = [(i, e) for i, (t, e) in enumerate(prepared) if t is None and e is not None]
         if idx:
@@ -307,7 +379,7 @@ class BatchScorer:
             batches = [
                 list(range(s, min(s + size, len(items)))) for s in range(0, len(items), size)
             ]
-        ds = ImageListDataset(items, self.transform, self.max_pixels, self.min_side)
+        ds = ImageListDataset(items, self.transform, self.max_pixels, self.min_side, self.max_bytes)
         cuda = self.device.type == "cuda"
         loader = DataLoader(
             ds,
