@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "DeferredRuleStats",
+    "first_nonfinite",
     "RuleStats",
     "apply_quality_aware_grads",
     "quality_aware_gradient",
@@ -212,3 +213,27 @@ def set_quality_aware_grads(
     return apply_quality_aware_grads(
         params, grads_quality, grads_semantic, lam, cosine=cosine
     ).materialize()
+
+
+_POSITIONS: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+
+
+def first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any tensor non-finite, index of the first) as 0-d device tensors, without a sync
+    (``None`` entries count as finite).
+
+    One max-abs per tensor (``torch._foreach_norm``, a single multi-tensor kernel on a
+    GPU): NaN and infinities propagate into it, finite values never overflow it.
+    """
+    present = [(i, t) for i, t in enumerate(tensors) if t is not None]
+    if not present:
+        false = torch.zeros((), dtype=torch.bool)
+        return false, torch.zeros((), dtype=torch.long)
+    norms = torch._foreach_norm([t.detach() for _, t in present], float("inf"))
+    bad = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+    key = (tuple(i for i, _ in present), str(bad.device))
+    where = _POSITIONS.get(key)
+    if where is None:  # built once per pattern: no copy to the device per step
+        where = _POSITIONS[key] = torch.tensor(key[0], device=bad.device)
+    first = bad.int().argmax().reshape(1)  # index_select: the index is never read on the host
+    return bad.any(), where.index_select(0, first).squeeze(0)

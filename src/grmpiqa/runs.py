@@ -44,6 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from grmpiqa.config import DEFAULT_SAVE_EVERY
 from grmpiqa.errors import GrmpiqaError, RunError
 from grmpiqa.utils import (
     atomic_open,
@@ -412,9 +413,6 @@ def rng_from_state(
 
 
 # -- when to save: the clock and the stop signals ---------------------------------------------
-
-#: Seconds between two writes of a resume state (``--save-every``).
-DEFAULT_SAVE_EVERY = 120.0
 
 
 class SaveClock:

@@ -9,14 +9,14 @@ import os
 import random
 import re
 import stat
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 
 _UMASK_LOCK = threading.Lock()
 
@@ -125,7 +125,9 @@ def json_safe(obj: Any) -> Any:
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.generic, torch.Tensor)) and getattr(obj, "ndim", 0) == 0:
+    torch = sys.modules.get("torch")  # a torch tensor exists only where torch is loaded
+    scalar = isinstance(obj, np.generic) or (torch is not None and isinstance(obj, torch.Tensor))
+    if scalar and getattr(obj, "ndim", 0) == 0:
         obj = obj.item()
     if isinstance(obj, np.ndarray):
         return json_safe(obj.tolist())
@@ -138,33 +140,11 @@ def json_safe(obj: Any) -> Any:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch generators."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-_POSITIONS: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
-
-
-def first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(any tensor non-finite, index of the first) as 0-d device tensors, without a sync
-    (``None`` entries count as finite).
-
-    One max-abs per tensor (``torch._foreach_norm``, a single multi-tensor kernel on a
-    GPU): NaN and infinities propagate into it, finite values never overflow it.
-    """
-    present = [(i, t) for i, t in enumerate(tensors) if t is not None]
-    if not present:
-        false = torch.zeros((), dtype=torch.bool)
-        return false, torch.zeros((), dtype=torch.long)
-    norms = torch._foreach_norm([t.detach() for _, t in present], float("inf"))
-    bad = ~torch.isfinite(torch.stack([n.float() for n in norms]))
-    key = (tuple(i for i, _ in present), str(bad.device))
-    where = _POSITIONS.get(key)
-    if where is None:  # built once per pattern: no copy to the device per step
-        where = _POSITIONS[key] = torch.tensor(key[0], device=bad.device)
-    first = bad.int().argmax().reshape(1)  # index_select: the index is never read on the host
-    return bad.any(), where.index_select(0, first).squeeze(0)
 
 
 #: The deepest nesting grmpiqa reads from a JSON document (checkpoint metadata, resume

@@ -9,18 +9,19 @@ from pathlib import Path
 
 from grmpiqa.cli.common import (
     add_backbone_args,
+    add_progress_args,
     add_save_every_arg,
     join_job,
     model_from_args,
     save_every_from_args,
+    want_progress,
 )
+from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.precision import PRECISIONS
-from grmpiqa.runs import RunFiles
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from grmpiqa.metatrain import (
+    from grmpiqa.config import (
         GPU_TASK_BATCH,
         OUTER_SCHEDULES,
         VARIANT_DEFAULTS,
@@ -145,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         f"{GPU_TASK_BATCH} on a GPU; released: always 1)",
     )
     add_save_every_arg(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_progress_args(p)
     add_backbone_args(p)
     p.set_defaults(func=run)
 
@@ -180,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_best_val and args.val is None:
         raise GrmpiqaError("--keep-best-val needs --val SPEC")
     # The output must be writable before any data is read or any model built.
+    from grmpiqa.runs import RunFiles
+
     RunFiles(
         Path(args.out), "pretrain", log=Path(args.log) if args.log else Path()
     ).check_output_path()
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         val=val,
         log=args.log,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=want_progress(args),
         save_every=save_every,
     )
     if not ctx.is_main:

@@ -13,13 +13,17 @@ Modules (each layer uses only the ones above it):
 - :mod:`~grmpiqa.data.torch_data`: :class:`ImageDataset` for a torch ``DataLoader``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from grmpiqa.data.datasets import Dataset, Item, Scale
 from grmpiqa.data.distortions import TYPE_NAMES as DISTORTION_TYPES
 from grmpiqa.data.distortions import DistortionType, list_distortions
 from grmpiqa.data.kinds import KINDS, Kind, get_kind, list_kinds, load_dataset, parse_spec
 from grmpiqa.data.splits import Split, make_split, make_splits, read_splits, write_splits
 from grmpiqa.data.synth import SynthConfig, synthesize
-from grmpiqa.data.torch_data import ImageDataset
+
+if TYPE_CHECKING:
+    from grmpiqa.data.torch_data import ImageDataset
 
 __all__ = [
     "DISTORTION_TYPES",
@@ -43,3 +47,12 @@ __all__ = [
     "synthesize",
     "write_splits",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ImageDataset`` is imported on first use (it needs torch)."""
+    if name == "ImageDataset":
+        from grmpiqa.data.torch_data import ImageDataset
+
+        return ImageDataset
+    raise AttributeError(f"module 'grmpiqa.data' has no attribute {name!r}")

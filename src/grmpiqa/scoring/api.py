@@ -53,7 +53,7 @@ def score(
     (preprocessed with the model's eval transform). Scores do not depend on
     ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
     ``scale="mos"`` maps them to the label scale recorded by fine-tuning
-    (:mod:`grmpiqa.scale`; float64); a model without one raises GrmpiqaError.
+    (:mod:`grmpiqa.scale`; the same dtype as p); a model without one raises GrmpiqaError.
     """
     if check_scale(scale) == "mos":
         require_score_scale(model)

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES as _DEFAULT_MAX_BATCH_BYTES
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import (
     DEFAULT_MAX_PIXELS,
@@ -48,7 +49,7 @@ Item = Any
 
 
 #: Decoded bytes one batch may hold at once (``grmpiqa score --max-decoded-mb``).
-DEFAULT_MAX_BATCH_BYTES = 1024 * 2**20
+DEFAULT_MAX_BATCH_BYTES = _DEFAULT_MAX_BATCH_BYTES
 
 
 def decode_groups(

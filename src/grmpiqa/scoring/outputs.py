@@ -2,7 +2,8 @@
 
 Rows have the columns ``path`` (the image file, or the tar shard), ``key`` (the tar
 sample's ``__key__``; only when a shard is scored), ``id`` (with ``--id-column``), one
-score column per checkpoint (``score``, or ``score_<name>``) and ``error`` (empty for a
+score column per checkpoint (``score``, or ``score_<name>``; ``mos``/``mos_<name>`` with
+``--scale mos``) and ``error`` (empty for a
 scored image; present with ``--skip-bad`` and always in parts).
 
 * :class:`StdoutSink` streams CSV rows in input order as batches finish.
@@ -163,9 +164,15 @@ def rows_to_csv(cols: Columns, rows: Sequence[dict[str, Any]], header: bool = Tr
 
 
 def write_rows(
-    path: str | os.PathLike[str], fmt: str, cols: Columns, rows: Sequence[dict[str, Any]]
+    path: str | os.PathLike[str],
+    fmt: str,
+    cols: Columns,
+    rows: Sequence[dict[str, Any]],
+    metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``rows`` to ``path`` atomically (CSV, JSON or Parquet)."""
+    """Write ``rows`` to ``path`` atomically (CSV, JSON or Parquet). ``metadata`` (the
+    run's models, prompts and settings) goes into a Parquet file's key-value metadata
+    under ``grmpiqa``; CSV and JSON rows carry none (the manifest or journal does)."""
     if fmt == "csv":
         with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
             fh.write(rows_to_csv(cols, rows))
@@ -182,6 +189,8 @@ def write_rows(
             typ = pa.float64() if n in cols.scores else pa.string()
             fields.append(pa.field(n, typ))
         schema = pa.schema(fields)
+        if metadata is not None:
+            schema = schema.with_metadata({"grmpiqa": json.dumps(metadata, default=str)})
         table = pa.table({n: [r.get(n) for r in rows] for n in cols.names()}, schema=schema)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
@@ -196,7 +205,7 @@ def read_rows(path: str | os.PathLike[str], fmt: str) -> list[dict[str, Any]]:
             rows: list[dict[str, Any]] = list(csv.DictReader(fh))
         for r in rows:
             for k, v in r.items():
-                if k == "score" or k.startswith("score_"):
+                if k in ("score", "mos") or k.startswith(("score_", "mos_")):
                     r[k] = float(v) if v != "" else None
                 elif v == "" and k == "error":
                     r[k] = None
@@ -374,7 +383,7 @@ class FileSink(Sink):
 
     def finish(self) -> None:
         rows = [self.row(p, i) for p in self.parts for i in range(len(p.items))]
-        write_rows(self.path, self.fmt, self.cols, rows)
+        write_rows(self.path, self.fmt, self.cols, rows, self.fingerprint)
         self._fh.close()
         self.journal.unlink(missing_ok=True)
         log.info("wrote %d rows to %s", len(rows), self.path)
@@ -527,7 +536,7 @@ class PartsSink(Sink):
             p = self.parts[idx]
             if self._counts[idx] == len(p.items):
                 rows = [self.row(p, i) for i in range(len(p.items))]
-                write_rows(self.file(p), self.fmt, self.cols, rows)
+                write_rows(self.file(p), self.fmt, self.cols, rows, self.fingerprint)
                 for i in range(len(p.items)):
                     del self.results[(idx, i)]
                 self.done.add(idx)
