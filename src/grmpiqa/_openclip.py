@@ -121,6 +121,26 @@ def vision_head_parameters(visual: Any) -> list[nn.Parameter]:
     return params
 
 
+def matmul_parameters(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(owner, attribute)`` of every parameter that only feeds a matrix product or a
+    convolution (Linear and Conv weights and biases, packed attention in-projections,
+    the image tower's ``proj``): the tensors bf16 autocast casts to bf16 at every call.
+    Layer norms, embeddings and layer scales are not among them."""
+    out: list[tuple[nn.Module, str]] = []
+    for mod in module.modules():
+        if isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d):
+            names = ["weight", "bias"]
+        elif isinstance(mod, nn.MultiheadAttention):
+            names = ["in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight"]
+            names += ["v_proj_weight"]
+        else:
+            names = ["proj"] if mod is module else []
+        for name in names:
+            if isinstance(getattr(mod, name, None), nn.Parameter):
+                out.append((mod, name))
+    return out
+
+
 def vision_tokens(visual: Any, x: torch.Tensor) -> torch.Tensor:
     """Every token of the final sequence through ``ln_post`` and the projection
     (the per-token read-out of the CLS head): ``[N, T, W]`` -> ``[N, T, D]``."""

@@ -67,6 +67,7 @@ from grmpiqa.factory import DEFAULT, create_model
 from grmpiqa.log import get_logger
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import ModelConfig, QualityModel
+from grmpiqa.pipeline import describe_device, model_input
 from grmpiqa.results import ProtocolResult, SplitResult
 from grmpiqa.scoring.api import score as score_images
 from grmpiqa.scoring.engine import BatchScorer
@@ -264,7 +265,7 @@ def _config_record(config: ProtocolConfig, dataset: Dataset, model: QualityModel
         "backbone_description": model.describe(),
         "model_config": model.config.to_dict(),
         "preprocess": model.preprocess.to_dict(),
-        "device": str(config.device),
+        "device": describe_device(config.device),
         "grmpiqa_version": __version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -289,8 +290,9 @@ class _TestScorer:
         crop = model.preprocess.crop
         self.x: torch.Tensor | None = None
         if len(test) * 3 * crop * crop * 4 <= _TEST_TENSOR_BUDGET:
-            tf = model.preprocess.eval_transform()
-            self.x = torch.stack([tf(it.load()) for it in test]) if len(test) else None
+            self.x = (
+                model_input([it.load() for it in test], model.preprocess) if len(test) else None
+            )
 
     @torch.inference_mode()
     def __call__(self, model: QualityModel) -> np.ndarray:

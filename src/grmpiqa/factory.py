@@ -22,9 +22,10 @@ import torch
 
 from grmpiqa.backbone import DEFAULT_BACKBONE, default_pretrained, load_backbone
 from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
-from grmpiqa.errors import CheckpointError, GrmpiqaError
+from grmpiqa.errors import CheckpointError
 from grmpiqa.log import GrmpiqaWarning
 from grmpiqa.model import ModelConfig
+from grmpiqa.pipeline import resolve_device
 from grmpiqa.scale import scale_from_metadata
 from grmpiqa.scoring.api import ScoringModel
 from grmpiqa.transforms import PreprocessConfig
@@ -39,24 +40,6 @@ class _Default:
 
 #: Sentinel: "take it from the checkpoint, else the library default".
 DEFAULT: Any = _Default()
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device; :class:`GrmpiqaError` when it does not exist here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise GrmpiqaError(f"device {device!r}: {err}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GrmpiqaError(f"device {device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise GrmpiqaError(
-                f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise GrmpiqaError(f"device {device}: MPS is not available on this machine")
-    return dev
 
 
 def pretrained_from_identity(ident: dict[str, Any], name: str, source: str = "") -> Any:
@@ -101,7 +84,8 @@ def create_model(
             (announced with a :class:`~grmpiqa.log.RandomWeightsWarning`); default: the
             checkpoint's, else ``"openai"`` (random for architectures without tags).
         checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors).
-        device: torch device.
+        device: torch device, or ``"auto"``: CUDA if present, else MPS where torch has
+            it, else the CPU.
         visual_prompts: use VPT-deep; default: the checkpoint's, else True.
         seed: seed of a random backbone and of the prompts' init; default: the
             checkpoint's, else 0.

@@ -26,6 +26,7 @@ fine-tuning in bf16).
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from grmpiqa.distributed import Context
 from grmpiqa.model import QualityModel
+from grmpiqa.pipeline import eval_input
 from grmpiqa.precision import autocast, storage_dtype
 from grmpiqa.transforms import ResizeCropNormalize
 
@@ -183,7 +185,7 @@ def build_feature_cache(
     t0 = time.perf_counter()
     n, k = len(images), augmentations
     store = storage_dtype(precision, model.device)
-    eval_tf = model.preprocess.eval_transform()
+    eval_tf = functools.partial(eval_input, preprocess=model.preprocess)
     jobs: list[tuple[int, int]] = [(i, v) for i in range(n) for v in range(-1, k)]  # -1: eval view
     hidden: torch.Tensor | None = None
     eval_hidden: torch.Tensor | None = None

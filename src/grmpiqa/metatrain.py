@@ -67,6 +67,7 @@ from grmpiqa.errors import DatasetError, GrmpiqaError, TrainingError
 from grmpiqa.log import get_logger
 from grmpiqa.losses import quality_loss
 from grmpiqa.model import STAGE1_GROUPS, QualityModel
+from grmpiqa.pipeline import describe_device
 from grmpiqa.precision import PRECISIONS, autocast
 from grmpiqa.runs import (
     RunFiles,
@@ -668,6 +669,7 @@ def pretrain(
 
             extra = _metadata(cfg, databases, epoch + 1, history, val_ds, best)
             extra.update(ctx.describe())  # world_size (and backend)
+            extra["device"] = describe_device(model.device)
             if (not cfg.keep_best_val or improved) and ctx.is_main:
                 with _holding(params, theta):
                     save_checkpoint(model, out, extra=extra)

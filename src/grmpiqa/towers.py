@@ -28,6 +28,7 @@ causal tower pooled at EOT).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -99,6 +100,30 @@ class PromptedVisionTower(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """CLIP's head parameters (``ln_post``, projection, any attention pooler)."""
         return oc.vision_head_parameters(self.visual)
+
+    def frozen_copy(self, dtype: torch.dtype = torch.bfloat16) -> PromptedVisionTower:
+        """A tower for inference under ``dtype`` autocast whose matrix weights are stored
+        in ``dtype`` (:func:`grmpiqa._openclip.matmul_parameters`): autocast no longer
+        casts the frozen weights at every call, and the result is the same bit for bit
+        (autocast would round them to the same values). Every other tensor (norms,
+        embeddings, prompts) is shared with this tower, not copied. Only for frozen
+        weights: later changes of this tower's matrix weights do not reach the copy.
+        """
+        memo: dict[int, Any] = {}
+        mods: list[nn.Module] = [self.visual] + ([self.prompts] if self.prompts else [])
+        cast = {id(getattr(m, n)) for mod in mods for m, n in oc.matmul_parameters(mod)}
+        for mod in mods:
+            for t in [*mod.parameters(), *mod.buffers()]:
+                if id(t) in cast:
+                    memo[id(t)] = nn.Parameter(t.detach().to(dtype), requires_grad=False)
+                else:
+                    memo[id(t)] = t
+        visual = copy.deepcopy(self.visual, memo)
+        prompts = copy.deepcopy(self.prompts, memo) if self.prompts is not None else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)  # already said for this tower
+            out = PromptedVisionTower(visual, prompts, fast=self.fast_problem != "disabled")
+        return out.eval()
 
     def shared_blocks(self, other: PromptedVisionTower) -> int:
         """How many leading blocks ``other`` computes exactly as this tower does.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grmpiqa.cli.common import add_backbone_args, device_arg, pretrained_arg
+from grmpiqa.cli.common import add_backbone_args, pretrained_arg, resolve_run
 from grmpiqa.demo import MIN_PRISTINE
 from grmpiqa.factory import DEFAULT
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained) if args.pretrained is not None else DEFAULT,
-        device=str(device_arg(args.device)),
+        device=str(resolve_run(args)),
         seed=args.seed if args.seed is not None else 0,
         quick=args.quick,
         pristine=args.pristine,

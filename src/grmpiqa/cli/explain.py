@@ -8,10 +8,9 @@ import io
 import sys
 from pathlib import Path
 
-from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.cli.common import add_backbone_args, add_precision_arg, model_from_args, resolve_run
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image
-from grmpiqa.precision import PRECISIONS
 from grmpiqa.utils import atomic_open
 
 SUMMARY = "maps.csv"
@@ -31,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--checkpoint", default=None, help="grmpiqa .safetensors checkpoint")
     add_backbone_args(p)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast")
+    add_precision_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (pixels)"
@@ -60,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise GrmpiqaError(f"{out_dir}: --out must be a folder")
     paths = collect_paths(args.images)
+    resolve_run(args)
     model = model_from_args(args, checkpoint=args.checkpoint)
     print(f"grmpiqa: quality maps of {len(paths)} images with {model.describe()}", file=sys.stderr)
     scale = model.score_scale

@@ -6,9 +6,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from grmpiqa.cli.common import add_backbone_args, join_job, model_from_args
+from grmpiqa.cli.common import add_backbone_args, add_precision_arg, join_job, model_from_args
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -76,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=d.support_fraction,
         help="share of each task in its support set, redrawn every epoch (default 0.8)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="fp32 or bf16")
+    add_precision_arg(p)
     p.add_argument(
         "--stats", choices=("imagenet", "clip"), default=d.stats, help="normalisation statistics"
     )

@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from grmpiqa.cli.common import add_backbone_args, device_arg
+from grmpiqa._version import __version__
+from grmpiqa.cli.common import (
+    add_backbone_args,
+    add_precision_arg,
+    describe_run,
+    device_arg,
+)
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
-from grmpiqa.precision import PRECISIONS, describe_choice
 from grmpiqa.scoring.engine import BatchScorer, Result, check_workers, score_pending
 from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
 from grmpiqa.scoring.outputs import (
@@ -68,9 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--workers",
         type=int,
         default=None,
-        help="DataLoader processes decoding images (default: min(4, CPUs - 1), 0 = in-process)",
+        help="DataLoader processes reading and decoding images (default: CPUs - 1, at most 4 "
+        "on the CPU and 16 on CUDA; 0 = in-process)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16 or auto")
+    add_precision_arg(p)
+    p.add_argument(
+        "--decode",
+        choices=("auto", "pil", "torch"),
+        default="auto",
+        help="image decoder: pil (Pillow, the exact reference), torch (JPEGs by torchvision: "
+        "nvJPEG on the GPU, batched; other files by Pillow) or auto (torch on CUDA, pil "
+        "elsewhere; the default). Scores of the two differ by < 0.005 (docs/gpu.md)",
+    )
     p.add_argument(
         "--skip-bad",
         action="store_true",
@@ -230,11 +243,23 @@ def run(args: argparse.Namespace) -> int:
     parts = plan_parts(groups, part_size)
     n_images = sum(len(p.items) for p in parts)
 
+    from grmpiqa.pipeline import default_workers
     from grmpiqa.scoring.ray import build_models
 
     device = device_arg(args.device) if args.engine == "local" else None
     models = build_models(
         checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu")
+    )
+    from grmpiqa.pipeline import describe_device, resolve_decode
+    from grmpiqa.precision import resolve_precision
+
+    # what runs where: the local device, or the Ray actors' device type
+    run_device = device or ("cuda" if args.gpus_per_actor > 0 else "cpu")
+    decode = resolve_decode(args.decode, run_device)
+    precision = (
+        resolve_precision(args.precision, run_device)
+        if device is not None or args.precision != "auto"
+        else "auto"  # resolved by each Ray actor on its own device
     )
     names = _score_names(checkpoints)
     to_mos = None
@@ -248,12 +273,16 @@ def run(args: argparse.Namespace) -> int:
         to_mos = [sc.to_mos for sc in scales]
         for name, sc in zip(names, scales, strict=True):
             print(f"grmpiqa: {name} on the scale {sc.describe()}", file=sys.stderr)
-    where = "on Ray" if args.engine == "ray" else f"on {device}"
+    if device is None:
+        where = f"on Ray ({'GPU' if args.gpus_per_actor > 0 else 'CPU'} actors)"
+        if precision != "auto":
+            where += f", precision {precision}"
+    else:
+        where = f"on {describe_run(device, args.precision).removeprefix('device ')}"
     print(
-        f"grmpiqa: scoring {n_images} images in {len(parts)} part(s) {where} with "
-        f"{models[0].describe()}"
-        + (f", {len(models)} checkpoints" if len(models) > 1 else "")
-        + f", precision {describe_choice(args.precision, device or 'cpu')}",
+        f"grmpiqa: scoring {n_images} images in {len(parts)} part(s) {where}, decode "
+        f"{_describe_decode(decode, run_device)}, with {models[0].describe()}"
+        + (f", {len(models)} checkpoints" if len(models) > 1 else ""),
         file=sys.stderr,
     )
     fingerprint = {
@@ -267,25 +296,44 @@ def run(args: argparse.Namespace) -> int:
             }
             for m, c in zip(models, checkpoints, strict=True)
         ],
-        "precision": args.precision,
+        "precision": precision,
         "max_pixels": args.max_pixels,
         "full_decode": args.full_decode,
         "scale": args.scale,
         "columns": names,
+    }
+    if decode != "pil":  # the reference decoder: what journals before 0.3 were written with
+        fingerprint["decode"] = decode
+    run_meta = {
+        "grmpiqa_version": __version__,
+        "engine": args.engine,
+        "device": describe_device(device) if device is not None else str(run_device),
+        "precision": precision,
+        "precision_requested": args.precision,
+        "decode": decode,
     }
     has_key = any(s.in_tar for p in parts for s in p.items)
     sink: Sink
     if args.out_dir is not None:
         cols = Columns(tuple(names), key=has_key, id=args.id_column is not None, error=True)
         sink = PartsSink(
-            args.out_dir, args.format, parts, cols, fingerprint, args.resume, args.overwrite
+            args.out_dir,
+            args.format,
+            parts,
+            cols,
+            fingerprint,
+            args.resume,
+            args.overwrite,
+            metadata=run_meta,
         )
     elif args.output is not None:
         assert out_fmt is not None
         cols = Columns(
             tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
         )
-        sink = FileSink(args.output, out_fmt, parts, cols, fingerprint, args.resume)
+        sink = FileSink(
+            args.output, out_fmt, parts, cols, fingerprint, args.resume, metadata=run_meta
+        )
     else:
         cols = Columns(
             tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
@@ -298,7 +346,9 @@ def run(args: argparse.Namespace) -> int:
         from grmpiqa.scoring.ray import score_pending_ray
 
         if len(models) > 1:
-            split = BatchScorer(models, names=names, precision=args.precision).split
+            split = BatchScorer(
+                models, names=names, precision=args.precision, frozen_bf16=False
+            ).split
             if split:
                 print(f"grmpiqa: the checkpoints share image blocks 0-{split - 1}", file=sys.stderr)
         del models
@@ -313,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
             "precision": args.precision,
             "max_pixels": args.max_pixels,
             "reduced_decode": not args.full_decode,
+            "decode": args.decode,
         }
         results = score_pending_ray(
             pending,
@@ -325,16 +376,16 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     else:
-        workers = args.workers
-        if workers is None:
-            workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+        assert device is not None
+        workers = args.workers if args.workers is not None else default_workers(device)
         check_workers(workers)
         scorer = BatchScorer(
             models,
             names=names,
-            precision=args.precision,
+            precision=precision,
             max_pixels=args.max_pixels,
             reduced_decode=not args.full_decode,
+            decode=decode,
         )
         if scorer.split:
             print(
@@ -362,6 +413,13 @@ def run(args: argparse.Namespace) -> int:
     if sink.n_errors:
         print(f"grmpiqa: {sink.n_errors} of {n_images} files could not be scored", file=sys.stderr)
     return 0
+
+
+def _describe_decode(decode: str, device: Any) -> str:
+    if decode == "pil":
+        return "pil (Pillow)"
+    gpu = str(device).startswith("cuda")
+    return "torch (JPEGs by nvJPEG on the GPU, others by Pillow)" if gpu else "torch (CPU)"
 
 
 def _on_label_scale(

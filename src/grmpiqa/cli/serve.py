@@ -8,9 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from grmpiqa.cli.common import add_backbone_args, model_from_args
+from grmpiqa.cli.common import add_backbone_args, add_precision_arg, model_from_args, resolve_run
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.precision import PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=10.0,
         help="how long a batch waits for more images (default 10)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16 or auto")
+    add_precision_arg(p)
     add_backbone_args(p)
     p.add_argument(
         "--workers",
@@ -104,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         workers=workers,
     )
     config.validate()
+    resolve_run(args)
     engines = []
     if args.checkpoint:
         for path, name in zip(args.checkpoint, _names(args.checkpoint), strict=True):

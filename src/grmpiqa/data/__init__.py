@@ -10,7 +10,6 @@ Modules (each layer uses only the ones above it):
 - :mod:`~grmpiqa.data.distortions`: the registry of KADID distortion types
   (:func:`~grmpiqa.data.distortions.register_distortion`);
 - :mod:`~grmpiqa.data.synth`: ``grmpiqa synth``'s writer (:func:`synthesize`);
-- :mod:`~grmpiqa.data.torch_data`: :class:`ImageDataset` for a torch ``DataLoader``.
 """
 
 from grmpiqa.data.datasets import Dataset, Item, Scale
@@ -19,14 +18,12 @@ from grmpiqa.data.distortions import DistortionType, list_distortions
 from grmpiqa.data.kinds import KINDS, Kind, get_kind, list_kinds, load_dataset, parse_spec
 from grmpiqa.data.splits import Split, make_split, make_splits, read_splits, write_splits
 from grmpiqa.data.synth import SynthConfig, synthesize
-from grmpiqa.data.torch_data import ImageDataset
 
 __all__ = [
     "DISTORTION_TYPES",
     "KINDS",
     "Dataset",
     "DistortionType",
-    "ImageDataset",
     "Item",
     "Kind",
     "Scale",

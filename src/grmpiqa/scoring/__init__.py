@@ -12,7 +12,6 @@
 
 from grmpiqa.scoring.engine import (
     BatchScorer,
-    ImageListDataset,
     ScoredBatch,
     iter_scores,
     score_inputs,
@@ -22,7 +21,6 @@ from grmpiqa.scoring.engine import (
 
 __all__ = [
     "BatchScorer",
-    "ImageListDataset",
     "ScoredBatch",
     "iter_scores",
     "score_inputs",

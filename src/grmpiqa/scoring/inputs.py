@@ -83,6 +83,23 @@ class ImageSource:
         """Identity used by resume (same image, same ident)."""
         return f"{self.path}\0{self.member}" if self.in_tar else self.path
 
+    def read_bytes(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+        """The encoded image (the image pipeline's torch decoders read these)."""
+        if self.in_tar:
+            return _member_bytes(self)
+        _check_regular_file(self)
+        try:
+            with open(self.path, "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            raise ImageError(f"{self.label}: cannot read file ({err.strerror or err})") from None
+
+    def decode(
+        self, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+    ) -> Image.Image:
+        """:func:`decode_source` of this source."""
+        return decode_source(self, max_pixels, min_side)
+
 
 def decode_source(
     src: ImageSource | str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
@@ -96,15 +113,26 @@ def decode_source(
     if isinstance(src, str):
         src = ImageSource(src)
     if src.in_tar:
-        try:
-            with open(src.path, "rb") as fh:
-                fh.seek(src.offset)
-                data = fh.read(src.size)
-        except OSError as err:
-            raise ImageError(f"{src.label}: cannot read shard ({err.strerror or err})") from None
-        if len(data) != src.size:
-            raise ImageError(f"{src.label}: shard is truncated")
+        data = _member_bytes(src)
         return load_image(data, max_pixels, name=src.label, min_side=min_side)
+    _check_regular_file(src)
+    return load_image(src.path, max_pixels, name=src.label, min_side=min_side)
+
+
+def _member_bytes(src: ImageSource) -> bytes:
+    """The bytes of a tar member."""
+    try:
+        with open(src.path, "rb") as fh:
+            fh.seek(src.offset)
+            data = fh.read(src.size)
+    except OSError as err:
+        raise ImageError(f"{src.label}: cannot read shard ({err.strerror or err})") from None
+    if len(data) != src.size:
+        raise ImageError(f"{src.label}: shard is truncated")
+    return data
+
+
+def _check_regular_file(src: ImageSource) -> None:
     try:
         st = os.stat(src.path)
     except FileNotFoundError:
@@ -115,7 +143,6 @@ def decode_source(
         raise ImageError(f"{src.label}: is a directory, not an image")
     if not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{src.label}: not a regular file")
-    return load_image(src.path, max_pixels, name=src.label, min_side=min_side)
 
 
 # -- brace expansion ----------------------------------------------------------------------

@@ -14,6 +14,11 @@ scored image; present with ``--skip-bad`` and always in parts).
   each part completes and keeps ``DIR/manifest.json`` (the plan, what is done, the run's
   fingerprint). ``--resume`` keeps every part file whose rows are exactly its planned
   images (read back and compared), so a kill loses at most the parts in flight.
+
+The run's metadata (grmpiqa version, engine, device, precision, decoder: how a score was
+computed) goes into the manifest (``run``), into JSON files (``{"metadata": ...,
+"rows": [...]}``) and into Parquet files (schema metadata ``grmpiqa``); CSV has no place
+for it.
 """
 
 from __future__ import annotations
@@ -163,15 +168,24 @@ def rows_to_csv(cols: Columns, rows: Sequence[dict[str, Any]], header: bool = Tr
 
 
 def write_rows(
-    path: str | os.PathLike[str], fmt: str, cols: Columns, rows: Sequence[dict[str, Any]]
+    path: str | os.PathLike[str],
+    fmt: str,
+    cols: Columns,
+    rows: Sequence[dict[str, Any]],
+    metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``rows`` to ``path`` atomically (CSV, JSON or Parquet)."""
+    """Write ``rows`` to ``path`` atomically (CSV, JSON or Parquet), with the run's
+    ``metadata`` in JSON (``{"metadata": ..., "rows": [...]}``; a bare list without
+    metadata) and Parquet (schema metadata ``grmpiqa``)."""
     if fmt == "csv":
         with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
             fh.write(rows_to_csv(cols, rows))
     elif fmt == "json":
+        data: Any = [{n: r.get(n) for n in cols.names()} for r in rows]
+        if metadata is not None:
+            data = {"metadata": metadata, "rows": data}
         with atomic_open(path, "w", encoding="utf-8") as fh:
-            json.dump([{n: r.get(n) for n in cols.names()} for r in rows], fh, indent=1)
+            json.dump(data, fh, indent=1)
             fh.write("\n")
     elif fmt == "parquet":
         pa = require_pyarrow(f"{path}: writing Parquet")
@@ -181,7 +195,8 @@ def write_rows(
         for n in cols.names():
             typ = pa.float64() if n in cols.scores else pa.string()
             fields.append(pa.field(n, typ))
-        schema = pa.schema(fields)
+        meta = {b"grmpiqa": json.dumps(metadata).encode()} if metadata is not None else None
+        schema = pa.schema(fields, metadata=meta)
         table = pa.table({n: [r.get(n) for r in rows] for n in cols.names()}, schema=schema)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
@@ -204,6 +219,8 @@ def read_rows(path: str | os.PathLike[str], fmt: str) -> list[dict[str, Any]]:
     if fmt == "json":
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
+        if isinstance(data, dict) and isinstance(data.get("rows"), list):
+            data = data["rows"]
         if not isinstance(data, list):
             raise ValueError("not a list of rows")
         return data
@@ -211,6 +228,23 @@ def read_rows(path: str | os.PathLike[str], fmt: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return list(pq.read_table(path).to_pylist())
+
+
+def read_output_metadata(path: str | os.PathLike[str], fmt: str) -> dict[str, Any] | None:
+    """The run metadata of a JSON or Parquet file written by :func:`write_rows` (None
+    for CSV, or a file without it)."""
+    if fmt == "json":
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        return meta if isinstance(meta, dict) else None
+    if fmt == "parquet":
+        require_pyarrow(f"{path}: reading Parquet")
+        import pyarrow.parquet as pq
+
+        raw = (pq.read_schema(path).metadata or {}).get(b"grmpiqa")
+        return json.loads(raw) if raw else None
+    return None
 
 
 def cleanup_temporaries(folder: Path, prefix: str) -> None:
@@ -299,8 +333,10 @@ class FileSink(Sink):
         cols: Columns,
         fingerprint: dict[str, Any],
         resume: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(parts, cols)
+        self.metadata = metadata
         self.path = Path(path)
         self.fmt = fmt
         self.journal = self.path.with_name(self.path.name + ".partial")
@@ -374,7 +410,7 @@ class FileSink(Sink):
 
     def finish(self) -> None:
         rows = [self.row(p, i) for p in self.parts for i in range(len(p.items))]
-        write_rows(self.path, self.fmt, self.cols, rows)
+        write_rows(self.path, self.fmt, self.cols, rows, self.metadata)
         self._fh.close()
         self.journal.unlink(missing_ok=True)
         log.info("wrote %d rows to %s", len(rows), self.path)
@@ -410,8 +446,10 @@ class PartsSink(Sink):
         fingerprint: dict[str, Any],
         resume: bool = False,
         overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(parts, cols)
+        self.metadata = metadata
         self.dir = Path(out_dir)
         self.fmt = fmt
         self.fingerprint = fingerprint
@@ -497,7 +535,7 @@ class PartsSink(Sink):
             p = self.parts[idx]
             if self._counts[idx] == len(p.items):
                 rows = [self.row(p, i) for i in range(len(p.items))]
-                write_rows(self.file(p), self.fmt, self.cols, rows)
+                write_rows(self.file(p), self.fmt, self.cols, rows, self.metadata)
                 for i in range(len(p.items)):
                     del self.results[(idx, i)]
                 self.done.add(idx)
@@ -511,6 +549,7 @@ class PartsSink(Sink):
         data = {
             "format": MANIFEST_FORMAT,
             "fingerprint": self.fingerprint,
+            "run": self.metadata,
             "output_format": self.fmt,
             "columns": self.cols.names(),
             "complete": complete,

@@ -94,7 +94,8 @@ class Scorer:
             batch has both. ``name_column`` names images in error messages (default: the
             path column when present).
         num_threads: torch threads in this actor (default: torch's choice).
-        decode_threads: threads decoding a batch.
+        decode_threads: threads reading and decoding a batch.
+        decode: ``auto`` (nvJPEG on a GPU actor, Pillow on a CPU one), ``pil`` or ``torch``.
         keep_bytes: keep the bytes column in the output (default: dropped).
     """
 
@@ -112,6 +113,7 @@ class Scorer:
         precision: str = "fp32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         reduced_decode: bool = True,
+        decode: str = "auto",
         path_column: str = "path",
         bytes_column: str = "bytes",
         name_column: str | None = None,
@@ -136,6 +138,7 @@ class Scorer:
             precision=precision,
             max_pixels=max_pixels,
             reduced_decode=reduced_decode,
+            decode=decode,
         )
         self.path_column = path_column
         self.bytes_column = bytes_column
