@@ -41,7 +41,7 @@ from _timing import matmul_tflops
 from PIL import Image
 
 import grmpiqa
-from grmpiqa.images import load_image
+from grmpiqa.pipeline import load_pixels
 from grmpiqa.precision import autocast, describe_choice, resolve_precision
 from grmpiqa.scoring import BatchScorer
 
@@ -117,8 +117,7 @@ def end_to_end(
         [b.scores[:, 0] for b in scorer.iter_batches(paths, batch, num_workers=workers)]
     )
     e2e = time.perf_counter() - t0
-    tf = model.preprocess.eval_transform()
-    x = torch.stack([tf(load_image(p, min_side=scorer.min_side)) for p in paths])
+    x = load_pixels(paths, model.preprocess, reduced_decode=reduced)
     t0 = time.perf_counter()
     for s in range(0, len(x), batch):
         scorer.score_tensor(x[s : s + batch])
@@ -225,9 +224,15 @@ def main() -> None:
             paths = big_jpegs(Path(tmp), args.big_images)
             red = end_to_end(model, paths, chosen, args.batch, args.workers, reduced=True)
             full = end_to_end(model, paths, chosen, args.batch, args.workers, reduced=False)
-            tf = model.preprocess.eval_transform()
             dx = max(
-                float((tf(load_image(p)) - tf(load_image(p, min_side=244))).abs().mean())
+                float(
+                    (
+                        load_pixels([p], model.preprocess)
+                        - load_pixels([p], model.preprocess, reduced_decode=True)
+                    )
+                    .abs()
+                    .mean()
+                )
                 for p in paths
             )
         e2e["12mp_reduced_decode"] = {k: v for k, v in red.items() if k != "scores"}
