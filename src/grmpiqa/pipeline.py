@@ -53,7 +53,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from grmpiqa.errors import GrmpiqaError, ImageError
+from grmpiqa.errors import GrmpiqaError, ImageError, ImageTooLargeError
 from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
 from grmpiqa.transforms import PreprocessConfig
 
@@ -165,8 +165,9 @@ class EncodedSource(Protocol):
         ...
 
 
-def check_regular_file(path: str, label: str) -> None:
-    """A path to score must be a regular file (a FIFO named ``x.jpg`` would block)."""
+def check_regular_file(path: str, label: str) -> int:
+    """A path to score must be a regular file (a FIFO named ``x.jpg`` would block);
+    returns its size."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -177,11 +178,24 @@ def check_regular_file(path: str, label: str) -> None:
         raise ImageError(f"{label}: is a directory, not an image")
     if not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{label}: not a regular file")
+    return int(st.st_size)
 
 
-def read_file(path: str, label: str) -> bytes:
-    """The bytes of a regular file, or :class:`ImageError` naming ``label``."""
-    check_regular_file(path, label)
+def max_encoded_bytes(max_pixels: int) -> int:
+    """The largest file worth reading for an image within ``max_pixels`` (8 bytes a
+    pixel, uncompressed 16-bit RGBA, plus 1 MiB of headers and metadata)."""
+    return int(max_pixels) * 8 + (1 << 20)
+
+
+def read_file(path: str, label: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The bytes of a regular file, or :class:`ImageError` naming ``label`` (also for a
+    file larger than any image within ``max_pixels`` could be, before reading it)."""
+    size = check_regular_file(path, label)
+    if size > max_encoded_bytes(max_pixels):
+        raise ImageTooLargeError(
+            f"{label}: {size} bytes, larger than any image within the pixel limit could be "
+            f"({max_pixels} pixels, --max-pixels)"
+        )
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -327,7 +341,7 @@ class ItemPlan:
             if self.decode == "pil":
                 check_regular_file(label, label)
                 return self._pil(load_image(label, self.max_pixels, min_side=self.min_side))
-            data = read_file(label, label)
+            data = read_file(label, label, self.max_pixels)
         elif isinstance(item, EncodedSource):
             label = item.label
             if self.decode == "pil":
@@ -634,14 +648,15 @@ def _prefetched(
         return False
 
     def work() -> None:
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        cuda = device.type == "cuda"
+        stream = torch.cuda.Stream(device) if cuda else None
         it = batches()
         try:
             for hb in it:
                 if stop.is_set():
                     break
                 if stream is not None:
-                    with torch.cuda.stream(stream):
+                    with torch.cuda.device(device), torch.cuda.stream(stream):
                         db = stage(hb)
                         db._event = torch.cuda.Event()
                         db._event.record(stream)

@@ -103,20 +103,28 @@ def resolve_run(args: argparse.Namespace, *, announce: bool = True) -> torch.dev
     return dev
 
 
+def announce(args: argparse.Namespace) -> None:
+    """Say once on stderr which device and precision the command runs with (after its
+    inputs were checked: a bad input stays a one-line error)."""
+    if getattr(args, "announce_pending", False):
+        args.announce_pending = False
+        requested = getattr(args, "precision_requested", None)
+        print(f"grmpiqa: {describe_run(args.device, requested)}", file=sys.stderr)
+
+
 def join_job(args: argparse.Namespace) -> Context:
     """Join the torchrun job the environment describes, if any (docs/distributed.md).
 
     Resolves ``--device auto`` and ``--precision auto`` (:func:`resolve_run`), sets
-    ``args.device`` to this rank's device (``cuda`` -> ``cuda:LOCAL_RANK``), announces
-    them once (rank 0) and keeps ranks other than 0 to warnings and errors.
+    ``args.device`` to this rank's device (``cuda`` -> ``cuda:LOCAL_RANK``) and keeps
+    ranks other than 0 to warnings and errors; rank 0 announces device and precision
+    when the model is built (:func:`model_from_args`) or :func:`announce` is called.
     """
     ctx, dev = init_from_env(resolve_run(args, announce=False))
     args.device = str(dev)
     if ctx.is_distributed and not ctx.is_main:
         get_logger().setLevel(logging.WARNING)
-    if ctx.is_main:
-        requested = getattr(args, "precision_requested", None)
-        print(f"grmpiqa: {describe_run(dev, requested)}", file=sys.stderr)
+    args.announce_pending = ctx.is_main
     return ctx
 
 
@@ -124,6 +132,7 @@ def model_from_args(
     args: argparse.Namespace, checkpoint: str | None = None, **kwargs: Any
 ) -> QualityModel:
     """Build the model the backbone flags (and an optional checkpoint) describe."""
+    announce(args)
     return create_model(
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained),

@@ -10,11 +10,13 @@ from pathlib import Path
 from grmpiqa.cli.common import (
     add_backbone_args,
     add_finetune_args,
+    announce,
     device_arg,
     finetune_config_from_args,
     join_job,
     pretrained_arg,
 )
+from grmpiqa.data import load_dataset
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.evaluation import METHODS, SELECTIONS, ProtocolConfig, format_summary, run_protocol
 from grmpiqa.metrics import LOGISTIC_MODELS
@@ -128,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
     config = config_from_args(args)
     progress = not args.no_progress
+    dataset = load_dataset(args.data)
+    announce(args)
     result = run_protocol(
-        args.data,
+        dataset,
         config,
         report_dir=args.report,
         resume=args.resume,

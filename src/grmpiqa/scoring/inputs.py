@@ -87,12 +87,9 @@ class ImageSource:
         """The encoded image (the image pipeline's torch decoders read these)."""
         if self.in_tar:
             return _member_bytes(self)
-        _check_regular_file(self)
-        try:
-            with open(self.path, "rb") as fh:
-                return fh.read()
-        except OSError as err:
-            raise ImageError(f"{self.label}: cannot read file ({err.strerror or err})") from None
+        from grmpiqa.pipeline import read_file
+
+        return read_file(self.path, self.label, max_pixels)
 
     def decode(
         self, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
