@@ -298,6 +298,9 @@ def main() -> None:
     ap.add_argument("--clive", type=int, default=None, help="CLIVE images compared (all: 0)")
     ap.add_argument("--score-images", type=int, default=None, help="images for grmpiqa score")
     ap.add_argument(
+        "--scaling-images", type=int, default=None, help="images per worker-scaling run"
+    )
+    ap.add_argument(
         "--compile",
         choices=("auto", "on", "off"),
         default="auto",
@@ -318,10 +321,11 @@ def main() -> None:
     from grmpiqa.pipeline import default_workers
 
     workers = args.workers if args.workers is not None else default_workers(device)
-    n_images = args.images or (48 if small else 8192)
+    n_images = args.images or (24 if small else 8192)
     n_big = args.big_images if args.big_images is not None else (2 if small else 64)
     n_clive = args.clive if args.clive is not None else (24 if small else 0)
-    n_score = args.score_images or (48 if small else 4096)
+    n_score = args.score_images or (16 if small else 4096)
+    n_scaling = args.scaling_images or (192 if small else 4096)
     compile_ = args.compile == "on" or (args.compile == "auto" and cuda and not small)
     min_s = 0.3 if small else 1.5
     cpus = os.cpu_count() or 1
@@ -442,11 +446,11 @@ def main() -> None:
         # 4. worker scaling, tiny backbone
         counts = [1, 2] if not cuda else [w for w in (1, 4, 8, 16) if w <= max(1, cpus - 1)]
         tiny_scorer = BatchScorer(tiny, precision="auto", decode="pil")
-        scal_items = items500[: (96 if small else 2048)]
+        scal_items = [gen[i % distinct] for i in range(n_scaling)]
         end_to_end(tiny_scorer, scal_items[:batch], batch, counts[0])
         best = dict.fromkeys(counts, 0.0)
         cpu_per = dict.fromkeys(counts, 0.0)
-        for _ in range(3 if small else 2):
+        for _ in range(3):
             for w in counts:
                 r, _, c = end_to_end(tiny_scorer, scal_items, 32 if small else batch, w)
                 if r > best[w]:

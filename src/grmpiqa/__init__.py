@@ -7,8 +7,14 @@ Example:
     tensor([0.7312])
 """
 
+import sys as _sys
+
 from grmpiqa._version import __version__
 from grmpiqa.backbone import Backbone, list_backbones, load_backbone
+
+# grmpiqa <= 0.2 kept open_clip's ViT layout in grmpiqa._openclip; it now lives in the
+# backbone adapters (grmpiqa.backbones.openclip_vit), still reachable under the old name
+from grmpiqa.backbones import openclip_vit as _openclip  # noqa: E402
 from grmpiqa.checkpoint import read_metadata, save_checkpoint
 from grmpiqa.data import Dataset, load_dataset, make_split, make_splits
 from grmpiqa.errors import (
@@ -34,6 +40,8 @@ from grmpiqa.model import (
 )
 from grmpiqa.released import import_released
 from grmpiqa.transforms import PreprocessConfig
+
+_sys.modules.setdefault("grmpiqa._openclip", _openclip)
 
 __all__ = [
     "CLIPIQA_PROMPTS",

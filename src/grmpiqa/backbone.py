@@ -31,6 +31,7 @@ import open_clip
 import torch
 from torch import nn
 
+from grmpiqa.backbones import BackboneAdapter, build_adapter, resolve_name
 from grmpiqa.errors import BackboneError
 from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
 
@@ -51,8 +52,12 @@ _register_builtin_configs()
 
 
 def list_backbones() -> list[str]:
-    """Names accepted as ``backbone`` (open_clip's registry, plus ``test-tiny``)."""
-    return list(open_clip.list_models())
+    """Names of open_clip's registry (plus grmpiqa's tiny twins) that run the whole
+    method here: resolved to a backbone adapter, with what they need installed
+    (``grmpiqa backbones`` shows them with family and cost; docs/backbones.md)."""
+    from grmpiqa.backbones.catalog import list_working
+
+    return list_working()
 
 
 @dataclass
@@ -65,12 +70,15 @@ class Backbone:
         model_cfg: the architecture config; equal configs mean interchangeable weights.
         pretrained: identity of the weights, JSON-serialisable, e.g.
             ``{"kind": "tag", "tag": "openai"}`` or ``{"kind": "random", "seed": 0}``.
+        adapter: the backbone adapter of its family (:mod:`grmpiqa.backbones`), through
+            which everything else reaches the model.
     """
 
     clip: Any
     name: str
     model_cfg: dict[str, Any]
     pretrained: dict[str, Any] = field(default_factory=dict)
+    adapter: BackboneAdapter | None = None
 
     @property
     def is_random(self) -> bool:
@@ -79,9 +87,11 @@ class Backbone:
     @property
     def logit_scale(self) -> float:
         """``exp(logit_scale)`` of the checkpoint (about 100 for OpenAI CLIP), never trained."""
-        return float(self.clip.logit_scale.detach().exp().item())
+        return float(self.clip.logit_scale.detach().exp().reshape(-1)[0].item())
 
     def tokenizer(self) -> Any:
+        if self.adapter is not None:
+            return self.adapter.tokenizer
         return open_clip.get_tokenizer(self.name)
 
     def describe(self) -> str:
@@ -157,8 +167,12 @@ def load_backbone(
     *,
     seed: int = 0,
     cache_dir: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Backbone:
-    """Build an open_clip CLIP and load its weights.
+    """Build an open_clip CLIP, load its weights and wrap it in its family's adapter.
+
+    A name no adapter can run (:func:`grmpiqa.backbones.resolve_name`) is refused before
+    anything is built, in one line saying why.
 
     Args:
         name: open_clip model name, ``"test-tiny"``, or ``"local-dir:PATH"``.
@@ -166,22 +180,29 @@ def load_backbone(
             (ignored for ``local-dir:``, whose folder holds the weights).
         seed: seed of the random initialisation (recorded; used when ``pretrained=None``).
         cache_dir: open_clip/Hugging Face cache folder for tags.
+        tokenizer: a folder holding a saved Hugging Face tokenizer, for backbones whose
+            tokenizer is not in the local cache (SigLIP, SigLIP2; needs ``grmpiqa[hf]``).
 
     Raises:
         BackboneError: unknown name, unreadable file, or a tag whose weights are neither
             cached nor downloadable (offline).
     """
     cfg = model_config(name)
+    res = resolve_name(name)
+    if res.refusal is not None:
+        raise BackboneError(res.refusal)
+    fin = _Finisher(name, cfg, tokenizer, cache_dir)
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser().resolve()
         clip = _create(f"{LOCAL_DIR_PREFIX}{folder}", None, seed)
         identity: dict[str, Any] = {"kind": "local-dir", "path": str(folder)}
-        return _finish(Backbone(clip, name, cfg, identity))
+        return fin(Backbone(clip, name, cfg, identity))
 
     if pretrained is None:
         clip = _create(name, None, seed)
+        bb = fin(Backbone(clip, name, cfg, {"kind": "random", "seed": int(seed)}))
         announce_random(name, seed)
-        return _finish(Backbone(clip, name, cfg, {"kind": "random", "seed": int(seed)}))
+        return bb
 
     pretrained = str(pretrained)
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
@@ -202,10 +223,10 @@ def load_backbone(
                 clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
             except Exception as err:  # noqa: BLE001 - open_clip raises bare RuntimeErrors
                 raise BackboneError(_offline_message(name, pretrained, err)) from None
-            return _finish(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}))
+            return fin(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}), pretrained)
         clip = _create(name, None, seed)
         _load_weights_file(clip, path)
-        return _finish(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}))
+        return fin(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}), pretrained)
 
     file = Path(pretrained).expanduser()
     if not file.exists():
@@ -221,7 +242,7 @@ def load_backbone(
     clip = _create(name, None, seed)
     _load_weights_file(clip, file)
     identity = {"kind": "file", "path": str(file.resolve()), "sha256_1mb": _quick_hash(file)}
-    return _finish(Backbone(clip, name, cfg, identity))
+    return fin(Backbone(clip, name, cfg, identity))
 
 
 def _create(name: str, pretrained: str | None, seed: int) -> Any:
@@ -234,18 +255,43 @@ def _create(name: str, pretrained: str | None, seed: int) -> Any:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return open_clip.create_model(name, pretrained=pretrained)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        raise BackboneError(f"{name}: cannot build backbone ({err})") from None
+            kwargs: dict[str, Any] = {}
+            if _hf_text(name):  # never download a Hugging Face text tower's weights here
+                kwargs["pretrained_hf"] = False
+            return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"{name}: cannot build backbone ({first})") from None
     finally:
         logger.setLevel(level)
 
 
-def _finish(bb: Backbone) -> Backbone:
-    bb.clip.eval()
-    for p in bb.clip.parameters():
-        p.requires_grad_(False)
-    return bb
+def _hf_text(name: str) -> bool:
+    try:
+        cfg = model_config(name)
+    except BackboneError:
+        return False
+    return bool(cfg.get("text_cfg", {}).get("hf_model_name"))
+
+
+@dataclass
+class _Finisher:
+    """Eval mode, frozen weights, and the family's adapter on a built backbone."""
+
+    name: str
+    cfg: dict[str, Any]
+    tokenizer: str | os.PathLike[str] | None
+    cache_dir: str | None
+
+    def __call__(self, bb: Backbone, tag: str | None = None) -> Backbone:
+        bb.clip.eval()
+        for p in bb.clip.parameters():
+            p.requires_grad_(False)
+        bb.adapter = build_adapter(
+            bb.clip, self.cfg, self.name, tag=tag, tokenizer=self.tokenizer,
+            cache_dir=self.cache_dir,
+        )  # fmt: skip
+        return bb
 
 
 def _quick_hash(path: Path) -> str:

@@ -4,7 +4,9 @@ A checkpoint is one ``.safetensors`` file holding only the adapted tensors (prom
 any fine-tuned backbone tensor) under the :class:`~grmpiqa.model.QualityModel`
 state-dict names, with JSON metadata in the safetensors header (key ``"grmpiqa"``):
 grmpiqa version, backbone name, pretrained identity (tag, file or random seed), the
-architecture config, the model config and the preprocessing.
+architecture config, the backbone adapter's family and configuration (a checkpoint is
+refused, in one line, on a backbone of another family), the model config and the
+preprocessing.
 """
 
 from __future__ import annotations
@@ -36,15 +38,27 @@ def checkpoint_metadata(model: QualityModel, extra: dict[str, Any] | None = None
         "format": FORMAT,
         "grmpiqa_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": {
-            "name": model.backbone_name,
-            "pretrained": model.backbone_pretrained,
-            "model_cfg": model.backbone_model_cfg,
-        },
+        "backbone": _backbone_record(model),
         "model_config": model.config.to_dict(),
         "preprocess": model.preprocess.to_dict(),
         "extra": extra or {},
     }
+
+
+def _backbone_record(model: QualityModel) -> dict[str, Any]:
+    """Name, weights identity, architecture config, and the adapter's family and
+    configuration (:meth:`grmpiqa.backbones.BackboneAdapter.config`)."""
+    rec: dict[str, Any] = {
+        "name": model.backbone_name,
+        "pretrained": model.backbone_pretrained,
+        "model_cfg": model.backbone_model_cfg,
+    }
+    adapter = getattr(model, "adapter", None)
+    if adapter is not None:
+        rec["adapter"] = adapter.config()
+        if adapter.extra.get("tokenizer"):
+            rec["tokenizer"] = adapter.extra["tokenizer"]
+    return rec
 
 
 def save_checkpoint(
@@ -126,7 +140,7 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
     bb = meta.get("backbone", {})
     if "name" in bb and not isinstance(bb["name"], str):
         raise CheckpointError(f"{path}: invalid metadata: backbone name is not a string")
-    for key in ("pretrained", "model_cfg"):
+    for key in ("pretrained", "model_cfg", "adapter"):
         if key in bb and not isinstance(bb[key], dict):
             raise CheckpointError(f"{path}: invalid metadata: backbone {key} is not a JSON object")
 
@@ -138,6 +152,13 @@ def apply_checkpoint(
     source: str = "checkpoint",
 ) -> None:
     """Copy checkpoint tensors into ``model`` after checking they belong to its backbone."""
+    family = (meta.get("backbone", {}).get("adapter") or {}).get("family")
+    own_family = model.adapter.family
+    if family and family != own_family:
+        raise CheckpointError(
+            f"{source}: trained on a {family} backbone ({meta['backbone'].get('name')}); "
+            f"{model.backbone_name} is a {own_family} backbone"
+        )
     arch = meta.get("backbone", {}).get("model_cfg")
     if arch is not None and _canonical(arch) != _canonical(model.backbone_model_cfg):
         raise CheckpointError(
@@ -161,7 +182,7 @@ def apply_checkpoint(
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
         if "clip.logit_scale" in tensors:  # s = exp(logit_scale) of these weights
-            model.logit_scale.copy_(model.clip.logit_scale.detach().exp().reshape(()))
+            model.logit_scale.fill_(model.adapter.logit_scale)
     model.adapted_keys |= set(tensors)
 
 

@@ -103,13 +103,28 @@ def grid_shape(model: QualityModel) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def _token_embeddings(model: QualityModel, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _token_embeddings(
+    model: QualityModel, pixels: torch.Tensor
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """Every token of the image tower's last layer through the head: ``[N, T, D]``
-    (not normalised), and the number of prefix tokens (CLS + visual prompts) before the
-    patches (:class:`~grmpiqa.towers.PromptedVisionTower`, reference path)."""
+    (not normalised), the number of prefix tokens (the trunk's own CLS/registers + visual
+    prompts) before the patches, and the pooled embedding ``[N, D]`` when the trunk does
+    not pool its first token (MAP or average pooling: SigLIP, PE-Core, ...); with CLS
+    pooling token 0 of the read-out is the global embedding itself
+    (:class:`~grmpiqa.towers.PromptedVisionTower`, reference path)."""
     tower = model.image_tower
-    tokens = tower.forward_head(tower.forward_features(pixels), pool=False)
-    return tokens, tower.num_prefix_tokens
+    if tower.trunk.visual_prompts_problem is not None and not tower.trunk.pooled_rows:
+        raise GrmpiqaError(
+            f"{model.backbone_name}: no quality maps for {tower.trunk.family} backbones "
+            f"({tower.trunk.visual_prompts_problem})"
+        )
+    feats = tower.forward_features(pixels)
+    try:
+        tokens = tower.forward_head(feats, pool=False)
+    except NotImplementedError as err:
+        raise GrmpiqaError(f"{model.backbone_name}: no quality maps ({err})") from None
+    pooled = None if tower.trunk.pooled_rows == 1 else tower.forward_head(feats, pool=True)
+    return tokens, tower.num_prefix_tokens, pooled
 
 
 @torch.inference_mode()
@@ -123,8 +138,11 @@ def map_tensor(
         x = pixels.to(model.device)
         with autocast(model.device, precision):
             text = model.quality_text_features().float()
-            tokens, prefix = _token_embeddings(model, x)
+            tokens, prefix, pooled = _token_embeddings(model, x)
             p = model.probabilities(l2_normalize(tokens.float()), text).cpu()
+            glob = None
+            if pooled is not None:
+                glob = model.probabilities(l2_normalize(pooled.float()), text).cpu()
     finally:
         model.train(was_training)
     rows, cols = grid_shape(model)
@@ -133,7 +151,8 @@ def map_tensor(
         raise GrmpiqaError(
             f"{model.backbone_name}: {patches.shape[1]} patch tokens, expected {rows}x{cols}"
         )
-    return p[:, 0], patches.reshape(-1, rows, cols)
+    score = p[:, 0] if glob is None else glob
+    return score, patches.reshape(-1, rows, cols)
 
 
 def quality_maps(

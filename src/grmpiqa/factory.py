@@ -22,8 +22,8 @@ import torch
 
 from grmpiqa.backbone import DEFAULT_BACKBONE, default_pretrained, load_backbone
 from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
-from grmpiqa.errors import CheckpointError
-from grmpiqa.log import GrmpiqaWarning
+from grmpiqa.errors import CheckpointError, GrmpiqaError
+from grmpiqa.log import GrmpiqaWarning, get_logger
 from grmpiqa.model import ModelConfig
 from grmpiqa.pipeline import resolve_device
 from grmpiqa.scale import scale_from_metadata
@@ -31,6 +31,8 @@ from grmpiqa.scoring.api import ScoringModel
 from grmpiqa.transforms import PreprocessConfig
 
 __all__ = ["DEFAULT", "create_model", "resolve_device", "pretrained_from_identity"]
+
+logger = get_logger("factory")
 
 
 class _Default:
@@ -71,6 +73,7 @@ def create_model(
     config: ModelConfig | None = None,
     preprocess: PreprocessConfig | None = None,
     cache_dir: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> ScoringModel:
     """Build a quality model, optionally restoring a grmpiqa checkpoint.
 
@@ -86,12 +89,16 @@ def create_model(
         checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors).
         device: torch device, or ``"auto"``: CUDA if present, else MPS where torch has
             it, else the CPU.
-        visual_prompts: use VPT-deep; default: the checkpoint's, else True.
+        visual_prompts: use VPT-deep; default: the checkpoint's, else True where the
+            backbone's trunk has tokens (token-free trunks such as ConvNeXt adapt the
+            text prompts and their last blocks only; docs/backbones.md).
         seed: seed of a random backbone and of the prompts' init; default: the
             checkpoint's, else 0.
         config: full :class:`ModelConfig` (``visual_prompts`` overrides its field).
         preprocess: preprocessing; default: the checkpoint's, else the released test
-            transform.
+            transform at the backbone's input size (:meth:`PreprocessConfig.for_backbone`).
+        tokenizer: a saved Hugging Face tokenizer folder, for backbones whose tokenizer
+            is not in the local cache (default: the checkpoint's, if that folder exists).
     """
     dev = resolve_device(device)
     tensors: dict[str, torch.Tensor] | None = None
@@ -125,7 +132,24 @@ def create_model(
             )
         config = replace(config, visual_prompts=visual_prompts)
 
-    bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir)
+    if tokenizer is None and bmeta.get("tokenizer") and Path(str(bmeta["tokenizer"])).is_dir():
+        tokenizer = str(bmeta["tokenizer"])
+    bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir, tokenizer=tokenizer)
+    assert bb.adapter is not None
+    family = (bmeta.get("adapter") or {}).get("family")
+    if checkpoint is not None and family and family != bb.adapter.family:
+        raise CheckpointError(
+            f"{checkpoint}: trained on a {family} backbone ({bmeta.get('name')}); "
+            f"{name} is a {bb.adapter.family} backbone"
+        )
+    problem = bb.adapter.visual_prompts_problem
+    if config.visual_prompts and problem is not None:
+        if visual_prompts:
+            raise GrmpiqaError(f"{name}: no visual prompts ({problem})")
+        logger.info("%s: no visual prompts (%s)", name, problem)
+        config = replace(config, visual_prompts=False)
+    if preprocess is None:
+        preprocess = PreprocessConfig.for_backbone(bb.adapter.preprocessing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         model = ScoringModel(bb, config, preprocess)

@@ -63,10 +63,7 @@ def frozen_image_blocks(model: QualityModel) -> int | None:
         return None
     tower = model.image_tower
     blocks = tower.block_modules()
-    in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    head = {id(p) for p in tower.head_parameters()}
-    embed = [p for p in model.clip.visual.parameters() if id(p) not in in_blocks | head]
-    if any(p.requires_grad for p in embed):
+    if any(p.requires_grad for p in tower.trunk.embed_parameters()):
         return None
     for i, block in enumerate(blocks):
         if any(p.requires_grad for p in block.parameters()):

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from grmpiqa.backbone import load_backbone
+from grmpiqa.backbones import ImageTrunk
 from grmpiqa.checkpoint import save_checkpoint
 from grmpiqa.data.datasets import Dataset
 from grmpiqa.distributed import Context, DataParallel, current
@@ -252,12 +253,12 @@ class SemanticTeacher(nn.Module):
 
     text_features: torch.Tensor
 
-    def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float) -> None:
+    def __init__(self, trunk: ImageTrunk, text_features: torch.Tensor, logit_scale: float) -> None:
         super().__init__()
-        self.visual = visual.eval()
+        self.visual = trunk.visual.eval()
         for p in self.visual.parameters():
             p.requires_grad_(False)
-        self.tower = PromptedVisionTower(self.visual, None)
+        self.tower = PromptedVisionTower(trunk, None)
         self.register_buffer("text_features", text_features.detach().float())
         self.logit_scale = float(logit_scale)
 
@@ -285,18 +286,24 @@ def build_teacher(
     """
     tokens = model.tokenizer(list(scene_prompts)).to(model.device)
     if _has_base_weights(model):
-        visual = copy.deepcopy(model.clip.visual)
+        trunk = type(model.adapter.image)(copy.deepcopy(model.adapter.image.visual))
         with torch.no_grad():
             text = model.text_tower.encode_tokens(tokens)
     else:
         ident = model.backbone_pretrained
         pretrained = pretrained_from_identity(ident, model.backbone_name, model.backbone_name)
-        bb = load_backbone(model.backbone_name, pretrained, seed=int(ident.get("seed", 0)))
-        clip = bb.clip.to(model.device)
-        visual = clip.visual
+        bb = load_backbone(
+            model.backbone_name,
+            pretrained,
+            seed=int(ident.get("seed", 0)),
+            tokenizer=model.adapter.extra.get("tokenizer"),
+        )
+        assert bb.adapter is not None
+        bb.clip.to(model.device)
+        trunk = bb.adapter.image
         with torch.no_grad():
-            text = clip.encode_text(tokens)
-    return SemanticTeacher(visual, l2_normalize(text.float()), float(model.logit_scale)).to(
+            text = bb.adapter.text.encode(tokens)
+    return SemanticTeacher(trunk, l2_normalize(text.float()), float(model.logit_scale)).to(
         model.device
     )
 

@@ -78,7 +78,12 @@ from grmpiqa.runs import (
     rng_to_state,
 )
 from grmpiqa.scoring.api import score as score_images
-from grmpiqa.transforms import stage1_query_transform, stage1_support_transform, stats_for
+from grmpiqa.transforms import (
+    stage1_query_transform,
+    stage1_stats,
+    stage1_support_transform,
+    stats_for,
+)
 
 __all__ = [
     "OUTER_SCHEDULES",
@@ -563,7 +568,9 @@ def pretrain(
         return result
 
     cache = _ImageCache(cfg.cache_images)
-    query_tf = stage1_query_transform(cfg.stats)
+    query_tf = stage1_query_transform(
+        stage1_stats(cfg.stats, model.preprocess.stats), model.preprocess.crop
+    )
     n_tasks = sum(len(db.tasks) for db in databases)
     fork_devices: list[int] = []
     if device.type == "cuda":
@@ -822,7 +829,9 @@ def _run_task(
     next query batch (query batches cycle). Returns mean support/query losses."""
     support, query = split_task(task, cfg.support_fraction, cfg.seed, epoch, d_index, t_index)
     aug = random.Random(_derive_seed(cfg.seed, _AUGMENT, epoch, d_index, t_index))
-    support_tf = stage1_support_transform(cfg.stats, aug)
+    support_tf = stage1_support_transform(
+        stage1_stats(cfg.stats, model.preprocess.stats), aug, model.preprocess.crop
+    )
     torch.manual_seed(_derive_seed(cfg.seed, _DROPOUT, epoch, d_index, t_index))
     device = model.device
     labels = torch.tensor([it.label for it in task.items], dtype=torch.float32)

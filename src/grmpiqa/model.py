@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from grmpiqa import _openclip as oc
 from grmpiqa.backbone import Backbone
+from grmpiqa.backbones import BackboneAdapter, placeholder_start
+from grmpiqa.errors import BackboneError
 from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize, scaled_cosines
 from grmpiqa.towers import PromptedVisionTower, TextTower
 from grmpiqa.transforms import PreprocessConfig
@@ -112,12 +113,19 @@ class QualityModel(nn.Module):
     (:mod:`grmpiqa.towers`). Training loops select what trains with
     :meth:`set_trainable` and the group names in ``STAGE1_GROUPS``/``STAGE2_GROUPS``.
 
+    Every backbone is reached through its adapter (:attr:`adapter`,
+    :mod:`grmpiqa.backbones`): no family's layout is known here. The backbone always runs
+    in eval mode (BatchNorm statistics, stochastic depth and patch dropout stay off in
+    training: stage 2 trains parameters, method.md 7); ``train()`` switches only the
+    prompts' dropout.
+
     State-dict layout (checkpoints): ``clip.*`` (the open_clip model),
     ``prompt_learner.ctx`` (text context), ``visual.*`` (VPT prompt parameters).
     """
 
     logit_scale: torch.Tensor
     hand_tokens: torch.Tensor
+    adapter: BackboneAdapter
 
     def __init__(
         self,
@@ -132,35 +140,45 @@ class QualityModel(nn.Module):
         self.backbone_pretrained = dict(backbone.pretrained)
         self.backbone_model_cfg = dict(backbone.model_cfg)
         self.clip: Any = backbone.clip
+        if backbone.adapter is None:
+            raise BackboneError(f"{backbone.name}: a backbone without its adapter")
+        adapter: BackboneAdapter = backbone.adapter
+        self.__dict__["adapter"] = adapter
         self.tokenizer = backbone.tokenizer()
         cfg = self.config
         self.prompt_learner: TextPromptLearner | None = None
         if cfg.hand_prompts is None:
             self.prompt_learner = TextPromptLearner(
-                self.clip.token_embedding,
+                adapter.text.token_embedding,
                 self.tokenizer,
                 cfg.class_names,
                 cfg.n_ctx,
                 cfg.ctx_init_std,
+                ctx_start=placeholder_start(self.tokenizer, cfg.n_ctx, cfg.class_names[0]),
             )
         else:
             self.register_buffer(
                 "hand_tokens", self.tokenizer(list(cfg.hand_prompts)), persistent=False
             )
-        vit = self.clip.visual
+        trunk = adapter.image
         self.visual: VisualPrompts | None = None
         if cfg.visual_prompts:
+            if trunk.visual_prompts_problem is not None:
+                raise BackboneError(
+                    f"{backbone.name}: no visual prompts ({trunk.visual_prompts_problem}); "
+                    "use visual_prompts=False"
+                )
             self.visual = VisualPrompts(
-                oc.vision_width(vit),
-                len(oc.vision_blocks(vit)),
-                oc.patch_size(vit),
+                trunk.width,
+                trunk.n_units,
+                trunk.patch_size,
                 cfg.vpt_tokens,
                 cfg.vpt_deep_layers,
                 cfg.vpt_dropout,
             )
-        self.image_tower = PromptedVisionTower(vit, self.visual)
-        self.text_tower = TextTower(self.clip)
-        self.register_buffer("logit_scale", torch.tensor(backbone.logit_scale), persistent=False)
+        self.image_tower = PromptedVisionTower(trunk, self.visual)
+        self.text_tower = TextTower(adapter.text)
+        self.register_buffer("logit_scale", torch.tensor(adapter.logit_scale), persistent=False)
         #: state-dict keys that differ from the base CLIP (saved in checkpoints)
         self.adapted_keys: set[str] = set(self.parameter_names(("text_context", "visual_prompts")))
         #: the label scale and p -> MOS map a fine-tuning run recorded (``scale="mos"``)
@@ -172,6 +190,12 @@ class QualityModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
+
+    def train(self, mode: bool = True) -> QualityModel:
+        """Train mode for the prompts (dropout); the backbone stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images ``[N, 3, H, W]``."""
@@ -222,17 +246,16 @@ class QualityModel(nn.Module):
     # -- parameter groups -------------------------------------------------------------
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
-        """Named parameter groups (method.md 6, 7), keyed by state-dict name."""
-        k = self.config.finetune_blocks
-        text_blocks = list(self.text_tower.blocks())
-        img_blocks = list(oc.vision_blocks(self.clip.visual))
+        """Named parameter groups (method.md 6, 7), keyed by state-dict name.
+
+        ``text_blocks``/``image_blocks``: the last ``finetune_blocks`` units of each tower
+        (transformer blocks, or a convolutional trunk's residual blocks); ``ln_final`` /
+        ``ln_post``: each tower's final norms (:meth:`BackboneAdapter.parameter_modules`).
+        """
         modules: dict[str, list[nn.Module]] = {
             "text_context": [self.prompt_learner] if self.prompt_learner is not None else [],
             "visual_prompts": [self.visual] if self.visual is not None else [],
-            "text_blocks": text_blocks[len(text_blocks) - k :] if k else [],
-            "image_blocks": img_blocks[len(img_blocks) - k :] if k else [],
-            "ln_final": [self.clip.ln_final],
-            "ln_post": [self.clip.visual.ln_post],
+            **self.adapter.parameter_modules(self.config.finetune_blocks),
         }
         owner = {id(p): n for n, p in self.named_parameters()}
         out: dict[str, dict[str, nn.Parameter]] = {}

@@ -24,8 +24,9 @@ class TextPromptLearner(nn.Module):
     """Shared learnable context for the quality classes (CoOp, method.md 3).
 
     ``n_ctx`` context vectors of the text width, initialised N(0, 0.02), replace the
-    embeddings of the placeholder words at positions ``1..n_ctx`` (right after SOT) of
-    ``"X X X X {class}."``.
+    embeddings of the placeholder words at positions ``ctx_start..ctx_start+n_ctx-1``
+    of ``"X X X X {class}."``: right after SOT (1) for CLIP's tokenizer, first (0) for
+    tokenizers without a start token (SigLIP).
 
     Args:
         token_embedding: the CLIP text tower's embedding (used once, to build buffers).
@@ -33,6 +34,8 @@ class TextPromptLearner(nn.Module):
         class_names: e.g. ``("high quality", "low quality")``; index 0 is "good".
         n_ctx: number of context vectors.
         init_std: std of the normal init.
+        ctx_start: position of the first placeholder word
+            (:func:`grmpiqa.backbones.placeholder_start`).
     """
 
     tokens: torch.Tensor
@@ -42,14 +45,15 @@ class TextPromptLearner(nn.Module):
 
     def __init__(
         self,
-        token_embedding: nn.Embedding,
+        token_embedding: nn.Module,
         tokenizer: object,
         class_names: Sequence[str] = ("high quality", "low quality"),
         n_ctx: int = 4,
         init_std: float = 0.02,
+        ctx_start: int = 1,
     ) -> None:
         super().__init__()
-        width = token_embedding.weight.shape[1]
+        width = int(token_embedding.weight.shape[1])  # type: ignore[index]
         self.n_ctx = n_ctx
         self.class_names = tuple(class_names)
         prefix = " ".join([PLACEHOLDER] * n_ctx)
@@ -59,11 +63,12 @@ class TextPromptLearner(nn.Module):
             embedded = token_embedding(tokens).float()
         self.ctx = nn.Parameter(torch.empty(n_ctx, width).normal_(0.0, init_std))
         self.register_buffer("tokens", tokens, persistent=False)
-        self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)
-        self.register_buffer("token_suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)
+        s = self.ctx_start = int(ctx_start)
+        self.register_buffer("token_prefix", embedded[:, :s].clone(), persistent=False)
+        self.register_buffer("token_suffix", embedded[:, s + n_ctx :].clone(), persistent=False)
         #: embeddings of the placeholder words (context equal to these = the plain text)
         self.register_buffer(
-            "placeholder_embedding", embedded[0, 1 : 1 + n_ctx].clone(), persistent=False
+            "placeholder_embedding", embedded[0, s : s + n_ctx].clone(), persistent=False
         )
 
     def forward(self) -> torch.Tensor:

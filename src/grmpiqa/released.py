@@ -98,6 +98,11 @@ def import_released(
         if "visual.deep_prompt_embeddings" in mapped:
             cfg_kw["vpt_deep_layers"] = int(mapped["visual.deep_prompt_embeddings"].shape[0])
     model = create_model(backbone, pretrained, config=ModelConfig(**cfg_kw), seed=seed)
+    if (model.adapter.family, model.adapter.text.kind) != ("openclip-vit", "clip-text"):
+        raise CheckpointError(
+            f"{src}: the authors' files use the OpenAI CLIP ViT layout; {backbone} is a "
+            f"{model.adapter.family} backbone (use ViT-B-16-quickgelu)"
+        )
     own = model.state_dict()
     unknown = sorted(k for k in mapped if k not in own)
     if unknown:

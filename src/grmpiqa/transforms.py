@@ -23,7 +23,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (1.0, 1.0, 1.0)
+
+_STATS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "inception": (INCEPTION_MEAN, INCEPTION_STD),  # SigLIP, SigLIP2, ViTamin: [-1, 1]
+    "unit": (UNIT_MEAN, UNIT_STD),  # MobileCLIP: [0, 1], no normalisation
+}
 _INTERP = {
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,
@@ -34,12 +44,13 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def stats_for(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std for ``"imagenet"`` (released code) or ``"clip"``."""
+    """Mean and std for ``"imagenet"`` (released code), ``"clip"``, ``"inception"``
+    (0.5, 0.5) or ``"unit"`` (0, 1)."""
     try:
         return _STATS[name]
     except KeyError:
         raise ValueError(
-            f"unknown normalisation statistics {name!r}; use 'imagenet' or 'clip'"
+            f"unknown normalisation statistics {name!r}; use one of {', '.join(_STATS)}"
         ) from None
 
 
@@ -51,7 +62,7 @@ class PreprocessConfig:
         resize: side of the square the whole image is resized to (aspect not kept).
         crop: side of the centre crop taken from the resized image (= model input size).
         interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
-        stats: ``"imagenet"`` (released code) or ``"clip"``.
+        stats: ``"imagenet"`` (released code), ``"clip"``, ``"inception"`` or ``"unit"``.
     """
 
     resize: int = 244
@@ -85,6 +96,28 @@ class PreprocessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def for_backbone(cls, pre: Any) -> PreprocessConfig:
+        """The released test transform (method.md 7) for a backbone's own preprocessing
+        (:class:`grmpiqa.backbones.Preprocessing`): the crop is its input size and the
+        resize keeps the released margin (244 for 224). Backbones trained with CLIP's
+        statistics get ImageNet's, as the released code gives OpenAI CLIP (so ViT-B/16
+        is exactly the released transform); the others keep their own (SigLIP's 0.5/0.5,
+        MobileCLIP's 0/1)."""
+        size = int(pre.size)
+        resize = int(round(size * 244 / 224))
+        mean = tuple(round(float(v), 4) for v in pre.mean)
+        std = tuple(round(float(v), 4) for v in pre.std)
+        stats = "imagenet"
+        for name, (m, sd) in _STATS.items():
+            if name != "clip" and (mean, std) == (
+                tuple(round(v, 4) for v in m),
+                tuple(round(v, 4) for v in sd),
+            ):
+                stats = name
+        interp = str(pre.interpolation) if str(pre.interpolation) in _INTERP else "bicubic"
+        return cls(resize=resize, crop=size, interpolation=interp, stats=stats)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
@@ -193,14 +226,16 @@ class _Stage1Support:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     generator: random.Random | None = None
+    size: int = 224
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         rng = self.generator or random
-        img = img.resize((256, 256), Image.Resampling.BILINEAR)
+        big = int(round(self.size * 256 / 224))
+        img = img.resize((big, big), Image.Resampling.BILINEAR)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        top, left = rng.randint(0, 32), rng.randint(0, 32)
-        img = img.crop((left, top, left + 224, top + 224))
+        top, left = rng.randint(0, big - self.size), rng.randint(0, big - self.size)
+        img = img.crop((left, top, left + self.size, top + self.size))
         return TF.normalize(TF.to_tensor(img), list(self.mean), list(self.std))
 
 
@@ -208,21 +243,30 @@ class _Stage1Support:
 class _Stage1Query:
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    size: int = 224
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.resize((224, 224), Image.Resampling.BILINEAR)
+        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return TF.normalize(TF.to_tensor(img), list(self.mean), list(self.std))
 
 
 def stage1_support_transform(
-    stats: str = "imagenet", generator: random.Random | None = None
+    stats: str = "imagenet", generator: random.Random | None = None, size: int = 224
 ) -> Transform:
-    """Stage 1 support: resize 256x256, random horizontal flip, random 224 crop."""
+    """Stage 1 support: resize 256x256, random horizontal flip, random 224 crop (for a
+    backbone of another input size ``size``, the same in proportion)."""
     mean, std = stats_for(stats)
-    return _Stage1Support(mean, std, generator)
+    return _Stage1Support(mean, std, generator, size)
 
 
-def stage1_query_transform(stats: str = "imagenet") -> Transform:
-    """Stage 1 query: resize to 224x224."""
+def stage1_query_transform(stats: str = "imagenet", size: int = 224) -> Transform:
+    """Stage 1 query: resize to 224x224 (``size`` x ``size``)."""
     mean, std = stats_for(stats)
-    return _Stage1Query(mean, std)
+    return _Stage1Query(mean, std, size)
+
+
+def stage1_stats(requested: str, model_stats: str) -> str:
+    """Statistics of stage 1: the requested ones (ImageNet, as released, or CLIP's) for
+    backbones trained with CLIP's statistics; a backbone's own for the others (SigLIP's
+    0.5/0.5, MobileCLIP's 0/1), which its weights expect."""
+    return requested if model_stats in ("imagenet", "clip") else model_stats

@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "explain",
     "serve",
+    "backbones",
 )
 
 
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     install_cli_handler()
+    _export_tokenizer(args)
     try:
         return int(args.func(args) or 0)
     except GrmpiqaError as err:
@@ -58,6 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         distributed.shutdown()
+
+
+def _export_tokenizer(args: argparse.Namespace) -> None:
+    """``--tokenizer DIR`` reaches every model the command builds, in every process."""
+    import os
+    from pathlib import Path
+
+    folder = getattr(args, "tokenizer", None)
+    if folder:
+        os.environ["GRMPIQA_TOKENIZER"] = str(Path(folder).expanduser().resolve())
 
 
 def _rank_tag() -> str:

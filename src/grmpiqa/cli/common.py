@@ -40,8 +40,21 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True
         help="torch device: auto (CUDA if present, else MPS, else the CPU; the default), cpu, "
         "cuda, cuda:1, mps",
     )
+    add_tokenizer_arg(g)
     if with_seed:
         g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+
+
+def add_tokenizer_arg(group: Any) -> None:
+    """``--tokenizer DIR``: a saved Hugging Face tokenizer (SigLIP, SigLIP2) used when the
+    backbone's own is not in the local cache (sets GRMPIQA_TOKENIZER for the command)."""
+    group.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="folder of a saved Hugging Face tokenizer, for backbones whose tokenizer is not "
+        "in the local cache (SigLIP, SigLIP2; needs grmpiqa[hf]); default: the checkpoint's",
+    )
 
 
 def pretrained_arg(value: str | None) -> Any:
