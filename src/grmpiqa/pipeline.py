@@ -495,8 +495,12 @@ def to_device(
 ) -> DeviceBatch:
     """The device stage: crops copied (non-blocking from pinned memory), JPEG bytes
     decoded on the device (:func:`decode_on`), everything normalised on the device."""
+    errors = sorted(batch.errors)
+    idx = batch.pixel_indices
+    if not batch.encoded and batch.pixels is not None and idx == sorted(idx):
+        on = batch.pixels.to(device, non_blocking=True)  # in order already: no re-stacking
+        return DeviceBatch(list(idx), preprocess.normalize(on), errors)
     rows: dict[int, torch.Tensor] = {}
-    errors = list(batch.errors)
     if batch.pixels is not None:
         on = batch.pixels.to(device, non_blocking=True)
         rows.update(zip(batch.pixel_indices, on.unbind(0), strict=True))
