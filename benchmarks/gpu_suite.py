@@ -32,7 +32,10 @@ process unless stated:
    exists: its ``training_figures(device: str, small: bool) -> dict`` is called and its
    numbers (a flat dict of figures) are printed and kept in the JSON.
 
-The last stdout line is one JSON object (``--json FILE`` also writes it to FILE).
+Sections 5, 6 and 4 run in that order after 3; whatever would start past 85% of
+``--max-seconds`` (300) is skipped and says so, and a section that fails records its
+error instead of stopping the suite. The last stdout line is one JSON object (``--json
+FILE`` also writes it to FILE).
 """
 
 from __future__ import annotations
@@ -363,6 +366,12 @@ def main() -> None:
     ap.add_argument("--no-training", action="store_true", help="skip the training figures")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     ap.add_argument("--json", default=None, help="also write the JSON summary to this file")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=300.0,
+        help="time budget: sections that would start past 85%% of it are skipped (default 300)",
+    )
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.threads:
@@ -381,6 +390,11 @@ def main() -> None:
     n_score = args.score_images or (16 if small else 4096)
     n_scaling = args.scaling_images or (192 if small else 4096)
     compile_ = args.compile == "on" or (args.compile == "auto" and cuda and not small)
+
+    def over_budget() -> bool:
+        """Past 85% of --max-seconds: the optional sections that remain are skipped."""
+        return time.perf_counter() - t_start > 0.85 * args.max_seconds
+
     min_s = 0.3 if small else 1.5
     cpus = os.cpu_count() or 1
 
@@ -476,9 +490,17 @@ def main() -> None:
         )
         for name, items in sets.items():
             for decode in ("pil", "torch"):
+                if over_budget():
+                    e2e[f"{name} / {decode}"] = {"skipped": "time budget"}
+                    continue
                 scorer = BatchScorer(model, precision="bf16", decode=decode)
-                end_to_end(scorer, items[: batch * 2], batch, workers)  # warm-up
-                r, _, cpu = end_to_end(scorer, items, batch, workers)
+                try:
+                    end_to_end(scorer, items[: batch * 2], batch, workers)  # warm-up
+                    r, _, cpu = end_to_end(scorer, items, batch, workers)
+                except Exception as err:  # noqa: BLE001 - recorded, the suite goes on
+                    e2e[f"{name} / {decode}"] = {"error": f"{type(err).__name__}: {err}"}
+                    print(f"{name:18s} {decode:6s} error: {type(err).__name__}: {err}")
+                    continue
                 row = {
                     "images": len(items),
                     "e2e_img_s": r,
@@ -497,61 +519,85 @@ def main() -> None:
             summary["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             print(f"peak GPU memory: {summary['peak_gpu_mib']:.0f} MiB")
 
-        # 4. worker scaling, tiny backbone
-        counts = [1, 2] if not cuda else [w for w in (1, 4, 8, 16) if w <= max(1, cpus - 1)]
-        tiny_scorer = BatchScorer(tiny, precision="auto", decode="pil")
-        scaling_sets = {"500px": [gen[i % distinct] for i in range(n_scaling)]}
-        if "12 MP generated" in sets:
-            big = sets["12 MP generated"]
-            scaling_sets["12MP"] = [big[i % len(big)] for i in range(max(8, n_scaling // 32))]
-        summary["worker_scaling"] = {}
-        threads = torch.get_num_threads()
-        if not cuda:  # the tiny model needs one thread; more only contend with the workers
-            torch.set_num_threads(1)
-        for label, scal_items in scaling_sets.items():
-            summary["worker_scaling"][label] = worker_scaling(
-                tiny_scorer, scal_items, counts, 32 if small else batch, label
-            )
-        torch.set_num_threads(threads)
-        ws = summary["worker_scaling"]["500px"]
-        if "2" in ws:
-            summary["two_workers_over_one"] = ws["2"]["img_s"] / ws["1"]["img_s"]
-
         # 5. the decoders agree; batch-size invariance of the torch path
-        clive_cmp = clive_all[:n_clive] if n_clive else clive_all
-        agree: dict[str, Any] = {}
-        if clive_cmp:
-            s = {
-                d: model.score(clive_cmp, batch, precision="bf16", decode=d)
-                for d in ("pil", "torch")
-            }
-            agree["clive_images"] = len(clive_cmp)
-            agree["clive_max_abs_score_diff"] = float((s["pil"] - s["torch"]).abs().max())
-            agree["clive_mean_abs_score_diff"] = float((s["pil"] - s["torch"]).abs().mean())
-        few = items500[: min(16, len(items500))]
-        one = model.score(few, 1, precision="bf16", decode="torch")
-        many = model.score(few, len(few), precision="bf16", decode="torch")
-        agree["torch_batch1_vs_batchN_max_abs"] = float((one - many).abs().max())
-        summary["decoders_agree"] = agree
-        print(
-            "\ndecoders: "
-            + ", ".join(
-                f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in agree.items()
+        def agreement() -> dict[str, Any]:
+            clive_cmp = clive_all[:n_clive] if n_clive else clive_all
+            agree: dict[str, Any] = {}
+            if clive_cmp:
+                s = {
+                    d: model.score(clive_cmp, batch, precision="bf16", decode=d)
+                    for d in ("pil", "torch")
+                }
+                diff = (s["pil"] - s["torch"]).abs()
+                agree["clive_images"] = len(clive_cmp)
+                agree["clive_max_abs_score_diff"] = float(diff.max())
+                agree["clive_mean_abs_score_diff"] = float(diff.mean())
+            few = items500[: min(16, len(items500))]
+            one = model.score(few, 1, precision="bf16", decode="torch")
+            many = model.score(few, len(few), precision="bf16", decode="torch")
+            agree["torch_batch1_vs_batchN_max_abs"] = float((one - many).abs().max())
+            print(
+                "\ndecoders: "
+                + ", ".join(
+                    f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in agree.items()
+                )
             )
-        )
+            return agree
 
-        # 6. grmpiqa score
-        folder = root / "score_dir"
-        folder.mkdir()
-        for i in range(n_score):
-            os.link(gen[i % distinct], folder / f"{i:06d}.jpg")
-        cmd = score_command(folder, args.device, batch)
-        summary["grmpiqa_score"] = cmd
-        print(
-            f"\ngrmpiqa score on {n_score} images (fresh process): {cmd['wall_s']:.1f} s, "
-            f"{cmd['img_s_including_start']:.1f} img/s including start and model load; "
-            f"rc {cmd['returncode']}; said: {cmd['announced']}"
-        )
+        # 6. grmpiqa score in a fresh process
+        def command() -> dict[str, Any]:
+            folder = root / "score_dir"
+            folder.mkdir(exist_ok=True)
+            for i in range(n_score):
+                os.link(gen[i % distinct], folder / f"{i:06d}.jpg")
+            cmd = score_command(folder, args.device, batch)
+            print(
+                f"\ngrmpiqa score on {n_score} images (fresh process): {cmd['wall_s']:.1f} s, "
+                f"{cmd['img_s_including_start']:.1f} img/s including start and model load; "
+                f"rc {cmd['returncode']}; said: {cmd['announced']}"
+            )
+            return cmd
+
+        # 4. worker scaling, tiny backbone (one main torch thread on the CPU)
+        def scaling() -> dict[str, Any]:
+            counts = [1, 2] if not cuda else [w for w in (1, 4, 8, 16) if w <= max(1, cpus - 1)]
+            tiny_scorer = BatchScorer(tiny, precision="auto", decode="pil")
+            scaling_sets = {"500px": [gen[i % distinct] for i in range(n_scaling)]}
+            if "12 MP generated" in sets:
+                big = sets["12 MP generated"]
+                scaling_sets["12MP"] = [big[i % len(big)] for i in range(max(8, n_scaling // 32))]
+            out: dict[str, Any] = {}
+            threads = torch.get_num_threads()
+            if not cuda:  # the tiny model needs one thread; more only contend with workers
+                torch.set_num_threads(1)
+            try:
+                for label, scal_items in scaling_sets.items():
+                    out[label] = worker_scaling(
+                        tiny_scorer, scal_items, counts, 32 if small else batch, label
+                    )
+            finally:
+                torch.set_num_threads(threads)
+            if "2" in out["500px"]:
+                summary["two_workers_over_one"] = (
+                    out["500px"]["2"]["img_s"] / out["500px"]["1"]["img_s"]
+                )
+            return out
+
+        sections: list[tuple[str, Callable[[], Any]]] = [
+            ("decoders_agree", agreement),
+            ("grmpiqa_score", command),
+            ("worker_scaling", scaling),
+        ]
+        for key, fn in sections:
+            if over_budget():
+                summary[key] = {"skipped": "time budget"}
+                print(f"\n{key}: skipped (time budget, --max-seconds)")
+                continue
+            try:
+                summary[key] = fn()
+            except Exception as err:  # noqa: BLE001 - recorded, the suite goes on
+                summary[key] = {"error": f"{type(err).__name__}: {err}"}
+                print(f"\n{key}: error: {type(err).__name__}: {err}")
 
     # 7. training figures of the companion issue
     if not args.no_training:
