@@ -350,3 +350,23 @@ def test_cli_subprocess_no_traceback(tmp_path: Path, case: str, command: str) ->
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("grmpiqa: error: "), res.stderr
     assert must in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_D16_synth_never_replaces_a_dmos_csv_it_did_not_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``synth --out DIR`` where DIR holds the user's own dmos.csv (no synth.json, no
+    images/): refused in one line, the file untouched (issue 18)."""
+    pristine = tmp_path / "pristine"
+    _images(pristine, 1)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "dmos.csv").write_text("dist_img,ref_img,dmos,var\nmy.png,ref.png,4.2,0.1\n")
+    before = (out / "dmos.csv").read_bytes()
+    rc = main(["synth", "--pristine", str(pristine), "--out", str(out), "--types", "jpeg",
+               "--levels", "2", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("grmpiqa: error:") == 1 and "Traceback" not in err
+    assert "holds a dmos.csv that grmpiqa synth did not write" in err
+    assert (out / "dmos.csv").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["dmos.csv"]

@@ -104,3 +104,130 @@ def test_large_jpeg_decodes_at_reduced_scale_when_allowed(tmp_path):
     big.save(png)
     assert load_image(png, min_side=488).size == (2400, 1800)
     assert load_image(path, min_side=1000).size == (2400, 1800)
+
+
+# -- issue 18: the format allowlist, content sniffing, decoded-size budgets ------------------
+
+_PS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (_PS, "PostScript"),
+        (b"\xc5\xd0\xd3\xc6" + bytes(40), "EPS"),
+        (b"%PDF-1.4\n", "PDF"),
+        (b"8BPS\x00\x01" + bytes(30), "Photoshop PSD"),
+        (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(20), "JPEG 2000"),
+        (b"\x00\x00\x01\x00\x01\x00" + bytes(40), "unrecognised format"),  # an ICO
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
+    ],
+)
+def test_content_outside_the_allowlist_is_refused_whatever_its_name(tmp_path, content, what):
+    from grmpiqa.errors import NotAnImageError
+    from grmpiqa.images import load_image_bytes, probe_image
+
+    for name in ("x.jpg", "x.png", "x.eps"):
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(NotAnImageError, match=f"{name}: not an image file .*{what}"):
+            load_image(p)
+        with pytest.raises(NotAnImageError, match=what):
+            probe_image(p)
+    with pytest.raises(NotAnImageError, match="accepted: JPEG, PNG"):
+        load_image_bytes(content, "upload")
+
+
+def test_every_allowed_format_is_sniffed_and_decoded(tmp_path):
+    from grmpiqa.images import ALLOWED_FORMATS, sniff_format
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 16, 3), np.uint8))
+    for fmt in ALLOWED_FORMATS:
+        p = tmp_path / "wrong-name.jpg"  # the name does not matter, the content does
+        img.save(p, format=fmt)
+        assert sniff_format(p.read_bytes()[:16]) == fmt
+        assert load_image(p).size == (16, 12)
+
+
+def test_allowlisted_decode_never_reaches_another_plugin(tmp_path, monkeypatch):
+    """Even a file starting like PNG is opened by the PNG plugin only (formats=[...])."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: calls.append(1) or True)
+    p = tmp_path / "a.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + _PS)
+    with pytest.raises(ImageError):
+        load_image(p)
+    p.write_bytes(_PS)
+    with pytest.raises(ImageError):
+        load_image(p)
+    assert calls == []
+
+
+def test_decoded_bytes_counts_bit_depth_and_channels():
+    import io
+    import zlib
+
+    from grmpiqa.images import probe_image
+
+    def png(arr, mode=None):
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode).save(buf, "PNG") if mode else Image.fromarray(arr).save(
+            buf, "PNG"
+        )
+        return buf.getvalue()
+
+    assert probe_image(png(np.zeros((10, 20), np.uint8))).decoded_bytes == 200
+    assert probe_image(png(np.zeros((10, 20, 3), np.uint8))).decoded_bytes == 600
+    assert probe_image(png(np.zeros((10, 20, 4), np.uint8))).decoded_bytes == 800
+    assert probe_image(png(np.zeros((10, 20), np.uint16))).decoded_bytes == 400
+    # a 16-bit RGB PNG (Pillow reads it as RGB;16B): 2 bytes a sample
+    ihdr = (20).to_bytes(4, "big") + (10).to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+    rows = zlib.compress(bytes(10 * (1 + 20 * 6)))
+    raw = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", rows)
+    raw += _chunk(b"IEND", b"")
+    assert probe_image(raw).decoded_bytes == 20 * 10 * 3 * 2
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def test_max_decoded_bytes_refuses_before_decoding(tmp_path):
+    from grmpiqa.errors import ImageTooLargeError
+
+    p = _save(tmp_path, "d16.png", Image.fromarray(np.zeros((100, 100), np.uint16)))
+    assert load_image(p, max_decoded_bytes=20_000).size == (100, 100)
+    with pytest.raises(ImageTooLargeError, match=r"d16.png: image too large to decode .*I;16"):
+        load_image(p, max_decoded_bytes=19_999)
+
+
+def test_split_by_budget_keeps_order_and_budget():
+    from grmpiqa.images import split_by_budget
+
+    costs = [5, 1, 4, 10, 2, 2, 7]
+    groups = split_by_budget(costs, 6)
+    assert [i for g in groups for i in g] == list(range(len(costs)))
+    for g in groups:
+        assert len(g) == 1 or sum(costs[i] for i in g) <= 6
+    assert split_by_budget([], 6) == []
+
+
+def test_16_bit_to_8_bit_is_exact_rounding():
+    arr = np.arange(0, 65536, dtype=np.uint16).reshape(256, 256)
+    out = np.asarray(load_image_from(arr))[..., 0]
+    expect = np.clip(np.round(arr.astype(np.float64) * (255.0 / 65535.0)), 0, 255)
+    assert np.array_equal(out, expect.astype(np.uint8))
+
+
+def load_image_from(arr):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    from grmpiqa.images import load_image_bytes
+
+    return load_image_bytes(buf.getvalue(), "x")

@@ -42,7 +42,8 @@ def img(v: float) -> torch.Tensor:
     return torch.full((3, 2, 2), float(v))
 
 
-def test_images_waiting_during_a_batch_form_the_next_one_in_order():
+def test_images_waiting_during_a_batch_form_the_next_one_round_robin():
+    """Each request's images keep their order; requests take turns (issue 18: fair)."""
     eng = FakeEngine()
     b = MicroBatcher(eng, max_batch=8, max_wait_ms=0)  # type: ignore[arg-type]
     first = b.submit([img(1)])
@@ -53,7 +54,7 @@ def test_images_waiting_during_a_batch_form_the_next_one_in_order():
     assert first[0].result(30).score == 1.0
     for c, futs in enumerate(later, start=1):
         assert [f.result(30).score for f in futs] == [10 * c, 10 * c + 1]
-    assert eng.batches == [[1.0], [10.0, 11.0, 20.0, 21.0, 30.0, 31.0]]
+    assert eng.batches == [[1.0], [10.0, 20.0, 30.0, 11.0, 21.0, 31.0]]
     b.close()
     assert b.pending == 0
 

@@ -103,7 +103,8 @@ def test_psnr_strictly_decreasing_on_kodak() -> None:
 def test_synthesize_layout_and_kadid_adapter(pristine: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out).mkdir()
-    (out / "dmos.csv").write_text("stale")
+    (out / "dmos.csv").write_text("stale")  # of an earlier synth run (its synth.json beside)
+    (out / "synth.json").write_text("{}")
     res = S.synthesize(pristine, out, types=["jpeg", "white_noise"], levels=5, progress=False)
     assert res.references == 2 and res.images == 20 and res.spec == f"kadid:{out}"
     lines = (out / "dmos.csv").read_text().splitlines()

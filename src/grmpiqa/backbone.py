@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import warnings
@@ -34,6 +33,7 @@ from torch import nn
 from grmpiqa.backbones import BackboneAdapter, build_adapter, resolve_name
 from grmpiqa.errors import BackboneError
 from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
+from grmpiqa.utils import load_json
 
 DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -148,8 +148,8 @@ def model_config(name: str) -> dict[str, Any]:
                 f"{cfg_path}: missing (a local-dir backbone needs open_clip_config.json)"
             )
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
-        except (ValueError, KeyError) as err:
+            cfg = load_json(cfg_path.read_text(encoding="utf-8"))["model_cfg"]
+        except (ValueError, KeyError, TypeError) as err:
             raise BackboneError(f"{cfg_path}: not a valid open_clip config ({err})") from None
         return dict(cfg)
     cfg = open_clip.get_model_config(name)

@@ -3,10 +3,18 @@
 A checkpoint is one ``.safetensors`` file holding only the adapted tensors (prompts and
 any fine-tuned backbone tensor) under the :class:`~grmpiqa.model.QualityModel`
 state-dict names, with JSON metadata in the safetensors header (key ``"grmpiqa"``):
-grmpiqa version, backbone name, pretrained identity (tag, file or random seed), the
-architecture config, the backbone adapter's family and configuration (a checkpoint is
-refused, in one line, on a backbone of another family), the model config and the
-preprocessing.
+grmpiqa version, backbone name, pretrained identity (a tag, a weights file's name and
+hash, or a random seed: never a path of the machine that wrote it), the architecture
+config, the backbone adapter's family and configuration (a checkpoint is refused, in one
+line, on a backbone of another family), the model config, the preprocessing and the
+names of the stored tensors.
+
+Reading one is checked before anything is allocated or opened (docs/reliability.md):
+the format version (:func:`check_format`), the JSON nesting
+(:data:`~grmpiqa.utils.MAX_JSON_DEPTH`), the sizes the metadata declares
+(:class:`~grmpiqa.model.ModelConfig` and
+:class:`~grmpiqa.transforms.PreprocessConfig` limits), and that every tensor the
+metadata says was trained is present (:func:`check_trained_tensors`).
 """
 
 from __future__ import annotations
@@ -23,13 +31,37 @@ from safetensors.torch import load_file, save_file
 
 from grmpiqa._version import __version__
 from grmpiqa.errors import CheckpointError
-from grmpiqa.utils import atomic_path
+from grmpiqa.utils import atomic_path, load_json
 
 if TYPE_CHECKING:
     from grmpiqa.model import QualityModel
 
-FORMAT = "grmpiqa-checkpoint/1"
+#: The checkpoint format this version writes; it reads every version up to it.
+FORMAT_VERSION = 1
+FORMAT_PREFIX = "grmpiqa-checkpoint/"
+FORMAT = f"{FORMAT_PREFIX}{FORMAT_VERSION}"
 _META_KEY = "grmpiqa"
+
+
+def portable_identity(ident: dict[str, Any]) -> dict[str, Any]:
+    """A weights identity as a checkpoint records it: tags, seeds, file names and hashes,
+    never a path of this machine (a reader must name the file itself)."""
+    out = dict(ident)
+    path = out.pop("path", None)
+    if path is not None and out.get("kind") == "file":
+        out.setdefault("file", Path(str(path)).name)
+    elif path is not None and out.get("kind") == "local-dir":
+        out.setdefault("folder", Path(str(path)).name)
+    return out
+
+
+def portable_backbone_name(name: str) -> str:
+    """``local-dir:/home/me/models/x`` is recorded as ``local-dir:x`` (no host path)."""
+    from grmpiqa.backbone import LOCAL_DIR_PREFIX
+
+    if name.startswith(LOCAL_DIR_PREFIX):
+        return LOCAL_DIR_PREFIX + Path(name[len(LOCAL_DIR_PREFIX) :]).name
+    return name
 
 
 def checkpoint_metadata(model: QualityModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -41,6 +73,7 @@ def checkpoint_metadata(model: QualityModel, extra: dict[str, Any] | None = None
         "backbone": _backbone_record(model),
         "model_config": model.config.to_dict(),
         "preprocess": model.preprocess.to_dict(),
+        "tensors": sorted(model.adapted_state()),
         "extra": extra or {},
     }
 
@@ -49,15 +82,15 @@ def _backbone_record(model: QualityModel) -> dict[str, Any]:
     """Name, weights identity, architecture config, and the adapter's family and
     configuration (:meth:`grmpiqa.backbones.BackboneAdapter.config`)."""
     rec: dict[str, Any] = {
-        "name": model.backbone_name,
-        "pretrained": model.backbone_pretrained,
+        "name": portable_backbone_name(model.backbone_name),
+        "pretrained": portable_identity(model.backbone_pretrained),
         "model_cfg": model.backbone_model_cfg,
     }
     adapter = getattr(model, "adapter", None)
     if adapter is not None:
         rec["adapter"] = adapter.config()
-        if adapter.extra.get("tokenizer"):
-            rec["tokenizer"] = adapter.extra["tokenizer"]
+        if adapter.extra.get("tokenizer"):  # the folder's name: never a path to open
+            rec["tokenizer"] = Path(str(adapter.extra["tokenizer"])).name
     return rec
 
 
@@ -115,15 +148,33 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             "released .pt files, convert them with `grmpiqa import-released`)"
         )
     try:
-        meta = json.loads(raw)
+        meta = load_json(raw)
     except ValueError as err:
         raise CheckpointError(f"{path}: corrupt grmpiqa metadata ({err})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: corrupt grmpiqa metadata (not a JSON object)")
-    if not str(meta.get("format", "")).startswith("grmpiqa-checkpoint/"):
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    check_format(meta, path)
     _check_metadata(meta, path)
     return dict(meta)
+
+
+def check_format(meta: dict[str, Any], path: str | os.PathLike[str]) -> int:
+    """The format version of a checkpoint's metadata; newer than this code reads, or not a
+    grmpiqa checkpoint at all, is a :class:`CheckpointError`."""
+    fmt = meta.get("format")
+    version = None
+    if isinstance(fmt, str) and fmt.startswith(FORMAT_PREFIX):
+        tail = fmt[len(FORMAT_PREFIX) :]
+        if tail.isdigit() and len(tail) < 6:
+            version = int(tail)
+    if version is None or version < 1:
+        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written in checkpoint format {fmt}, newer than this grmpiqa "
+            f"{__version__} reads (up to {FORMAT}); upgrade grmpiqa to load it"
+        )
+    return version
 
 
 def _check_metadata(meta: dict[str, Any], path: Path) -> None:
@@ -143,6 +194,30 @@ def _check_metadata(meta: dict[str, Any], path: Path) -> None:
     for key in ("pretrained", "model_cfg", "adapter"):
         if key in bb and not isinstance(bb[key], dict):
             raise CheckpointError(f"{path}: invalid metadata: backbone {key} is not a JSON object")
+    names = meta.get("tensors")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) and len(n) < 512 for n in names)
+    ):
+        raise CheckpointError(f"{path}: invalid metadata: 'tensors' is not a list of names")
+
+
+def check_trained_tensors(
+    model: QualityModel, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str
+) -> None:
+    """Every tensor the metadata says was trained must be in the file: the names it lists
+    (``tensors``, written since 0.3) and the prompts its model config implies (text
+    context, visual prompts). A missing one would silently keep its random init."""
+    listed = meta.get("tensors")
+    required = set(listed) if isinstance(listed, list) else set()
+    required |= set(model.parameter_names(("text_context", "visual_prompts")))
+    missing = sorted(required - set(tensors))
+    if missing:
+        raise CheckpointError(
+            f"{source}: the trained tensor {missing[0]} is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; the file is damaged or was edited (a model with it left at its random "
+            "initialisation would score differently)"
+        )
 
 
 def apply_checkpoint(
@@ -161,11 +236,9 @@ def apply_checkpoint(
         )
     arch = meta.get("backbone", {}).get("model_cfg")
     if arch is not None and _canonical(arch) != _canonical(model.backbone_model_cfg):
-        raise CheckpointError(
-            f"{source}: trained on backbone {meta['backbone'].get('name')!r}, whose architecture "
-            f"differs from {model.backbone_name!r}; load it with --backbone "
-            f"{meta['backbone'].get('name')}"
-        )
+        raise CheckpointError(_architecture_message(meta["backbone"], model, arch, source))
+    if meta:
+        check_trained_tensors(model, tensors, meta, source)
     own = model.state_dict()
     unknown = sorted(set(tensors) - set(own))
     if unknown:
@@ -184,6 +257,28 @@ def apply_checkpoint(
         if "clip.logit_scale" in tensors:  # s = exp(logit_scale) of these weights
             model.logit_scale.fill_(model.adapter.logit_scale)
     model.adapted_keys |= set(tensors)
+
+
+def _architecture_message(
+    bmeta: dict[str, Any], model: QualityModel, arch: dict[str, Any], source: str
+) -> str:
+    """Why a checkpoint's recorded architecture does not fit ``model``, in one line."""
+    from grmpiqa.runs import diff_records
+
+    saved = str(bmeta.get("name"))
+    diffs = diff_records(
+        json.loads(_canonical(arch)), json.loads(_canonical(model.backbone_model_cfg))
+    )
+    shown = "; ".join(diffs[:3]) + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
+    if saved == model.backbone_name or saved == portable_backbone_name(model.backbone_name):
+        return (
+            f"{source}: its recorded architecture of {saved!r} differs from this build of it "
+            f"({shown}): written by another version of the backbone, or edited"
+        )
+    return (
+        f"{source}: trained on backbone {saved!r}, whose architecture differs from "
+        f"{model.backbone_name!r} ({shown}); load it with --backbone {saved}"
+    )
 
 
 def _canonical(cfg: dict[str, Any]) -> str:

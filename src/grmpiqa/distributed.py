@@ -428,8 +428,47 @@ def shutdown() -> None:
     """Leave the process group :func:`init_from_env` created (nothing otherwise)."""
     global _OWNED
     if _OWNED and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        with contextlib.suppress(RuntimeError):  # a group a peer's death broke
+            dist.destroy_process_group()
     _OWNED = False
+
+
+_BROKEN_LINK = (
+    "gloo",
+    "nccl",
+    "NCCL",
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+)
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """One line saying that a collective failed because another rank died, stopped or
+    hung (gloo/NCCL errors, a collective timeout), or None for any other error.
+
+    Each rank reports its own error; this is what the surviving ranks say instead of
+    the communication library's traceback.
+    """
+    if not current().is_distributed:
+        return None
+    text = str(err).strip()
+    dist_errors = tuple(
+        getattr(dist, n) for n in ("DistError",) if isinstance(getattr(dist, n, None), type)
+    )
+    if not (
+        (dist_errors and isinstance(err, dist_errors))
+        or (isinstance(err, RuntimeError) and any(k in text for k in _BROKEN_LINK))
+    ):
+        return None
+    line = text.splitlines()[0] if text else type(err).__name__
+    if line.startswith("[") and "] " in line:  # "[/path/to/pair.cc:545] Read error ..."
+        line = line.split("] ", 1)[1]
+    line = line.split(". This is typically", 1)[0].strip()
+    return (
+        f"another rank failed, stopped or hung, so the collective communication broke "
+        f"({line[:200]}); that rank's own output says why"
+    )
 
 
 # -- stage 2: data parallelism with the gradient rule intact -------------------------------

@@ -71,6 +71,7 @@ from grmpiqa.pipeline import describe_device, model_input
 from grmpiqa.results import ProtocolResult, SplitResult
 from grmpiqa.scoring.api import score as score_images
 from grmpiqa.scoring.engine import BatchScorer
+from grmpiqa.utils import load_json
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -442,7 +443,7 @@ def _load_finished(path: Path, fingerprint: str, split: Split) -> SplitResult | 
     if not path.is_file():
         return None
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = load_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise GrmpiqaError(
             f"{path}: unreadable split record ({err}); delete it to rerun the split"

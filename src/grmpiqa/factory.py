@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from grmpiqa.backbone import DEFAULT_BACKBONE, default_pretrained, load_backbone
-from grmpiqa.checkpoint import apply_checkpoint, read_checkpoint
-from grmpiqa.errors import CheckpointError, GrmpiqaError
+from grmpiqa.backbone import DEFAULT_BACKBONE, LOCAL_DIR_PREFIX, default_pretrained, load_backbone
+from grmpiqa.backbones.tokenizers import TOKENIZER_ENV
+from grmpiqa.checkpoint import apply_checkpoint, portable_identity, read_checkpoint
+from grmpiqa.errors import BackboneError, CheckpointError, GrmpiqaError
 from grmpiqa.log import GrmpiqaWarning, get_logger
 from grmpiqa.model import ModelConfig
 from grmpiqa.pipeline import resolve_device
@@ -44,21 +45,32 @@ class _Default:
 DEFAULT: Any = _Default()
 
 
-def pretrained_from_identity(ident: dict[str, Any], name: str, source: str = "") -> Any:
-    """The ``pretrained`` argument that reproduces a recorded weights identity."""
+def pretrained_from_identity(
+    ident: dict[str, Any], name: str, source: str = "", *, loaded_here: bool = False
+) -> Any:
+    """The ``pretrained`` argument that reproduces a weights identity.
+
+    A checkpoint's identity names weights (a tag, a seed, a file's name and hash), never
+    a path to open: weights from a file must be named again by the user
+    (``--pretrained FILE``). ``loaded_here``: the identity is the one this process built
+    from a file the user named, whose path may be opened again (the stage-2 teacher).
+    """
     kind = ident.get("kind")
     if kind == "random":
         return None
     if kind == "tag":
         return str(ident["tag"])
     if kind == "file":
-        path = str(ident["path"])
-        if not Path(path).is_file():
-            raise CheckpointError(
-                f"{source}: trained on weights from {path}, which is not on this machine; "
-                "pass the same weights with --pretrained FILE"
-            )
-        return path
+        if loaded_here and ident.get("path"):
+            return str(ident["path"])
+        shown = ident.get("file") or Path(str(ident.get("path", "?"))).name
+        digest = str(ident.get("sha256_1mb", ""))[:12]
+        raise CheckpointError(
+            f"{source}: trained on weights from the file {shown}"
+            + (f" (sha256 of its first MiB {digest}...)" if digest else "")
+            + "; name those weights with --pretrained FILE (a checkpoint never makes "
+            "grmpiqa open a path it records)"
+        )
     return default_pretrained(name)
 
 
@@ -108,6 +120,11 @@ def create_model(
     source = str(checkpoint)
     bmeta = meta.get("backbone", {})
     name = backbone or bmeta.get("name") or DEFAULT_BACKBONE
+    if backbone is None and name.startswith(LOCAL_DIR_PREFIX):
+        raise CheckpointError(
+            f"{source}: trained on a local-dir backbone ({name}); name its folder with "
+            "--backbone local-dir:PATH (a checkpoint never makes grmpiqa open a path it records)"
+        )
     ident = bmeta.get("pretrained", {}) if name == bmeta.get("name") else {}
     try:
         if seed is None:
@@ -132,9 +149,17 @@ def create_model(
             )
         config = replace(config, visual_prompts=visual_prompts)
 
-    if tokenizer is None and bmeta.get("tokenizer") and Path(str(bmeta["tokenizer"])).is_dir():
-        tokenizer = str(bmeta["tokenizer"])
-    bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir, tokenizer=tokenizer)
+    try:
+        bb = load_backbone(name, pretrained, seed=seed, cache_dir=cache_dir, tokenizer=tokenizer)
+    except BackboneError as err:
+        recorded = bmeta.get("tokenizer")
+        if tokenizer is None and recorded and not os.environ.get(TOKENIZER_ENV):
+            raise CheckpointError(
+                f"{source}: trained with the tokenizer folder {Path(str(recorded)).name}; name "
+                f"it with --tokenizer DIR (a checkpoint never makes grmpiqa open a path it "
+                f"records): {err}"
+            ) from None
+        raise
     assert bb.adapter is not None
     family = (bmeta.get("adapter") or {}).get("family")
     if checkpoint is not None and family and family != bb.adapter.family:
@@ -154,7 +179,9 @@ def create_model(
         torch.manual_seed(seed + 1)
         model = ScoringModel(bb, config, preprocess)
     if checkpoint is not None and tensors is not None:
-        if bmeta.get("pretrained") and bmeta.get("pretrained") != bb.pretrained:
+        if bmeta.get("pretrained") and portable_identity(bmeta["pretrained"]) != portable_identity(
+            bb.pretrained
+        ):
             warnings.warn(
                 f"{checkpoint} was trained on {bmeta.get('pretrained')}, loading it onto "
                 f"{bb.pretrained}",

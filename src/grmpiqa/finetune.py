@@ -72,7 +72,14 @@ from grmpiqa.model import STAGE2_GROUPS, QualityModel
 from grmpiqa.pipeline import describe_device, model_input
 from grmpiqa.precision import PRECISIONS, autocast, storage_dtype
 from grmpiqa.prompts import l2_normalize, scaled_cosines
-from grmpiqa.runs import RunFiles, RunState, json_safe, optimizer_from_state, optimizer_to_state
+from grmpiqa.runs import (
+    NUMBER,
+    RunFiles,
+    RunState,
+    json_safe,
+    optimizer_from_state,
+    optimizer_to_state,
+)
 from grmpiqa.scale import LabelScale, fit_score_scale, label_scale_of
 from grmpiqa.scoring.api import score as score_images
 from grmpiqa.towers import PromptedVisionTower
@@ -291,7 +298,9 @@ def build_teacher(
             text = model.text_tower.encode_tokens(tokens)
     else:
         ident = model.backbone_pretrained
-        pretrained = pretrained_from_identity(ident, model.backbone_name, model.backbone_name)
+        pretrained = pretrained_from_identity(
+            ident, model.backbone_name, model.backbone_name, loaded_here=True
+        )
         bb = load_backbone(
             model.backbone_name,
             pretrained,
@@ -309,6 +318,19 @@ def build_teacher(
 
 
 # -- schedule --------------------------------------------------------------------------
+
+
+#: The resume-state fields :func:`finetune` reads, with their JSON types.
+STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "fingerprint": dict,
+    "epoch": int,
+    "seconds": NUMBER,
+    "stopped": str,
+    "history": list,
+    "schedule": dict,
+    "schedule.lr": NUMBER,
+    "optimizer": dict,
+}
 
 
 @dataclass
@@ -652,6 +674,26 @@ def _correlations(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return srcc, plcc
 
 
+#: The figures of every evaluation row a monitor may combine (``val_*`` with a
+#: validation set; an API caller's ``on_eval`` may add its own).
+EVALUATION_FIGURES = ("train_srcc", "train_plcc", "loss_q", "loss_s", "grad_cos", "lr")
+VALIDATION_FIGURES = ("val_srcc", "val_plcc")
+
+
+def check_monitor(name: str, with_val: bool, extra: Sequence[str] = ()) -> None:
+    """Refuse a monitor (``train_srcc``, ``val_srcc+val_plcc``, ``-loss_q``) that names a
+    figure no evaluation row will have, before any training."""
+    known = [*EVALUATION_FIGURES, *(VALIDATION_FIGURES if with_val else ()), *extra]
+    body = name[1:] if name.startswith("-") else name
+    for key in body.split("+"):
+        if key.strip() not in known:
+            hint = "" if with_val or key.strip() not in VALIDATION_FIGURES else " (needs --val)"
+            raise GrmpiqaError(
+                f"--monitor {name}: {key.strip()!r} is not an evaluation figure{hint}; use "
+                f"{', '.join(known)}, a sum of them with '+', or '-' before to minimise"
+            )
+
+
 def _monitor_value(name: str, row: dict[str, Any]) -> float:
     sign = 1.0
     if name.startswith("-"):
@@ -793,7 +835,7 @@ def finetune(
     fingerprint = _fingerprint(config, train)
     state: RunState | None = None
     if run is not None and ctx.start_run(run, resume, overwrite):
-        state = run.load_state()
+        state = run.load_state(expect=STATE_FIELDS)
         run.check_resume(
             state.record.get("fingerprint", {}),
             fingerprint,

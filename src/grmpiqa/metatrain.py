@@ -101,6 +101,15 @@ __all__ = [
     "state_path_for",
 ]
 
+#: The resume-state fields :func:`pretrain` reads, with their JSON types.
+STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "fingerprint": dict,
+    "epochs_done": int,
+    "history": list,
+    "best": dict,
+    "rng": dict,
+}
+
 logger = get_logger("pretrain")
 
 VARIANTS: tuple[str, ...] = ("reptile", "released")
@@ -531,7 +540,7 @@ def pretrain(
     run = ctx.run_files(RunFiles(out, "pretrain", log=Path(log) if log is not None else Path()))
     state_path, log_path = run.state, run.log
     if ctx.start_run(run, resume, overwrite):
-        state = run.load_state()
+        state = run.load_state(expect=STATE_FIELDS)
         run.check_resume(
             state.record.get("fingerprint", {}),
             fingerprint,

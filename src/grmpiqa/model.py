@@ -79,6 +79,7 @@ class ModelConfig:
     finetune_blocks: int = 4
 
     def __post_init__(self) -> None:
+        _check_limits(self)
         if len(self.class_names) != 2:
             raise ValueError("class_names must name exactly two classes (good, bad)")
         if self.hand_prompts is not None and len(self.hand_prompts) != 2:
@@ -103,6 +104,34 @@ class ModelConfig:
         if kw.get("hand_prompts") is not None:
             kw["hand_prompts"] = tuple(kw["hand_prompts"])
         return cls(**kw)
+
+
+#: Limits on the sizes a :class:`ModelConfig` may ask for (it may come from a file),
+#: checked before anything is allocated: name -> largest value.
+MODEL_CONFIG_LIMITS = {
+    "n_ctx": 64,
+    "vpt_tokens": 1024,
+    "vpt_deep_layers": 1024,
+    "finetune_blocks": 1024,
+}
+_MAX_PROMPT_CHARS = 1000
+
+
+def _check_limits(config: ModelConfig) -> None:
+    for name, limit in MODEL_CONFIG_LIMITS.items():
+        v = getattr(config, name)
+        if v is None and name == "vpt_deep_layers":
+            continue
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{name} must be an integer, not {v!r}")
+        if v > limit:
+            raise ValueError(f"{name}={v} is over the limit of {limit}")
+    for name in ("class_names", "hand_prompts"):
+        texts = getattr(config, name)
+        if texts is not None and not all(
+            isinstance(t, str) and len(t) <= _MAX_PROMPT_CHARS for t in texts
+        ):
+            raise ValueError(f"{name} must be texts of at most {_MAX_PROMPT_CHARS} characters")
 
 
 class QualityModel(nn.Module):

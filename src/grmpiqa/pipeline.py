@@ -53,8 +53,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from grmpiqa.errors import GrmpiqaError, ImageError, ImageTooLargeError
-from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
+from grmpiqa.errors import GrmpiqaError, ImageError
+from grmpiqa.images import (
+    DEFAULT_MAX_PIXELS,
+    check_encoded_size,
+    load_image,
+    split_by_budget,
+    to_rgb,
+)
 from grmpiqa.transforms import PreprocessConfig
 
 __all__ = [
@@ -160,7 +166,9 @@ class EncodedSource(Protocol):
         """The encoded image (:class:`ImageError` when unreadable or too large)."""
         ...
 
-    def decode(self, max_pixels: int, min_side: int | None) -> Image.Image:
+    def decode(
+        self, max_pixels: int, min_side: int | None, max_decoded_bytes: int | None
+    ) -> Image.Image:
         """The image decoded by Pillow into RGB (:mod:`grmpiqa.images`)."""
         ...
 
@@ -181,21 +189,11 @@ def check_regular_file(path: str, label: str) -> int:
     return int(st.st_size)
 
 
-def max_encoded_bytes(max_pixels: int) -> int:
-    """The largest file worth reading for an image within ``max_pixels`` (8 bytes a
-    pixel, uncompressed 16-bit RGBA, plus 1 MiB of headers and metadata)."""
-    return int(max_pixels) * 8 + (1 << 20)
-
-
 def read_file(path: str, label: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """The bytes of a regular file, or :class:`ImageError` naming ``label`` (also for a
-    file larger than any image within ``max_pixels`` could be, before reading it)."""
-    size = check_regular_file(path, label)
-    if size > max_encoded_bytes(max_pixels):
-        raise ImageTooLargeError(
-            f"{label}: {size} bytes, larger than any image within the pixel limit could be "
-            f"({max_pixels} pixels, --max-pixels)"
-        )
+    file larger than any image within ``max_pixels`` could be, before reading it:
+    :func:`grmpiqa.images.check_encoded_size`)."""
+    check_encoded_size(check_regular_file(path, label), max_pixels, label)
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -264,10 +262,13 @@ class Encoded:
     label: str
 
 
-def probe_jpeg(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+def probe_jpeg(
+    data: bytes, max_pixels: int, max_decoded_bytes: int | None = None
+) -> tuple[int, int] | None:
     """``(orientation, width * height)`` when ``data`` is a JPEG the torch decoders take
     (content sniffed as JPEG, 8-bit, 3 components, complete up to its end-of-image
-    marker, within ``max_pixels``); None sends it to Pillow. Reads the header only."""
+    marker, within ``max_pixels`` and ``max_decoded_bytes``); None sends it to Pillow
+    (which refuses what is over a limit, with the reason). Reads the header only."""
     if not data.startswith(_JPEG_SOI) or not data.endswith(_JPEG_EOI):
         return None
     try:
@@ -280,6 +281,7 @@ def probe_jpeg(data: bytes, max_pixels: int) -> tuple[int, int] | None:
                     or img.mode != "RGB"
                     or getattr(img, "bits", 8) != 8
                     or not 0 < w * h <= max_pixels
+                    or (max_decoded_bytes is not None and 3 * w * h > max_decoded_bytes)
                 ):
                     return None
                 orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
@@ -312,7 +314,9 @@ class ItemPlan:
 
     ``decode``: ``"pil"`` or ``"torch"`` (resolved); ``device_decode``: JPEGs go to the
     device decoder as bytes (the CUDA path; forced on the CPU by tests) instead of being
-    decoded here; ``min_side``: the reduced-DCT-scale bound of the Pillow decoder.
+    decoded here; ``min_side``: the reduced-DCT-scale bound of the Pillow decoder;
+    ``max_decoded_bytes``: an image whose decoded size (from its header) is larger is
+    refused before decoding (the per-batch budget of :mod:`grmpiqa.scoring.engine`).
     """
 
     preprocess: PreprocessConfig
@@ -320,6 +324,7 @@ class ItemPlan:
     min_side: int | None = None
     decode: str = "pil"
     device_decode: bool = False
+    max_decoded_bytes: int | None = None
 
     def prepare(self, item: Any) -> Prepared:
         """Prepare one item; an unreadable one gives ``(None, message)``."""
@@ -340,17 +345,19 @@ class ItemPlan:
             label = os.fspath(item)
             if self.decode == "pil":
                 check_regular_file(label, label)
-                return self._pil(load_image(label, self.max_pixels, min_side=self.min_side))
+                return self._pil(self._load(label, label))
             data = read_file(label, label, self.max_pixels)
         elif isinstance(item, EncodedSource):
             label = item.label
             if self.decode == "pil":
-                return self._pil(item.decode(self.max_pixels, self.min_side))
+                return self._pil(
+                    item.decode(self.max_pixels, self.min_side, self.max_decoded_bytes)
+                )
             data = item.read_bytes(self.max_pixels)
         else:
             raise ImageError(f"cannot score an object of type {type(item).__name__}")
         if self.decode == "torch":
-            probe = probe_jpeg(data, self.max_pixels)
+            probe = probe_jpeg(data, self.max_pixels, self.max_decoded_bytes)
             if probe is not None:
                 encoded = Encoded(
                     torch.frombuffer(bytearray(data), dtype=torch.uint8), *probe, label
@@ -366,7 +373,16 @@ class ItemPlan:
         return self._from_bytes(data, label)
 
     def _from_bytes(self, data: bytes, label: str) -> torch.Tensor:
-        return self._pil(load_image(data, self.max_pixels, name=label, min_side=self.min_side))
+        return self._pil(self._load(data, label))
+
+    def _load(self, source: str | bytes, label: str) -> Image.Image:
+        return load_image(
+            source,
+            self.max_pixels,
+            name=label,
+            min_side=self.min_side,
+            max_decoded_bytes=self.max_decoded_bytes,
+        )
 
     def _pil(self, img: Image.Image) -> torch.Tensor:
         return pixels_from_image(img, self.preprocess)
@@ -392,7 +408,7 @@ def decode_on(
     (an error row only if Pillow refuses it too).
     """
     out: list[torch.Tensor | str] = [""] * len(encoded)
-    for group in _budget_groups([3 * e.pixels for e in encoded], budget):
+    for group in split_by_budget([3 * e.pixels for e in encoded], budget):
         try:
             decoded = decode_jpegs([encoded[i].data for i in group], device)
         except RuntimeError:
@@ -415,20 +431,6 @@ def decode_on(
             except ImageError as err:
                 out[i] = str(err)
     return out
-
-
-def _budget_groups(costs: Sequence[int], budget: int) -> list[list[int]]:
-    """Consecutive groups whose summed cost stays within ``budget`` (a larger item alone)."""
-    groups: list[list[int]] = []
-    total = 0
-    for i, c in enumerate(costs):
-        if groups and total + c <= budget:
-            groups[-1].append(i)
-            total += c
-        else:
-            groups.append([i])
-            total = c
-    return groups
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -492,9 +494,11 @@ def to_device(
     device: torch.device,
     preprocess: PreprocessConfig,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: int = DEVICE_DECODE_BUDGET,
 ) -> DeviceBatch:
     """The device stage: crops copied (non-blocking from pinned memory), JPEG bytes
-    decoded on the device (:func:`decode_on`), everything normalised on the device."""
+    decoded on the device (:func:`decode_on`, at most ``budget`` decoded bytes at once),
+    everything normalised on the device."""
     errors = sorted(batch.errors)
     idx = batch.pixel_indices
     if not batch.encoded and batch.pixels is not None and idx == sorted(idx):
@@ -505,7 +509,7 @@ def to_device(
         on = batch.pixels.to(device, non_blocking=True)
         rows.update(zip(batch.pixel_indices, on.unbind(0), strict=True))
     if batch.encoded:
-        done = decode_on([e for _, e in batch.encoded], device, preprocess, max_pixels)
+        done = decode_on([e for _, e in batch.encoded], device, preprocess, max_pixels, budget)
         for (i, _), res in zip(batch.encoded, done, strict=True):
             if isinstance(res, str):
                 errors.append((i, res))
@@ -539,6 +543,9 @@ class ImageLoader:
         num_workers: DataLoader worker processes reading and decoding (0: in-process).
         decode: ``"auto"``, ``"pil"`` or ``"torch"`` (see the module).
         max_pixels: larger images are refused from their header, before decoding.
+        max_decoded_bytes: the decoded-pixel budget (bytes, bit depth counted): a larger
+            image is refused from its header; the device decoder holds at most this much
+            decoded at once (default :data:`DEVICE_DECODE_BUDGET` there).
         reduced_decode: let the Pillow decoder decode large JPEGs at a reduced DCT scale
             down to the resize target (``PreprocessConfig.decode_min_side``).
         prefetch: run the device stage of the next batch in a background thread (on its
@@ -558,6 +565,7 @@ class ImageLoader:
         num_workers: int = 0,
         decode: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_decoded_bytes: int | None = None,
         reduced_decode: bool = True,
         prefetch: bool | None = None,
         device_decode: bool | None = None,
@@ -583,6 +591,7 @@ class ImageLoader:
             preprocess.decode_min_side if reduced_decode else None,
             self.decode,
             bool(device_decode) and self.decode == "torch",
+            max_decoded_bytes,
         )
         self.prefetch = cuda if prefetch is None else prefetch
         self.progress = progress
@@ -604,7 +613,8 @@ class ImageLoader:
         yield from loader
 
     def _stage(self, batch: HostBatch) -> DeviceBatch:
-        return to_device(batch, self.device, self.preprocess, self.plan.max_pixels)
+        budget = self.plan.max_decoded_bytes or DEVICE_DECODE_BUDGET
+        return to_device(batch, self.device, self.preprocess, self.plan.max_pixels, budget)
 
     def __iter__(self) -> Iterator[DeviceBatch]:
         total = sum(len(b) for b in self.batches)

@@ -35,7 +35,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from grmpiqa.errors import RunError
-from grmpiqa.utils import atomic_open, atomic_path, json_safe, remove_stale_temporaries
+from grmpiqa.utils import (
+    atomic_open,
+    atomic_path,
+    json_safe,
+    load_json,
+    remove_stale_temporaries,
+    write_problem,
+)
 
 __all__ = [
     "RunFiles",
@@ -118,7 +125,8 @@ class RunFiles:
     # -- starting a run -------------------------------------------------------------------
 
     def check_output_path(self) -> None:
-        """Refuse outputs that cannot be written (a folder, a parent that is a file)."""
+        """Refuse outputs that cannot be written (a folder, a parent that is a file, a
+        folder without write permission), before any work."""
         for path in (self.out, self.state, self.log):
             if path.is_dir():
                 raise RunError(f"{path}: is a folder, not a file name")
@@ -127,6 +135,10 @@ class RunFiles:
                 parent = parent.parent
             if parent.exists() and not parent.is_dir():
                 raise RunError(f"{path}: cannot write here ({parent} is a file)")
+        for path in dict.fromkeys(p.parent for p in (self.out, self.state, self.log)):
+            problem = write_problem(path, folder=True)
+            if problem:
+                raise RunError(f"{self.out}: cannot be written ({problem})")
 
     def start(self, resume: bool, overwrite: bool) -> bool:
         """Prepare the run's files; return True when there is a state to resume from.
@@ -166,8 +178,12 @@ class RunFiles:
         with atomic_path(self.state) as tmp:
             save_file(flat, str(tmp), metadata={_META_KEY: json.dumps(meta)})
 
-    def load_state(self) -> RunState:
-        """Read the state; :class:`RunError` if it is missing, unreadable or of another kind."""
+    def load_state(self, expect: Mapping[str, type | tuple[type, ...]] | None = None) -> RunState:
+        """Read the state; :class:`RunError` if it is missing, unreadable or of another kind.
+
+        ``expect``: the record fields the caller reads and their JSON types (dotted keys
+        reach into objects), checked by :func:`check_record` before any is used.
+        """
         path = self.state
         if not path.is_file():
             raise RunError(f"{path}: no resume state")
@@ -180,12 +196,13 @@ class RunFiles:
         if raw is None:
             raise RunError(f"{path}: not a grmpiqa resume state (no run record)")
         try:
-            record = json.loads(raw)
+            record = load_json(raw)
         except ValueError as err:
             raise RunError(f"{path}: corrupt resume state ({err})") from None
         if not isinstance(record, dict) or record.get("format") != self.format:
             found = record.get("format") if isinstance(record, dict) else None
             raise RunError(f"{path}: not a {self.kind} resume state (format {found!r})")
+        check_record(record, expect or {}, path)
         return RunState(tensors, record)
 
     def check_resume(
@@ -229,7 +246,7 @@ class RunFiles:
         out = []
         for line in self.log.read_text(encoding="utf-8").splitlines():
             try:
-                rec = json.loads(line)
+                rec = load_json(line)
             except ValueError:
                 continue
             if isinstance(rec, dict):
@@ -240,6 +257,45 @@ class RunFiles:
         """Keep only the records for which ``keep`` holds (e.g. epochs already done)."""
         if self.log.exists():
             self.write_log([r for r in self.read_log() if keep(r)])
+
+
+#: A JSON number as ``json.loads`` returns it (a bool is refused where a number is due).
+NUMBER = (int, float)
+_MISSING = object()
+
+
+def check_record(
+    record: Mapping[str, Any], expect: Mapping[str, type | tuple[type, ...]], path: Path
+) -> None:
+    """Refuse a resume record whose fields do not have the JSON types the code reads
+    (``{"epoch": int, "schedule.lr": NUMBER}``), in one line naming the field."""
+    for key, kinds in expect.items():
+        value: Any = record
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, Mapping) else _MISSING
+        allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+        if value is _MISSING:
+            raise RunError(f"{path}: corrupt resume state (no field {key!r})")
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            want = " or ".join(sorted({_json_type(k) for k in allowed}))
+            raise RunError(f"{path}: corrupt resume state ({key} is {_short(value)}, not {want})")
+
+
+def _json_type(kind: type) -> str:
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        bool: "true/false",
+        type(None): "null",
+    }.get(kind, kind.__name__)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _first_line(err: BaseException) -> str:

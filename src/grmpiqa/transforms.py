@@ -41,6 +41,9 @@ _INTERP = {
 }
 
 Transform = Callable[[Image.Image], torch.Tensor]
+#: The largest resize/crop side a :class:`PreprocessConfig` may ask for (it may come from
+#: a checkpoint file): checked before any image of that size is allocated.
+MAX_INPUT_SIDE = 4096
 
 
 def stats_for(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -71,6 +74,10 @@ class PreprocessConfig:
     stats: str = "imagenet"
 
     def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_INPUT_SIDE:
+                raise ValueError(f"{name} must be an integer from 1 to {MAX_INPUT_SIDE}, not {v!r}")
         if self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) larger than resize ({self.resize})")
         if self.interpolation not in _INTERP:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
+import re
 import stat
 import tempfile
 import threading
@@ -84,6 +86,34 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def write_problem(target: str | os.PathLike[str], folder: bool = False) -> str | None:
+    """Why grmpiqa could not write ``target`` (a file, or with ``folder`` a folder to fill),
+    or None when it can; checked before any work, without creating anything.
+
+    Files are written atomically (a temporary beside the target, then a rename), so what
+    must be writable is the target's folder, or the nearest folder above it that exists
+    (the rest is created). It is tried for real, with a temporary file created and
+    removed at once: permission bits alone do not tell (root, read-only mounts, ACLs).
+    """
+    t = Path(target).absolute()
+    if not folder and t.is_dir():
+        return "is a folder, not a file name"
+    if folder and t.exists() and not t.is_dir():
+        return "exists and is not a folder"
+    anc = t if folder else t.parent
+    while not anc.exists() and not anc.is_symlink() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"cannot be created, {anc} is not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".grmpiqa-write-check.", suffix=".tmp", dir=anc)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return f"cannot write in {anc} ({err.strerror or err})"
+    return None
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` as plain JSON values: non-finite floats -> None, NumPy and torch scalars
     -> Python numbers, arrays and tuples -> lists, paths -> strings (recursively).
@@ -111,3 +141,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+#: The deepest nesting grmpiqa reads from a JSON document (checkpoint metadata, resume
+#: states, score manifests, service requests); what grmpiqa writes stays under 10.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_depth(text: str | bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest (brackets inside strings do
+    not count); linear time and no recursion, so it is safe on any input.
+
+    >>> json_depth('{"a": [1, {"b": "]]]"}]}')
+    3
+    """
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    arr = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    closes = (arr == ord("]")) | (arr == ord("}"))
+    where = np.flatnonzero(opens | closes)
+    if where.size == 0:
+        return 0
+    steps = np.where(opens[where], 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max())
+
+
+def load_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` after checking the nesting (:func:`json_depth`) against
+    ``max_depth``; every problem is a ``ValueError`` with a one-line reason."""
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep, more than the limit of {max_depth}")
+    try:
+        return json.loads(text)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise ValueError(f"JSON nested more than {max_depth} levels deep") from None

@@ -58,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grmpiqa: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        peers = distributed.peer_failure(err)  # torchrun: a peer rank died
+        if peers is None:
+            raise
+        print(f"grmpiqa{_rank_tag()}: error: {peers}", file=sys.stderr)
+        return 1
     finally:
         distributed.shutdown()
 

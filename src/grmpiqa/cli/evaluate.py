@@ -21,6 +21,7 @@ from grmpiqa.errors import GrmpiqaError
 from grmpiqa.evaluation import METHODS, SELECTIONS, ProtocolConfig, format_summary, run_protocol
 from grmpiqa.metrics import LOGISTIC_MODELS
 from grmpiqa.model import ModelConfig
+from grmpiqa.utils import write_problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -127,6 +128,9 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = write_problem(args.report, folder=True)
+    if problem:  # before any data is read or any split computed
+        raise GrmpiqaError(f"{args.report}: {problem} (--report)")
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
     config = config_from_args(args)
     progress = not args.no_progress

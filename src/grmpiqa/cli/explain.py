@@ -11,7 +11,7 @@ from pathlib import Path
 from grmpiqa.cli.common import add_backbone_args, add_precision_arg, model_from_args, resolve_run
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image
-from grmpiqa.utils import atomic_open
+from grmpiqa.utils import atomic_open, write_problem
 
 SUMMARY = "maps.csv"
 
@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise GrmpiqaError(f"{out_dir}: --out must be a folder")
+    problem = write_problem(out_dir, folder=True)
+    if problem:
+        raise GrmpiqaError(f"{out_dir}: {problem} (--out)")
     paths = collect_paths(args.images)
     resolve_run(args)
     model = model_from_args(args, checkpoint=args.checkpoint)

@@ -15,6 +15,7 @@ from grmpiqa.cli.common import (
 )
 from grmpiqa.data import load_dataset, make_split, write_splits
 from grmpiqa.errors import GrmpiqaError
+from grmpiqa.runs import RunFiles
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -66,8 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.finetune import finetune
+    from grmpiqa.finetune import check_monitor, finetune
 
+    monitor = args.monitor
+    if monitor == "train_srcc" and args.val:
+        monitor = "val_srcc"
+    check_monitor(monitor, with_val=bool(args.val))
+    RunFiles(Path(args.out), "finetune").check_output_path()  # writable, before any work
     ctx = join_job(args)  # torchrun: this rank's device; one process: nothing changes
     out = Path(args.out)
     dataset = load_dataset(args.data)

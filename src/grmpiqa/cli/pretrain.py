@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from grmpiqa.cli.common import add_backbone_args, add_precision_arg, join_job, model_from_args
 from grmpiqa.errors import GrmpiqaError
+from grmpiqa.runs import RunFiles
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -151,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.keep_best_val and args.val is None:
         raise GrmpiqaError("--keep-best-val needs --val SPEC")
+    # The output must be writable before any data is read or any model built.
+    RunFiles(
+        Path(args.out), "pretrain", log=Path(args.log) if args.log else Path()
+    ).check_output_path()
     # Load the data (and fail on bad specs) before building the model.
     datasets = [load_dataset(spec) for spec in args.tasks]
     val = load_dataset(args.val) if args.val is not None else None

@@ -23,7 +23,13 @@ from grmpiqa.cli.common import (
 )
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
-from grmpiqa.scoring.engine import BatchScorer, Result, check_workers, score_pending
+from grmpiqa.scoring.engine import (
+    DEFAULT_MAX_BATCH_BYTES,
+    BatchScorer,
+    Result,
+    check_workers,
+    score_pending,
+)
 from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
 from grmpiqa.scoring.outputs import (
     Columns,
@@ -91,6 +97,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (pixels)"
+    )
+    p.add_argument(
+        "--max-decoded-mb",
+        type=float,
+        default=DEFAULT_MAX_BATCH_BYTES / 2**20,
+        help="decoded-pixel budget of a batch: width x height x channels x bytes per sample, "
+        "read from each header before decoding; images are decoded one at a time, so a larger "
+        f"image is refused (default {DEFAULT_MAX_BATCH_BYTES // 2**20})",
     )
     p.add_argument(
         "--full-decode",
@@ -206,6 +220,8 @@ def _validate(args: argparse.Namespace) -> str | None:
         raise GrmpiqaError(f"--part-size must be at least 1, got {args.part_size}")
     if args.max_pixels < 1:
         raise GrmpiqaError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    if not args.max_decoded_mb > 0:
+        raise GrmpiqaError(f"--max-decoded-mb must be > 0, got {args.max_decoded_mb}")
     if args.output is not None and args.out_dir is not None:
         raise GrmpiqaError("use -o FILE or --out-dir DIR, not both")
     if args.resume and args.output is None and args.out_dir is None:
@@ -214,6 +230,10 @@ def _validate(args: argparse.Namespace) -> str | None:
         raise GrmpiqaError("--overwrite goes with --out-dir")
     if args.resume and args.overwrite:
         raise GrmpiqaError("--resume and --overwrite contradict each other")
+    if args.actors is not None and args.actors < 1:
+        raise GrmpiqaError(f"--actors must be at least 1, got {args.actors}")
+    if args.gpus_per_actor < 0 or (args.cpus_per_actor is not None and args.cpus_per_actor <= 0):
+        raise GrmpiqaError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
     if args.engine != "ray":
         given = [
             f
@@ -236,16 +256,36 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     out_fmt = _validate(args)
-    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     options = InputOptions(args.path_column, args.id_column, args.skip_bad)
     groups = collect(args.paths, options)
     part_size = args.part_size if args.out_dir is not None else sys.maxsize
     parts = plan_parts(groups, part_size)
     n_images = sum(len(p.items) for p in parts)
 
+    from grmpiqa.scoring.ray import RaySession, actor_layout
+
+    session = None
+    if args.engine == "ray":  # connect (or fail) before anything is written
+        session = RaySession(args.ray_address)
+        try:
+            actor_layout(session.resources(), args.actors, args.gpus_per_actor, args.cpus_per_actor)
+        except BaseException:
+            session.close()
+            raise
+    try:
+        return _run(args, out_fmt, parts, n_images, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _run(
+    args: argparse.Namespace, out_fmt: str | None, parts: list[Any], n_images: int, session: Any
+) -> int:
     from grmpiqa.pipeline import default_workers
     from grmpiqa.scoring.ray import build_models
 
+    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     device = device_arg(args.device) if args.engine == "local" else None
     models = build_models(
         checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu")
@@ -298,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "precision": precision,
         "max_pixels": args.max_pixels,
+        "max_decoded_bytes": _budget_bytes(args),
         "full_decode": args.full_decode,
         "scale": args.scale,
         "columns": names,
@@ -362,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
             "device": "cuda" if args.gpus_per_actor > 0 else "cpu",
             "precision": args.precision,
             "max_pixels": args.max_pixels,
+            "max_batch_bytes": _budget_bytes(args),
             "reduced_decode": not args.full_decode,
             "decode": args.decode,
         }
@@ -374,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             progress=not args.no_progress,
+            session=session,
         )
     else:
         assert device is not None
@@ -386,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             reduced_decode=not args.full_decode,
             decode=decode,
+            max_batch_bytes=_budget_bytes(args),
         )
         if scorer.split:
             print(
@@ -420,6 +464,10 @@ def _describe_decode(decode: str, device: Any) -> str:
         return "pil (Pillow)"
     gpu = str(device).startswith("cuda")
     return "torch (JPEGs by nvJPEG on the GPU, others by Pillow)" if gpu else "torch (CPU)"
+
+
+def _budget_bytes(args: argparse.Namespace) -> int:
+    return int(args.max_decoded_mb * 2**20)
 
 
 def _on_label_scale(

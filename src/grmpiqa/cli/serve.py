@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from grmpiqa.cli.common import add_backbone_args, add_precision_arg, model_from_args, resolve_run
 from grmpiqa.errors import GrmpiqaError
@@ -59,6 +61,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--max-images", type=int, default=64, help="images per request at most (default 64)"
     )
     p.add_argument(
+        "--max-decoded-mb",
+        type=float,
+        default=1024.0,
+        help="decoded-pixel budget of one request: its images' width x height x channels x "
+        "bytes per sample, summed from their headers before any is decoded; larger requests "
+        "get 413 (default 1024)",
+    )
+    p.add_argument(
+        "--decode-timeout-s",
+        type=float,
+        default=30.0,
+        help="a request whose images are not decoded within this many seconds gets 503 "
+        "(default 30)",
+    )
+    p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=30.0,
+        help="a request body not fully received within this many seconds gets 408 and the "
+        "connection is closed (default 30)",
+    )
+    p.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, requests in flight get their answers for up to this many seconds, "
+        "then 503 (default 30)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("critical", "error", "warning", "info", "debug"),
@@ -101,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_images=args.max_images,
         workers=workers,
+        max_decoded_mb=args.max_decoded_mb,
+        decode_timeout_s=args.decode_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        shutdown_timeout_s=args.shutdown_timeout_s,
     )
     config.validate()
     resolve_run(args)
@@ -122,9 +157,18 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         access_log=args.log_level == "debug",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, math.ceil(config.shutdown_timeout_s)),
     )
-    server = uvicorn.Server(uv_config)
+    service = app.service
+
+    class DrainingServer(uvicorn.Server):  # type: ignore[misc]
+        """uvicorn's server, telling the service when SIGTERM/SIGINT starts the drain."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            service.begin_drain(config.shutdown_timeout_s)
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uv_config)
     stopped_by: list[int] = []
     # uvicorn shuts down gracefully on SIGTERM (in-flight requests finish), then re-raises
     # the signal to the handler installed before it: record it and exit 0, not -15.
@@ -134,5 +178,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if stopped_by:
-        print("grmpiqa: stopped (SIGTERM) after finishing in-flight requests", file=sys.stderr)
+        n = service.drained
+        print(
+            f"grmpiqa: stopped (SIGTERM): {n['answered']} request(s) in flight answered, "
+            f"{n['refused']} answered 503 (not finished within --shutdown-timeout-s "
+            f"{config.shutdown_timeout_s:g})",
+            file=sys.stderr,
+        )
     return 0

@@ -326,10 +326,12 @@ def _check_out(out: Path, src: Path) -> Path:
         if not out.is_dir():
             raise GrmpiqaError(f"{out}: output exists and is not a folder")
         out = out.resolve()
-        if (out / "images").exists() and not (out / "synth.json").is_file():
+        theirs = [n for n in ("images", "dmos.csv") if (out / n).exists() or (out / n).is_symlink()]
+        if theirs and not (out / "synth.json").is_file():
+            what = "an images/ folder" if theirs[0] == "images" else "a dmos.csv"
             raise GrmpiqaError(
-                f"{out}: holds an images/ folder that grmpiqa synth did not write; choose "
-                "another --out or remove it"
+                f"{out}: holds {what} that grmpiqa synth did not write (no synth.json); "
+                "choose another --out or remove it"
             )
     if out.resolve() == src.resolve():
         raise GrmpiqaError(f"{out}: the output folder must differ from the pristine folder")

@@ -28,11 +28,18 @@ import torch
 from PIL import Image
 
 from grmpiqa.errors import GrmpiqaError, ImageError
-from grmpiqa.images import DEFAULT_MAX_PIXELS
-from grmpiqa.pipeline import ImageLoader, ItemPlan, collate, resolve_decode, to_device
+from grmpiqa.images import DEFAULT_MAX_PIXELS, decoded_bytes, probe_image, split_by_budget
+from grmpiqa.pipeline import (
+    DEVICE_DECODE_BUDGET,
+    ImageLoader,
+    ItemPlan,
+    collate,
+    resolve_decode,
+    to_device,
+)
 from grmpiqa.precision import autocast, check_precision, resolve_precision
 from grmpiqa.prompts import l2_normalize
-from grmpiqa.scoring.inputs import ImageSource
+from grmpiqa.scoring.inputs import ImageSource, probe_source
 
 if TYPE_CHECKING:
     from grmpiqa.model import QualityModel
@@ -41,6 +48,45 @@ if TYPE_CHECKING:
 #: What one item to score may be: a path, a PIL image, an ImageSource, or encoded bytes
 #: with the name errors should use.
 Item = Any
+
+
+#: Decoded bytes one batch may hold at once (``grmpiqa score --max-decoded-mb``).
+DEFAULT_MAX_BATCH_BYTES = 1024 * 2**20
+
+
+def decode_groups(
+    items: Sequence[Item], max_batch_bytes: int | None, max_pixels: int, min_side: int | None
+) -> list[list[int]]:
+    """The per-batch decoded-pixel budget: which items of a batch may be decoded at once.
+
+    The budget counts decoded bytes (:func:`grmpiqa.images.decoded_bytes`: width x height
+    x channels x bytes per sample, from each header, before any pixel is decoded). Items
+    decoded one at a time (the DataLoader path) hold one image at a time, so there the
+    budget bounds each image (:func:`prepare` refuses a larger one); several decoding at
+    once (threads, a batched decoder) hold at most one group of this split together.
+    """
+    if max_batch_bytes is None:
+        return [list(range(len(items)))]
+    costs = [_decode_cost(it, max_pixels, min_side) for it in items]
+    return split_by_budget(costs, max_batch_bytes)
+
+
+def _decode_cost(item: Item, max_pixels: int, min_side: int | None) -> int:
+    """Decoded bytes of one item from its header; 0 when unreadable (decoding says why)."""
+    try:
+        if isinstance(item, Image.Image):
+            return decoded_bytes(item)
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], bytes | bytearray):
+            return probe_image(
+                bytes(item[0]), str(item[1]), max_pixels, min_side=min_side
+            ).decoded_bytes
+        if isinstance(item, str | os.PathLike):
+            item = ImageSource(os.fspath(item))
+        if isinstance(item, ImageSource):
+            return probe_source(item, max_pixels, min_side).decoded_bytes
+    except ImageError:
+        pass
+    return 0
 
 
 @dataclass
@@ -157,6 +203,10 @@ class BatchScorer:
             ``score_0``, ``score_1``, ... for several).
         precision: ``fp32``, ``bf16`` or ``auto`` (see :mod:`grmpiqa.precision`).
         max_pixels: larger images are refused before decoding.
+        max_batch_bytes: the decoded-pixel budget of a batch in bytes, bit depth counted
+            (:func:`decode_groups`): an image over it is refused from its header, threads
+            and the device decoder (nvJPEG) hold at most this much decoded at once; None:
+            no budget.
         reduced_decode: let large JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8)
             down to the resize target (``PreprocessConfig.decode_min_side``) in the
             Pillow decoder; scores move by less than 0.001 on 12-megapixel photos
@@ -177,11 +227,13 @@ class BatchScorer:
         reduced_decode: bool = True,
         decode: str = "auto",
         frozen_bf16: bool = True,
+        max_batch_bytes: int | None = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         self.models = [models] if not isinstance(models, Sequence) else list(models)
         if not self.models:
             raise GrmpiqaError("no model to score with")
         check_precision(precision)
+        self.max_bytes = max_batch_bytes
         pre = self.models[0].preprocess
         for m in self.models[1:]:
             if m.preprocess != pre:
@@ -254,20 +306,33 @@ class BatchScorer:
             self.min_side,
             self.decode,
             device_decode and self.decode == "torch",
+            self.max_bytes,
         )
 
     def score_items(self, items: Sequence[Item], decode_threads: int = 1) -> ScoredBatch:
         """Read and decode one batch of items in this process (in ``decode_threads``
-        threads; on CUDA JPEGs are decoded by nvJPEG), then score it."""
+        threads, at most one :func:`decode_groups` group at a time; on CUDA JPEGs are
+        decoded by nvJPEG), then score it."""
         plan = self.item_plan()
+        prepared: list[Any] = [(None, None)] * len(items)
         if decode_threads > 1 and len(items) > 1:
+            groups = decode_groups(items, self.max_bytes, self.max_pixels, self.min_side)
             with ThreadPoolExecutor(decode_threads) as pool:
-                prepared = list(pool.map(plan.prepare, items))
+                for group in groups:
+                    done = pool.map(plan.prepare, [items[i] for i in group])
+                    for i, res in zip(group, done, strict=True):
+                        prepared[i] = res
         else:
             prepared = [plan.prepare(it) for it in items]
         host = collate(list(enumerate(prepared)))
-        batch = to_device(host, self.device, self.preprocess, self.max_pixels)
+        batch = to_device(
+            host, self.device, self.preprocess, self.max_pixels, budget=self._device_budget
+        )
         return ScoredBatch(batch.indices, self.score_tensor(batch.pixels), batch.errors)
+
+    @property
+    def _device_budget(self) -> int:
+        return self.max_bytes if self.max_bytes is not None else DEVICE_DECODE_BUDGET
 
     def loader(
         self,
@@ -290,6 +355,7 @@ class BatchScorer:
             decode=self.decode,
             max_pixels=self.max_pixels,
             reduced_decode=self.reduced_decode,
+            max_decoded_bytes=self.max_bytes,
             progress=progress,
             **kwargs,
         )

@@ -30,11 +30,20 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from grmpiqa.errors import GrmpiqaError, ImageError
-from grmpiqa.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_file, load_image
+from grmpiqa.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageInfo,
+    check_encoded_size,
+    is_image_file,
+    load_image,
+    probe_image,
+)
 from grmpiqa.log import get_logger
 
 log = get_logger("scoring")
@@ -84,40 +93,68 @@ class ImageSource:
         return f"{self.path}\0{self.member}" if self.in_tar else self.path
 
     def read_bytes(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-        """The encoded image (the image pipeline's torch decoders read these)."""
+        """The encoded image (the image pipeline's torch decoders read these); a tar
+        member or file larger than any image within ``max_pixels`` is refused unread."""
         if self.in_tar:
-            return _member_bytes(self)
+            return _member_bytes(self, max_pixels)
         from grmpiqa.pipeline import read_file
 
         return read_file(self.path, self.label, max_pixels)
 
     def decode(
-        self, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+        self,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int | None = None,
+        max_decoded_bytes: int | None = None,
     ) -> Image.Image:
         """:func:`decode_source` of this source."""
-        return decode_source(self, max_pixels, min_side)
+        return decode_source(self, max_pixels, min_side, max_decoded_bytes)
 
 
 def decode_source(
-    src: ImageSource | str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+    src: ImageSource | str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+    max_decoded_bytes: int | None = None,
 ) -> Image.Image:
     """Decode one image source into an RGB ``PIL.Image`` (or raise :class:`ImageError`).
 
     Plain files must be regular files (a FIFO named ``x.jpg`` would block forever).
+    A tar member larger than any image within ``max_pixels`` could be
+    (:func:`grmpiqa.images.check_encoded_size`) is refused before it is read.
     ``min_side``: a large JPEG may decode at a reduced DCT scale down to this short side
-    (:func:`grmpiqa.images.load_image`).
+    (:func:`grmpiqa.images.load_image`); ``max_decoded_bytes``: refuse larger images.
     """
     if isinstance(src, str):
         src = ImageSource(src)
     if src.in_tar:
-        data = _member_bytes(src)
-        return load_image(data, max_pixels, name=src.label, min_side=min_side)
+        data = _member_bytes(src, max_pixels)
+        return load_image(
+            data,
+            max_pixels,
+            name=src.label,
+            min_side=min_side,
+            max_decoded_bytes=max_decoded_bytes,
+        )
     _check_regular_file(src)
-    return load_image(src.path, max_pixels, name=src.label, min_side=min_side)
+    return load_image(
+        src.path, max_pixels, name=src.label, min_side=min_side, max_decoded_bytes=max_decoded_bytes
+    )
 
 
-def _member_bytes(src: ImageSource) -> bytes:
-    """The bytes of a tar member."""
+def probe_source(
+    src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> ImageInfo:
+    """The header of one image source (:func:`grmpiqa.images.probe_image`), no pixels."""
+    if src.in_tar:
+        return probe_image(_member_bytes(src, max_pixels), src.label, max_pixels, min_side=min_side)
+    _check_regular_file(src)
+    return probe_image(src.path, src.label, max_pixels, min_side=min_side)
+
+
+def _member_bytes(src: ImageSource, max_pixels: int) -> bytes:
+    """The bytes of a tar member, after checking its declared size against the limit."""
+    check_encoded_size(src.size, max_pixels, src.label)
     try:
         with open(src.path, "rb") as fh:
             fh.seek(src.offset)
@@ -492,6 +529,7 @@ def read_parquet(
     for col, flag in ((path_column, "--path-column"), (id_column, "--id-column")):
         if col is not None and col not in names:
             raise GrmpiqaError(f"{path}: no column '{col}' ({flag}); columns: {', '.join(names)}")
+    _check_path_column_type(path, path_column, schema.field(path_column).type)
     cols = [path_column] + ([id_column] if id_column else [])
     try:
         table = pq.read_table(path, columns=cols)
@@ -502,7 +540,11 @@ def read_parquet(
     base = path.parent
     out: list[ImageSource] = []
     for n, (p, i) in enumerate(zip(paths, ids, strict=True)):
-        if not isinstance(p, str) or not p.strip():
+        if p is not None and not isinstance(p, str):
+            raise GrmpiqaError(
+                f"{path} row {n}: column '{path_column}' holds a {type(p).__name__}, not a path"
+            )
+        if p is None or not p.strip():
             raise GrmpiqaError(f"{path} row {n}: no path in column '{path_column}'")
         out.append(
             ImageSource(
@@ -512,6 +554,18 @@ def read_parquet(
     if not out:
         raise GrmpiqaError(f"{path}: empty table")
     return out
+
+
+def _check_path_column_type(path: Path, column: str, typ: Any) -> None:
+    """A Parquet path column must hold text (string, large_string, or a dictionary of them)."""
+    import pyarrow as pa
+
+    value_type = typ.value_type if pa.types.is_dictionary(typ) else typ
+    if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+        raise GrmpiqaError(
+            f"{path}: column '{column}' holds {typ} values, not text paths (--path-column "
+            "names the column of image paths)"
+        )
 
 
 # -- parts ----------------------------------------------------------------------------------

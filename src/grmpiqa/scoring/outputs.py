@@ -38,7 +38,7 @@ from typing import Any
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.log import get_logger
 from grmpiqa.scoring.inputs import ImageSource, Part
-from grmpiqa.utils import atomic_open, atomic_path
+from grmpiqa.utils import atomic_open, atomic_path, load_json, write_problem
 
 log = get_logger("scoring")
 
@@ -94,10 +94,9 @@ def check_output_dir(path: str | os.PathLike[str], fmt: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise GrmpiqaError(f"{path}: exists and is not a folder (--out-dir)")
-    if not p.exists():
-        _check_parent(p.parent, path)
-    elif not os.access(p, os.W_OK | os.X_OK):
-        raise GrmpiqaError(f"{path}: folder is not writable")
+    problem = write_problem(p, folder=True)
+    if problem:
+        raise GrmpiqaError(f"{path}: {problem} (--out-dir)")
     if fmt == "parquet":
         require_pyarrow(f"{path}: writing Parquet parts")
 
@@ -106,8 +105,9 @@ def _check_parent(parent: Path, target: str | os.PathLike[str]) -> None:
     anc = _first_existing_ancestor(parent)
     if not anc.is_dir():
         raise GrmpiqaError(f"{target}: cannot be created, {anc} is not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise GrmpiqaError(f"{target}: cannot be created, {anc} is not writable")
+    problem = write_problem(anc, folder=True)
+    if problem:
+        raise GrmpiqaError(f"{target}: cannot be created, {anc} is not writable ({problem})")
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ class FileSink(Sink):
         with open(self.journal, "rb") as fh:
             lines = fh.read().split(b"\n")
         try:
-            head = json.loads(lines[0])
+            head = load_json(lines[0])
         except ValueError:
             raise GrmpiqaError(f"{self.journal}: not a grmpiqa score journal") from None
         if not isinstance(head, dict) or head.get("journal") != JOURNAL_FORMAT:
@@ -377,10 +377,10 @@ class FileSink(Sink):
             if not ln.endswith(b"}"):
                 break  # the last line of a killed run may be cut short
             try:
-                rec = json.loads(ln)
-            except ValueError:
-                break
-            done[rec["s"]] = (rec["v"], rec["e"])
+                rec = load_json(ln)
+                done[str(rec["s"])] = (rec["v"], rec["e"])
+            except (ValueError, KeyError, TypeError):
+                break  # what follows a damaged line is scored again
             good += len(ln) + 1
         with open(self.journal, "r+b") as fh:  # drop a cut-short last line before appending
             fh.truncate(good)
@@ -481,6 +481,7 @@ class PartsSink(Sink):
                     f"{self.dir}: holds {old.get('output_format')} parts; resume with "
                     f"--format {old.get('output_format')}"
                 )
+            self._check_same_plan(old)
             self._adopt_existing()
         self._last_manifest = 0.0
         self._write_manifest(force=True)
@@ -492,12 +493,41 @@ class PartsSink(Sink):
         if not self.manifest_path.exists():
             return None
         try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            data = load_json(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise GrmpiqaError(f"{self.manifest_path}: unreadable manifest ({err})") from None
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise GrmpiqaError(f"{self.manifest_path}: not a grmpiqa score manifest")
         return data
+
+    def _check_same_plan(self, old: dict[str, Any]) -> None:
+        """A resume may rescore a part whose images changed (its file is replaced) and add
+        parts, but every part of the earlier plan, and every part file in the folder, must
+        be a part of this plan: stale parts would stay mixed in with this run's."""
+        planned = {p.name for p in self.parts}
+        recorded = old.get("parts")
+        before: list[Any] = recorded if isinstance(recorded, list) else []
+        stale = [
+            str(rec.get("name"))
+            for rec in before
+            if isinstance(rec, dict) and str(rec.get("name")) not in planned
+        ]
+        strays = sorted(
+            f.name
+            for f in self.dir.glob("part-*")
+            if f.is_file() and f.name.split(".", 1)[0] not in planned
+        )
+        problems = [f"{n} was planned before and is not now" for n in stale]
+        problems += [
+            f"{n} is not a part of this run" for n in strays if n.split(".")[0] not in stale
+        ]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise GrmpiqaError(
+                f"{self.dir}: cannot resume, the inputs differ from the earlier run "
+                f"({problems[0]}{more}); score the same inputs, or pass --overwrite or "
+                "another --out-dir"
+            )
 
     def _adopt_existing(self) -> None:
         """Keep part files whose rows are exactly their planned images."""

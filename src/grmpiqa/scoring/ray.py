@@ -32,7 +32,7 @@ import numpy as np
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
 from grmpiqa.log import get_logger
-from grmpiqa.scoring.engine import BatchScorer, Result, plan_batches
+from grmpiqa.scoring.engine import DEFAULT_MAX_BATCH_BYTES, BatchScorer, Result, plan_batches
 from grmpiqa.scoring.inputs import ImageSource
 
 log = get_logger("scoring")
@@ -96,6 +96,7 @@ class Scorer:
         num_threads: torch threads in this actor (default: torch's choice).
         decode_threads: threads reading and decoding a batch.
         decode: ``auto`` (nvJPEG on a GPU actor, Pillow on a CPU one), ``pil`` or ``torch``.
+        max_batch_bytes: decoded-pixel budget of a batch in bytes (``--max-decoded-mb``).
         keep_bytes: keep the bytes column in the output (default: dropped).
     """
 
@@ -114,6 +115,7 @@ class Scorer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         reduced_decode: bool = True,
         decode: str = "auto",
+        max_batch_bytes: int | None = DEFAULT_MAX_BATCH_BYTES,
         path_column: str = "path",
         bytes_column: str = "bytes",
         name_column: str | None = None,
@@ -139,6 +141,7 @@ class Scorer:
             max_pixels=max_pixels,
             reduced_decode=reduced_decode,
             decode=decode,
+            max_batch_bytes=max_batch_bytes,
         )
         self.path_column = path_column
         self.bytes_column = bytes_column
@@ -220,6 +223,37 @@ def _loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip in ("::1", "localhost")
 
 
+#: Seconds ``--ray-address HOST:PORT`` may take to accept a connection before grmpiqa
+#: gives up (Ray's own client would wait and retry for minutes, deaf to SIGTERM).
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse, within ``timeout`` seconds, a Ray address (``HOST:PORT`` or
+    ``ray://HOST:PORT``) where nothing accepts a connection; ``auto`` is left to Ray
+    (it reads the local cluster's address file and fails at once without one)."""
+    import socket
+
+    target = address[len("ray://") :] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form only Ray understands
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as err:
+        why = (
+            "timed out"
+            if isinstance(err, TimeoutError)
+            else (getattr(err, "strerror", None) or str(err))
+        )
+        raise GrmpiqaError(
+            f"--ray-address {address}: no Ray cluster answers there ({why}, waited at most "
+            f"{timeout:g} s)"
+        ) from None
+
+
 class RaySession:
     """``ray.init`` (local on 127.0.0.1, or ``address``) unless Ray is already initialised;
     ``close`` shuts down only what it started."""
@@ -229,6 +263,8 @@ class RaySession:
         self.started = False
         if self.ray.is_initialized():
             return
+        if address is not None:
+            check_reachable(address)
         kwargs: dict[str, Any] = {
             "include_dashboard": False,
             "log_to_driver": False,
@@ -303,18 +339,23 @@ def score_pending_ray(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float | None = None,
     progress: bool = False,
+    session: RaySession | None = None,
 ) -> Iterator[list[Result]]:
     """Score the pending items of a plan on Ray Data (an actor pool of :class:`Scorer`).
 
     Each batch is one Arrow block scored whole (``batch_size=None``), so batches are the
-    ones the local engine forms, and scores equal the local engine's.
+    ones the local engine forms, and scores equal the local engine's. ``session``: a Ray
+    connection opened before (``grmpiqa score`` connects before it writes anything);
+    closed here at the end either way.
     """
     items, where, batches = plan_batches(pending, batch_size)
     if not batches:
+        if session is not None:
+            session.close()
         return
     from tqdm.auto import tqdm
 
-    session = RaySession(address)
+    session = session if session is not None else RaySession(address)
     try:
         import pyarrow as pa
 

@@ -4,13 +4,22 @@ Endpoints: ``POST /v1/score``, ``GET /v1/health``, ``GET /v1/models``, ``GET /me
 (Prometheus text format) and the web page at ``/`` (static files shipped in the
 package, no CDN). Every response carries ``X-Grmpiqa-Random-Weights`` and every JSON
 answer about scores carries the model card, so a random backbone is always announced.
-See docs/serving.md.
+
+What one request may cost is bounded (docs/reliability.md, "Limits"): its body
+(``--max-body-mb``) must arrive within ``--body-timeout-s``; the decoded size of its
+images (width x height x channels x bytes per sample, read from the headers before any
+pixel is decoded) must fit ``--max-decoded-mb`` (413 otherwise); its decoding must end
+within ``--decode-timeout-s`` (503 otherwise). Decoding and batching serve requests in
+turn (:mod:`grmpiqa.serve.fair`), so a small request does not wait behind a huge one.
+On SIGTERM (:meth:`Service.begin_drain`) requests in flight get their real answers
+until the grace period ends, then 503. See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
@@ -26,10 +35,12 @@ from fastapi.staticfiles import StaticFiles
 
 from grmpiqa._version import __version__
 from grmpiqa.errors import ImageError
+from grmpiqa.images import probe_image
 from grmpiqa.log import get_logger
 from grmpiqa.scale import SCALES
 from grmpiqa.serve.batcher import BatcherClosed, MicroBatcher, Scored
 from grmpiqa.serve.engine import ScoringEngine
+from grmpiqa.serve.fair import FairDecodePool
 from grmpiqa.serve.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from grmpiqa.serve.uploads import (
     RequestError,
@@ -66,6 +77,12 @@ class ServeConfig:
         max_pixels: larger images get a per-image error (413 when none is readable).
         max_images: images per request at most (413 beyond).
         workers: threads decoding and preprocessing uploads.
+        max_decoded_mb: decoded size of a request's images together (width x height x
+            channels x bytes per sample, from their headers); larger requests get 413.
+        decode_timeout_s: a request whose images are not decoded by then gets 503.
+        body_timeout_s: a request body not received by then gets 408.
+        shutdown_timeout_s: on SIGTERM, requests in flight get their answers until then
+            (a little before it: 503).
     """
 
     max_batch: int = 32
@@ -74,6 +91,14 @@ class ServeConfig:
     max_pixels: int = 50_000_000
     max_images: int = 64
     workers: int = max(1, min(4, os.cpu_count() or 1))
+    max_decoded_mb: float = 1024.0
+    decode_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 30.0
+
+    @property
+    def max_decoded_bytes(self) -> int:
+        return int(self.max_decoded_mb * 2**20)
 
     def validate(self) -> None:
         from grmpiqa.errors import GrmpiqaError
@@ -83,8 +108,15 @@ class ServeConfig:
                 raise GrmpiqaError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_wait_ms < 0:
             raise GrmpiqaError("--max-wait-ms must be >= 0")
-        if not self.max_body_mb > 0:
-            raise GrmpiqaError("--max-body-mb must be > 0")
+        for name in (
+            "max_body_mb",
+            "max_decoded_mb",
+            "decode_timeout_s",
+            "body_timeout_s",
+            "shutdown_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise GrmpiqaError(f"--{name.replace('_', '-')} must be > 0")
 
 
 class Service:
@@ -101,9 +133,14 @@ class Service:
         self.config = config
         self.metrics = ServiceMetrics()
         self.batchers: dict[str, MicroBatcher] = {}
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: FairDecodePool | None = None
+        self.probe_pool: ThreadPoolExecutor | None = None
         self.started = time.time()
         self.stopping = False
+        #: monotonic time after which requests still in flight get 503 (set on SIGTERM)
+        self.drain_deadline: float | None = None
+        #: requests answered, and refused with 503, after the drain began
+        self.drained = {"answered": 0, "refused": 0}
         for e in engines:
             self.metrics.model_info.labels(
                 e.name, e.model.backbone_name, str(e.random_weights).lower()
@@ -114,18 +151,48 @@ class Service:
         return any(e.random_weights for e in self.engines.values())
 
     def start(self) -> None:
-        self.pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="grmpiqa-decode")
+        self.pool = FairDecodePool(self.config.workers)
+        self.probe_pool = ThreadPoolExecutor(
+            self.config.workers, thread_name_prefix="grmpiqa-probe"
+        )
         for name, e in self.engines.items():
             self.batchers[name] = MicroBatcher(
                 e, self.config.max_batch, self.config.max_wait_ms, self.metrics.on_batch
             )
+
+    def begin_drain(self, grace_s: float | None = None) -> None:
+        """SIGTERM: take no new requests; those in flight have until a little before the
+        grace period ends (uvicorn then cancels what is left) to get their answers, then
+        they get 503."""
+        if self.drain_deadline is not None:
+            return
+        grace = self.config.shutdown_timeout_s if grace_s is None else grace_s
+        self.stopping = True
+        self.drain_deadline = time.monotonic() + max(0.2, grace - min(2.0, grace / 4))
 
     def stop(self) -> None:
         self.stopping = True
         for b in self.batchers.values():
             b.close()
         if self.pool is not None:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown(wait=False)  # daemon threads; a running decode may be dropped
+        if self.probe_pool is not None:
+            self.probe_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def wait(self, futures: Sequence[Any], deadline: float | None) -> str | None:
+        """Wait for concurrent ``futures``; None when all are done, ``"timeout"`` when
+        ``deadline`` (monotonic) passes first, ``"shutdown"`` when the drain's does."""
+        pending = {asyncio.wrap_future(f) for f in futures}
+        while pending:
+            now = time.monotonic()
+            if self.drain_deadline is not None and now >= self.drain_deadline:
+                return "shutdown"
+            if deadline is not None and now >= deadline:
+                return "timeout"
+            limits = [d for d in (deadline, self.drain_deadline) if d is not None]
+            step = min([0.25] + [d - now for d in limits])
+            _, pending = await asyncio.wait(pending, timeout=max(step, 0.001))
+        return None
 
     def queue_depth(self) -> int:
         n = 0
@@ -135,17 +202,38 @@ class Service:
         return n
 
 
-def _prepare(engine: ScoringEngine, up: Upload, max_pixels: int) -> tuple[Any, str | None, str]:
+def _prepare(
+    engine: ScoringEngine, up: Upload, max_pixels: int, max_bytes: int | None = None
+) -> tuple[Any, str | None, str]:
     """Decode + eval transform of one upload: ``(tensor, None, "")`` or
     ``(None, error, reason)``."""
     if up.error is not None:
         return None, up.error, up.reason or "bad_data"
     try:
-        img = decode(up, max_pixels, engine.model.preprocess.decode_min_side)
+        img = decode(up, max_pixels, engine.model.preprocess.decode_min_side, max_bytes)
         with torch.inference_mode():
             return engine.preprocess(img), None, ""
     except ImageError as err:
         return None, str(err), reason_of(err)
+
+
+def decoded_costs(uploads: Sequence[Upload], max_pixels: int, min_side: int | None) -> list[int]:
+    """What decoding each image of a request costs in bytes, from its header alone
+    (:func:`grmpiqa.images.probe_image`); unreadable ones count 0 (decoding says why)."""
+    costs = []
+    for up in uploads:
+        cost = 0
+        if up.data:
+            try:
+                cost = probe_image(up.data, up.name, max_pixels, min_side=min_side).decoded_bytes
+            except ImageError:
+                pass
+        costs.append(cost)
+    return costs
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**20:.2f} MB"
 
 
 def _parse_bool(value: str, key: str) -> bool:
@@ -196,6 +284,15 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    def shutting_down(card: dict[str, Any]) -> JSONResponse:
+        service.drained["refused"] += 1
+        return error(
+            503,
+            "the service is shutting down (SIGTERM) and could not finish this request in "
+            f"its grace period (--shutdown-timeout-s {config.shutdown_timeout_s:g}); retry it",
+            model=card,
+        )
+
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {
@@ -220,6 +317,9 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
                 "max_body_mb": config.max_body_mb,
                 "max_pixels": config.max_pixels,
                 "max_images": config.max_images,
+                "max_decoded_mb": config.max_decoded_mb,
+                "decode_timeout_s": config.decode_timeout_s,
+                "body_timeout_s": config.body_timeout_s,
             },
         }
 
@@ -230,6 +330,16 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
 
     @app.post("/v1/score")
     async def score(request: Request) -> JSONResponse:
+        draining = service.stopping
+        response = await _score(request)
+        if draining or service.stopping:
+            if response.status_code != 503:
+                service.drained["answered"] += 1
+        return response
+
+    async def _score(request: Request) -> JSONResponse:
+        # During a drain a request already received is still served if it can finish in
+        # time (uvicorn accepts no new connections and closes idle ones).
         q = request.query_params
         scale = q.get("scale", "prob").strip().lower()
         if scale not in SCALES:
@@ -251,26 +361,59 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
                 "`grmpiqa finetune` carry one); use scale=prob",
                 model=card,
             )
+        t0 = time.monotonic()
         uploads = await read_uploads(request, config.max_images)
         loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(
-            *(
-                loop.run_in_executor(service.pool, _prepare, engine, up, config.max_pixels)
-                for up in uploads
-            )
+        min_side = engine.model.preprocess.decode_min_side
+        budget = config.max_decoded_bytes
+        costs = await loop.run_in_executor(
+            service.probe_pool, decoded_costs, uploads, config.max_pixels, min_side
         )
+        cost = sum(costs)
+        if cost > budget:
+            service.metrics.image_errors.labels("over_budget").inc(len(uploads))
+            return error(
+                413,
+                f"the {len(uploads)} image(s) of this request would decode to {_mb(cost)} "
+                "(width x height x channels x bytes per sample, from their headers), over "
+                f"the per-request budget of {_mb(budget)} (--max-decoded-mb); send fewer "
+                "or smaller images per request",
+                model=card,
+            )
+        assert service.pool is not None
+        key = object()  # this request, for fair turns and cancelling
+        jobs = [
+            functools.partial(_prepare, engine, up, config.max_pixels, budget) for up in uploads
+        ]
+        decoding = service.pool.submit(key, jobs, costs)
+        stopped = await service.wait(decoding, t0 + config.decode_timeout_s)
+        if stopped is not None:
+            service.pool.cancel(key)
+            if stopped == "shutdown":
+                return shutting_down(card)
+            service.metrics.image_errors.labels("timeout").inc(len(uploads))
+            return error(
+                503,
+                f"decoding the images of this request took longer than "
+                f"{config.decode_timeout_s:g} s (--decode-timeout-s); it was stopped",
+                model=card,
+            )
+        prepared = [f.result() for f in decoding]
         ok = [i for i, (t, _, _) in enumerate(prepared) if t is not None]
         scored: list[Scored | BaseException] = []
         if ok:
+            batcher = service.batchers[name]
             try:
-                futures = service.batchers[name].submit(
-                    [prepared[i][0] for i in ok], want_map=want_map
-                )
-            except BatcherClosed as err:
-                return error(503, str(err), model=card)
-            scored = await asyncio.gather(
-                *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
-            )
+                futures = batcher.submit([prepared[i][0] for i in ok], want_map=want_map, key=key)
+            except BatcherClosed:
+                return shutting_down(card)
+            if await service.wait(futures, None) is not None:
+                batcher.cancel(key)
+                return shutting_down(card)
+            scored = [
+                f.exception() if f.exception() is not None else f.result()  # type: ignore[misc]
+                for f in futures
+            ]
         by_index = dict(zip(ok, scored, strict=True))
         results: list[dict[str, Any]] = []
         reasons: list[str] = []
@@ -311,12 +454,14 @@ def create_app(engines: Sequence[ScoringEngine], config: ServeConfig | None = No
 
 
 class _Guard:
-    """Pure ASGI wrapper: body-size limit (413), request metrics, random-weights header."""
+    """Pure ASGI wrapper: body-size limit (413), body-read timeout (408), request metrics,
+    random-weights header."""
 
     def __init__(self, app: FastAPI, service: Service) -> None:
         self.app = app
         self.service = service
         self.max_bytes = int(service.config.max_body_mb * 1024 * 1024)
+        self.body_timeout = float(service.config.body_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -339,7 +484,18 @@ class _Guard:
             await send(message)
 
         try:
-            body_receive = await self._limited_body(scope, receive)
+            try:
+                body_receive = await self._limited_body(scope, receive)
+            except TimeoutError:
+                await _send_json(
+                    send_wrapped,
+                    408,
+                    {
+                        "error": "the request body did not arrive within "
+                        f"{self.body_timeout:g} s (--body-timeout-s)"
+                    },
+                )
+                return
             if body_receive is None:
                 await _send_json(
                     send_wrapped,
@@ -357,7 +513,8 @@ class _Guard:
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
     async def _limited_body(self, scope: Scope, receive: Receive) -> Receive | None:
-        """Read the whole body (at most ``max_bytes``) and replay it; None when too large."""
+        """Read the whole body (at most ``max_bytes``, within ``body_timeout`` seconds)
+        and replay it; None when too large, ``TimeoutError`` when too slow."""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return receive
         for k, v in scope.get("headers", []):
@@ -369,8 +526,9 @@ class _Guard:
                     pass
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             if message["type"] == "http.disconnect":
                 break
             chunk = message.get("body", b"")

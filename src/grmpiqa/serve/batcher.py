@@ -1,11 +1,13 @@
 """Micro-batching: images from many concurrent requests scored together.
 
-One worker thread per model owns it. Requests put their preprocessed images on a queue;
-the worker takes the first waiting image, then keeps collecting until it has
-``max_batch`` images or ``max_wait_ms`` have passed since that first image, scores the
-stack in one forward pass, and resolves each image's future. A batch that fails fails
-only its own images; the worker carries on. :meth:`MicroBatcher.close` lets every
-queued image finish before the thread ends (graceful shutdown).
+One worker thread per model owns it. Requests put their preprocessed images on a queue
+(one FIFO per request, served round-robin: :class:`~grmpiqa.serve.fair.FairQueue`, so a
+request's images do not wait behind all of a larger request's); the worker takes the
+first waiting image, then keeps collecting until it has ``max_batch`` images or
+``max_wait_ms`` have passed since that first image, scores the stack in one forward
+pass, and resolves each image's future. A batch that fails fails only its own images;
+the worker carries on. :meth:`MicroBatcher.close` lets every queued image finish before
+the thread ends (graceful shutdown).
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from grmpiqa.explain import QualityMap
 from grmpiqa.log import get_logger
 from grmpiqa.serve.engine import ScoringEngine
+from grmpiqa.serve.fair import FairQueue, QueueClosed
 
 log = get_logger("serve")
 
@@ -41,8 +43,6 @@ class _Job:
     want_map: bool
     future: Future[Scored] = field(default_factory=Future)
 
-
-_STOP = object()
 
 #: ``on_batch(engine_name, batch_size, seconds)``, called after every batch.
 BatchHook = Callable[[str, int, float], None]
@@ -70,7 +70,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue: FairQueue[_Job] = FairQueue()
         self._lock = threading.Lock()
         self._closed = False
         self._pending = 0
@@ -89,16 +89,27 @@ class MicroBatcher:
         with self._lock:
             return self._pending
 
-    def submit(self, pixels: list[torch.Tensor], want_map: bool = False) -> list[Future[Scored]]:
-        """Queue preprocessed images; one future per image, in order."""
+    def submit(
+        self, pixels: list[torch.Tensor], want_map: bool = False, key: Hashable | None = None
+    ) -> list[Future[Scored]]:
+        """Queue preprocessed images; one future per image, in order. ``key`` names the
+        request (default: this call) for round-robin service and :meth:`cancel`."""
         jobs = [_Job(p, want_map) for p in pixels]
         with self._lock:
             if self._closed:
                 raise BatcherClosed("the service is shutting down")
             self._pending += len(jobs)
-            for j in jobs:
-                self._queue.put(j)
+            self._queue.put(object() if key is None else key, jobs)
         return [j.future for j in jobs]
+
+    def cancel(self, key: Hashable) -> int:
+        """Drop the images of request ``key`` still waiting for a batch; how many."""
+        dropped = self._queue.drop(key)
+        with self._lock:
+            self._pending -= len(dropped)
+        for j in dropped:
+            j.future.cancel()
+        return len(dropped)
 
     def close(self, timeout: float | None = None) -> None:
         """Take no new images, finish every queued one, stop the worker."""
@@ -106,33 +117,23 @@ class MicroBatcher:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
+            self._queue.close()
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is _STOP:
-                break
+        while True:
+            try:
+                first = self._queue.get()
+            except QueueClosed:  # closed, and every accepted image is answered
+                return
             batch = [first]
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
                 try:
-                    nxt = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except (queue.Empty, QueueClosed):
                     break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
             self._process(batch)
-        # close() queues _STOP after the last accepted job, so nothing is left behind.
 
     def _process(self, batch: list[_Job]) -> None:
         try:

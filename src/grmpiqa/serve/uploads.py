@@ -8,9 +8,9 @@ path named in a request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +21,12 @@ from starlette.requests import Request
 
 from grmpiqa.errors import ImageError, ImageTooLargeError, NotAnImageError
 from grmpiqa.images import load_image_bytes
+from grmpiqa.utils import load_json
 
 #: Reasons of per-image errors (also the ``reason`` label of the error metric).
 REASONS = ("not_an_image", "too_large", "corrupt", "bad_data")
+#: A JSON request body nests 3 levels ({"images": [{...}]}); deeper is refused unparsed.
+MAX_REQUEST_JSON_DEPTH = 16
 _MAX_NAME = 200
 
 
@@ -58,7 +61,7 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
     if ctype == "multipart/form-data":
         uploads = await _from_multipart(request, max_images)
     elif ctype == "application/json" or ctype.endswith("+json"):
-        uploads = _from_json(await request.body())
+        uploads = await asyncio.to_thread(_from_json, await request.body())
     else:
         raise RequestError(
             415,
@@ -78,6 +81,12 @@ async def _from_multipart(request: Request, max_images: int) -> list[Upload]:
     try:
         form = await request.form(max_files=max_images + 1, max_fields=max_images + 64)
     except HTTPException as err:
+        if "Too many files" in str(err.detail) or "Too many fields" in str(err.detail):
+            raise RequestError(
+                413,
+                f"more than {max_images} images in one request; the limit is {max_images} "
+                "(--max-images)",
+            ) from None
         raise RequestError(400, f"malformed multipart body ({err.detail})") from None
     except Exception as err:  # noqa: BLE001 - the multipart parser raises several types
         raise RequestError(400, f"malformed multipart body ({err})") from None
@@ -98,7 +107,7 @@ async def _from_multipart(request: Request, max_images: int) -> list[Upload]:
 
 def _from_json(body: bytes) -> list[Upload]:
     try:
-        doc = json.loads(body)
+        doc = load_json(body, MAX_REQUEST_JSON_DEPTH)
     except (ValueError, UnicodeDecodeError) as err:
         raise RequestError(400, f"body is not valid JSON ({err})") from None
     images = doc.get("images") if isinstance(doc, dict) else None
@@ -124,13 +133,17 @@ def _from_json(body: bytes) -> list[Upload]:
     return out
 
 
-def decode(upload: Upload, max_pixels: int, min_side: int | None = None) -> Image.Image:
+def decode(
+    upload: Upload, max_pixels: int, min_side: int | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Decode an upload (as ``grmpiqa score`` decodes files: a large JPEG may decode at a
-    reduced scale down to ``min_side``); raises :class:`ImageError` (subclasses tell
-    the reason)."""
+    reduced scale down to ``min_side``; only allowlisted formats, by content); raises
+    :class:`ImageError` (subclasses tell the reason)."""
     if upload.data is None:
         raise ImageError(upload.error or f"{upload.name}: no data")
-    return load_image_bytes(upload.data, upload.name, max_pixels, min_side=min_side)
+    return load_image_bytes(
+        upload.data, upload.name, max_pixels, min_side=min_side, max_decoded_bytes=max_bytes
+    )
 
 
 def reason_of(err: ImageError) -> str:
