@@ -291,3 +291,23 @@ def test_bytes_items_and_io_like_inputs(kinds):
     a = _pixels([(data, "a.png")], "torch")
     b = _pixels([io.BytesIO(data).getvalue()], "pil")
     assert torch.equal(a, b)
+
+
+def test_the_decoded_pixel_budget_holds_on_both_decoders(kinds):
+    """An image whose decoded size (from its header) is over the budget is refused
+    before decoding, with Pillow's message, whichever decoder is asked for."""
+    items = [kinds["jpeg-420"], kinds["png"]]
+    for decode in ("pil", "torch"):
+        for device_decode in (False, True):
+            loader = ImageLoader(
+                items,
+                PRE,
+                "cpu",
+                2,
+                decode=decode,
+                device_decode=device_decode,
+                max_decoded_bytes=320 * 240 * 3 - 1,
+            )
+            (b,) = list(loader)
+            assert b.indices == [] and len(b.errors) == 2
+            assert all("too large to decode" in msg for _, msg in b.errors), b.errors
