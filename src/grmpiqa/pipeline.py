@@ -364,9 +364,9 @@ class ItemPlan:
                 )
                 if self.device_decode:
                     return encoded
-                done = decode_on([encoded], torch.device("cpu"), self.preprocess, self.max_pixels)[
-                    0
-                ]
+                (done,) = decode_on(
+                    [encoded], torch.device("cpu"), self.preprocess, self.max_pixels
+                )
                 if isinstance(done, str):
                     raise ImageError(done)
                 return done
