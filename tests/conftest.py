@@ -104,3 +104,39 @@ def random_pil_images(n: int, seed: int = 0, size: tuple[int, int] = (70, 60)) -
         arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         out.append(Image.fromarray(arr).resize((244, 244), Image.Resampling.BICUBIC))
     return out
+
+
+def write_rated_images(folder: Path, n: int, seed: int = 0) -> Path:
+    """``n`` generated images whose MOS (0-100 style, 6.5..86.6) falls with their blur and
+    noise, and ``labels.csv`` (``path,mos``) listing them; returns the CSV."""
+    from PIL import ImageFilter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = ["path,mos"]
+    for i in range(n):
+        q = i / max(1, n - 1)
+        base = make_image(folder / f"r{i:03d}.png", size=(64, 56), seed=seed * 1000 + i)
+        img = Image.open(base).filter(ImageFilter.GaussianBlur(2.5 * (1 - q)))
+        img.save(base)
+        rows.append(f"r{i:03d}.png,{6.5 + 80.1 * q + rng.normal(0, 3):.3f}")
+    csv_path = folder / "labels.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path
+
+
+@pytest.fixture(scope="session")
+def finetuned_ckpt(tmp_path_factory) -> Path:
+    """A quick CLI fine-tune of test-tiny on 24 generated rated images, 6 held out."""
+    from grmpiqa.cli import main
+
+    d = tmp_path_factory.mktemp("finetuned")
+    labels = write_rated_images(d / "imgs", 24)
+    out = d / "ft.safetensors"
+    rc = main(
+        ["finetune", "--data", f"csv:{labels}", "--shots", "18", "--test-fraction", "0.25",
+         "--out", str(out), "--backbone", "test-tiny", "--pretrained", "random",
+         "--max-epochs", "10", "--cache-augmentations", "1", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    return out

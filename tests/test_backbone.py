@@ -19,9 +19,12 @@ from grmpiqa.log import GrmpiqaWarning
 def test_offline_tag_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    with pytest.raises(BackboneError, match="--pretrained /path/to/ViT-B-16.pt"):
+    with pytest.raises(BackboneError, match="pretrained='/path/to/ViT-B-16.pt'") as info:
         load_backbone("ViT-B-16-quickgelu", "openai", cache_dir=str(tmp_path))
     assert time.perf_counter() - t0 < 30
+    # API callers read API arguments; the command line prints its flags
+    assert "--pretrained" not in str(info.value)
+    assert "--pretrained /path/to/ViT-B-16.pt" in info.value.for_cli()
 
 
 def test_offline_cli_one_line_error_no_traceback(tmp_path):

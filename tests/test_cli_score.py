@@ -47,7 +47,8 @@ def test_glob_list_files_and_json_output(image_dir, tmp_path, capsys):
     # how the scores were computed: device and precision as resolved, the decoder
     from grmpiqa.precision import resolve_precision
 
-    meta = doc["metadata"]
+    meta = doc["metadata"]["run"]
+    assert doc["metadata"]["columns"] == ["score"]  # the fingerprint, and the run:
     assert meta["device"] == "cpu" and meta["decode"] == "pil"
     assert meta["precision"] == resolve_precision("auto", "cpu")
     assert meta["precision_requested"] == "auto"

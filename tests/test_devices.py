@@ -77,8 +77,10 @@ def test_score_outputs_carry_the_run_metadata(tmp_path, capsys):
     pq_file = tmp_path / "s.parquet"
     assert main(["score", str(tmp_path / "imgs"), *TINY, "-o", str(pq_file)]) == 0
     meta = read_output_metadata(pq_file, "parquet")
-    assert meta is not None and meta["device"] == "cpu" and meta["precision"] == AUTO
-    assert meta["decode"] == "pil" and len(read_rows(pq_file, "parquet")) == 3
+    assert meta is not None and meta["models"][0]["backbone"] == "test-tiny"  # the models
+    run = meta["run"]  # and how the scores were computed
+    assert run["device"] == "cpu" and run["precision"] == AUTO and run["decode"] == "pil"
+    assert len(read_rows(pq_file, "parquet")) == 3
     out_dir = tmp_path / "parts"
     argv = ["score", str(tmp_path / "imgs"), *TINY, "--out-dir", str(out_dir)]
     assert main([*argv, "--decode", "torch", "--precision", "fp32"]) == 0

@@ -458,8 +458,10 @@ def test_finetune_two_ranks_writes_the_one_process_checkpoint(two_ranks: Path) -
         assert "contiguous parts" in extra["got"]["distributed"]["sharding"]
         same = {k: v for k, v in extra["got"].items() if k not in ("world_size", "distributed")}
         want = {k: v for k, v in extra["want"].items() if k != "world_size"}
-        # the MOS map is fitted on the shots' predictions: equal up to float rounding
+        # the MOS map is fitted on the shots' predictions, and the last evaluation's
+        # figures come from them: equal up to float rounding
         assert _approx_record(same.pop("scale", None), want.pop("scale", None))
+        assert _approx_record(same.pop("figures", None), want.pop("figures", None))
         assert same == want
     pixels = two_ranks / "ft_pixels_1.safetensors"  # the released path: dropout in every layer
     _finetune(csv_path, pixels, cache=False)
@@ -586,6 +588,8 @@ def test_torchrun_finetune_writes_the_single_process_checkpoint(
         e.pop("world_size"), e.pop("distributed", None)
         assert e["split"].pop("file") in ("one.splits.csv", "two.splits.csv")
     assert _approx_record(extra["got"].pop("scale"), extra["want"].pop("scale"))
+    assert _approx_record(extra["got"].pop("figures"), extra["want"].pop("figures"))
+    assert _approx_record(extra["got"].pop("held_out", None), extra["want"].pop("held_out", None))
     assert extra["got"] == extra["want"]
     assert (
         two.with_suffix(".splits.csv").read_bytes()

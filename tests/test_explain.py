@@ -185,3 +185,31 @@ def test_mos_maps_with_a_recorded_scale(tmp_path):
     qm = model.quality_map(Image.new("RGB", (50, 50), "white"))
     assert qm.mos_grid is not None and qm.mos_score == pytest.approx(100 * qm.score, rel=1e-5)
     np.testing.assert_allclose(qm.mos_grid, 100 * qm.grid, rtol=1e-5)
+
+
+def test_maps_and_page_use_a_colour_blind_safe_scale_with_a_legend(tiny_model):
+    """Issue 20, item 9: cividis (dark blue -> yellow, lightness rising), not red-green,
+    in the PNG overlays and on the page, with a legend."""
+    from pathlib import Path
+
+    from matplotlib import colormaps
+
+    from grmpiqa.explain import COLORMAP, colorize, overlay
+
+    assert COLORMAP == "cividis"
+    ramp = colorize(np.linspace(0.0, 1.0, 9)[None, :], 0.0, 1.0)[0].astype(float)
+    lightness = ramp @ np.array([0.299, 0.587, 0.114])
+    assert np.all(np.diff(lightness) > 0)  # readable in greyscale and without red/green
+    assert ramp[0, 2] > ramp[0, 0] and ramp[-1, 0] > ramp[-1, 2]  # blue low, yellow high
+    qm = tiny_model.quality_map(Image.new("RGB", (120, 90), "gray"))
+    png = np.asarray(overlay(Image.new("RGB", (120, 90), "gray"), qm))
+    assert png.shape[0] > 90 + 30  # image + legend strip ("low [ramp] high", values)
+    static = Path(__file__).resolve().parents[1] / "src" / "grmpiqa" / "serve" / "static"
+    stops = colormaps["cividis"](np.linspace(0, 1, 9))[:, :3]
+    hexes = ["#" + "".join(f"{int(round(v * 255)):02x}" for v in c) for c in stops]
+    css = (static / "style.css").read_text()
+    assert all(h in css for h in hexes) and "#1a9850" not in css and "#d73027" not in css
+    js = (static / "app.js").read_text()
+    assert "CIVIDIS" in js and "[215, 48, 39]" not in js
+    html = (static / "index.html").read_text()
+    assert "dark blue = the lowest, yellow = the highest" in html and 'class="ramp"' in html

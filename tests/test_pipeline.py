@@ -155,7 +155,9 @@ def test_the_device_stage_equals_decoding_where_read(kinds, tiny_model):
     here = run(32)
     staged = run(5, device_decode=True, prefetch=True)
     assert torch.equal(here, staged)
-    scorer = grmpiqa.scoring.BatchScorer(tiny_model, decode="torch")
+    from grmpiqa.scoring import BatchScorer
+
+    scorer = BatchScorer(tiny_model, decode="torch")
     a = torch.cat([b.scores for b in scorer.iter_batches(paths, 3)])
     b = torch.cat(
         [b.scores for b in scorer.iter_batches(paths, 7, device_decode=True, prefetch=True)]

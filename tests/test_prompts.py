@@ -74,7 +74,7 @@ def test_vpt_sequence_layout_and_deep_replacement(tiny_model):
 
 
 def test_vpt_init_bound_and_shapes():
-    m = grmpiqa.create_model("test-tiny", pretrained=None)
+    m = grmpiqa.create_model("test-tiny", pretrained=None, config=grmpiqa.ModelConfig())
     v = m.visual
     bound = (6.0 / (3 * 32 * 32 + 64)) ** 0.5
     assert v.prompt_embeddings.shape == (1, 100, 64)

@@ -40,17 +40,27 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_logistic_map_is_the_evaluation_fit_and_round_trips_through_json():
+def test_logistic_map_is_bounded_to_the_shots_range_and_round_trips_through_json():
     rng = np.random.default_rng(0)
     p = rng.uniform(0.1, 0.9, 40)
     mos = 100 / (1 + np.exp(-(p - 0.5) / 0.1)) + rng.normal(0, 2, 40)
     s = fit_score_scale(p, mos, CLIVE_LIKE)
     assert s.method == "logistic4" and s.fit["n"] == 40 and s.fit["fallback"] is None
+    assert s.fit["quality"] == "good" and s.fit["r2"] > 0.95 and s.warning() is None
+    # inside the shots' range widened by 5 % of it (and inside the 0-100 scale)
+    lo, hi = s.bounds
+    w = np.ptp(mos)
+    assert lo == pytest.approx(max(0.0, mos.min() - 0.05 * w))
+    assert hi == pytest.approx(min(100.0, mos.max() + 0.05 * w))
+    b1, b2 = s.params[:2]
+    assert lo <= b2 < b1 <= hi  # both asymptotes inside: no values beyond the shots
+    grid = s.to_mos(np.linspace(0, 1, 101))
+    assert np.all(np.diff(grid) >= 0) and lo <= grid.min() and grid.max() <= hi
+    # in the shots' interior it is the evaluation protocol's logistic fit
     f = fit_logistic(p, mos, "4")
     assert f is not None
-    x = np.linspace(0.05, 0.95, 19)
-    np.testing.assert_allclose(s.to_mos(x), np.clip(f(x), 0, 100), rtol=1e-12)
-    assert np.all(np.diff(s.to_mos(np.linspace(0, 1, 101))) >= 0)  # monotone
+    x = np.linspace(0.3, 0.7, 9)
+    np.testing.assert_allclose(s.to_mos(x), f(x), atol=1.0)
     assert s.fit["rmse"] < 4.0  # noise std is 2
     back = ScoreScale.from_dict(json.loads(json.dumps(s.to_dict())))
     assert back == s
@@ -75,13 +85,43 @@ def test_degenerate_fits_fall_back_to_a_linear_map():
     s = fit_score_scale([0.2, 0.5, 0.8], [20, 50, 80], CLIVE_LIKE)
     assert s.method == "linear" and s.fit["fallback"]
     np.testing.assert_allclose(s.to_mos([0.2, 0.5, 0.8]), [20, 50, 80], atol=1e-9)
-    # predictions anti-correlated with MOS: no map against the scale's direction
+    # predictions anti-correlated with MOS: no map against the scale's direction; the
+    # isotonic fit is then flat at the mean, and said to be poor
     s = fit_score_scale(np.linspace(0.1, 0.9, 10), np.linspace(90, 10, 10), CLIVE_LIKE)
-    assert s.method == "linear" and "direction" in s.fit["fallback"]
-    assert s.to_mos([1.0])[0] > s.to_mos([0.0])[0]
+    assert s.method == "isotonic" and "direction" in s.fit["fallback"]
+    assert s.to_mos([1.0])[0] >= s.to_mos([0.0])[0]
+    np.testing.assert_allclose(s.to_mos([0.0, 0.5, 1.0]), [50.0] * 3)
+    assert s.fit["quality"] == "poor" and "explains 0%" in s.warning()
     # the DMOS range map puts p=1 at the scale's low (best) end
     s = fit_score_scale([0.3] * 5, [1, 2, 3, 4, 5], DMOS_1_5)
     np.testing.assert_allclose(s.to_mos([0.0, 1.0]), [5.0, 1.0])
+
+
+def test_the_issue_case_a_map_that_explains_little_falls_back_and_is_flagged():
+    """Issue 20: a 50-shot run on MOS 6.5-86.6 stored the logistic [104196.9, 52.03,
+    0.5622, 0.0010]: values only in 52-100 and two images both at 52.0. Predictions that
+    explain little of the MOS give an unbounded logistic running far outside the labels;
+    the map must stay monotone, inside the shots' range, and say it is poor."""
+    from grmpiqa.metrics import fit_monotone
+
+    rng = np.random.default_rng(3)
+    p = rng.normal(0.55, 0.02, 50)
+    mos = np.clip(46 + 6 * (p - 0.55) / 0.02 + rng.normal(0, 20, 50), 6.5, 86.6)
+    label = LabelScale(6.5, 86.6)
+    old = fit_monotone(p, mos, "4")
+    assert old is not None and old.kind == "logistic4"
+    assert min(old.params[:2]) < -1000  # the unbounded fit: asymptotes far off the scale
+    s = fit_score_scale(p, mos, label)
+    assert s.method == "linear" and "explains little" in s.fit["fallback"]
+    grid = s.to_mos(np.linspace(0, 1, 201))
+    assert np.all(np.diff(grid) >= 0)
+    assert mos.min() - 0.05 * np.ptp(mos) <= grid.min() and grid.max() <= 86.6
+    assert s.fit["quality"] == "poor" and s.fit["r2"] < 0.2
+    assert "rough" in s.warning()
+    # different shots get different MOS (no collapse onto an asymptote)
+    assert len(np.unique(np.round(s.to_mos(p), 3))) > 40
+    back = ScoreScale.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back == s and back.fit == s.fit
 
 
 def test_bad_scale_records_are_refused():
@@ -159,8 +199,8 @@ def test_finetune_records_the_scale_and_score_writes_mos(blur_csv, tmp_path, cap
         loaded.score_scale.to_mos(p.numpy()), expected.to_mos(p.numpy()), rtol=1e-4, atol=1e-3
     )
     mos = loaded.score(shots.paths, scale="mos")
-    assert mos.dtype == torch.float64
-    np.testing.assert_allclose(mos.numpy(), loaded.score_scale.to_mos(p.numpy()), rtol=1e-12)
+    assert mos.dtype == p.dtype == torch.float32  # MOS and p: one dtype
+    np.testing.assert_allclose(mos.numpy(), loaded.score_scale.to_mos(p.numpy()), rtol=1e-6)
     assert torch.all((mos >= 0) & (mos <= 100))
     # the CLI writes the same numbers
     csv_out = tmp_path / "mos.csv"
@@ -172,8 +212,10 @@ def test_finetune_records_the_scale_and_score_writes_mos(blur_csv, tmp_path, cap
     assert rc == 0
     assert "0-100, higher is better" in capsys.readouterr().err
     with open(csv_out) as fh:
-        got = [float(r["score"]) for r in csv.DictReader(fh)]
-    np.testing.assert_allclose(got, mos.numpy(), atol=1e-6)
+        rows = list(csv.DictReader(fh))
+    assert "score" not in rows[0]  # MOS values are written under their own name
+    got = [float(r["mos"]) for r in rows]
+    np.testing.assert_allclose(got, mos.numpy(), rtol=1e-6, atol=1e-5)  # float32 MOS
     assert scale_from_metadata(read_metadata(out)) == loaded.score_scale
     assert not math.isnan(sum(got))
 

@@ -165,8 +165,9 @@ def cli_scores(ckpt: Path, paths: list[Path], tmp: Path, *extra: str) -> list[fl
     out = tmp / f"cli{len(list(tmp.iterdir()))}.csv"
     assert main(["score", "--checkpoint", str(ckpt), "--no-progress", "-o", str(out), *extra]
                 + [str(p) for p in paths]) == 0  # fmt: skip
+    column = "mos" if "mos" in extra else "score"  # --scale mos writes a mos column
     with open(out) as fh:
-        return [float(r["score"]) for r in csv.DictReader(fh)]
+        return [float(r[column]) for r in csv.DictReader(fh)]
 
 
 # -- health, models, metrics ---------------------------------------------------------

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from grmpiqa.backbones import BackboneAdapter, build_adapter, resolve_name
+from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from grmpiqa.errors import BackboneError
 from grmpiqa.log import GrmpiqaWarning, RandomWeightsWarning
 from grmpiqa.utils import load_json
 
-DEFAULT_BACKBONE = "ViT-B-16-quickgelu"
-DEFAULT_PRETRAINED = "openai"
 LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -92,7 +92,12 @@ class Backbone:
     def tokenizer(self) -> Any:
         if self.adapter is not None:
             return self.adapter.tokenizer
-        return open_clip.get_tokenizer(self.name)
+        try:
+            return open_clip.get_tokenizer(self.name)
+        except Exception as err:  # noqa: BLE001 - open_clip/HF tokenizers raise many types
+            raise BackboneError(
+                f"{self.name}: cannot build its tokenizer ({_first_line(err)})"
+            ) from None
 
     def describe(self) -> str:
         p = self.pretrained
@@ -103,6 +108,8 @@ class Backbone:
             return f"{self.name} (pretrained '{p.get('tag')}')"
         if kind == "file":
             return f"{self.name} (weights from {p.get('path')})"
+        if kind == "hf-hub":
+            return f"{self.name} (Hub weights at {str(p.get('revision'))[:12]})"
         return self.name
 
 
@@ -110,7 +117,7 @@ def default_pretrained(name: str) -> str | None:
     """The weights used when none are named: ``openai`` where open_clip knows that tag for
     ``name``, else its only tag, else ``None`` (random weights, announced) for
     architectures without pretrained tags such as ``test-tiny``."""
-    if name.startswith(LOCAL_DIR_PREFIX):
+    if name.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX)):
         return None
     tags = [str(t) for t in open_clip.list_pretrained_tags_by_model(name)]
     if DEFAULT_PRETRAINED in tags or not tags and name == DEFAULT_BACKBONE:
@@ -121,7 +128,9 @@ def default_pretrained(name: str) -> str | None:
         return None
     raise BackboneError(
         f"{name} has several pretrained tags ({', '.join(tags)}); choose one with "
-        "--pretrained TAG, pass a weights file, or --pretrained random"
+        "--pretrained TAG, pass a weights file, or --pretrained random",
+        api=f"{name} has several pretrained tags ({', '.join(tags)}); choose one with "
+        "pretrained='TAG', pass a weights file, or pretrained=None (random)",
     )
 
 
@@ -137,7 +146,12 @@ def announce_random(name: str, seed: int) -> None:
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """The architecture config of ``name`` (a registry name or ``local-dir:PATH``)."""
+    """The architecture config of ``name`` (a registry name, ``local-dir:PATH`` or
+    ``hf-hub:OWNER/REPO``, whose files come from the Hugging Face cache or the Hub)."""
+    if name.startswith(HF_HUB_PREFIX):
+        from grmpiqa.hub import open_clip_folder
+
+        name = f"{LOCAL_DIR_PREFIX}{open_clip_folder(name)[0]}"
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser()
         cfg_path = folder / "open_clip_config.json"
@@ -187,6 +201,17 @@ def load_backbone(
         BackboneError: unknown name, unreadable file, or a tag whose weights are neither
             cached nor downloadable (offline).
     """
+    if name.startswith(HF_HUB_PREFIX):  # an open_clip repository, through the Hub cache
+        from grmpiqa.hub import open_clip_folder
+
+        hub_folder, ref, revision = open_clip_folder(name, cache=cache_dir)
+        bb = load_backbone(
+            f"{LOCAL_DIR_PREFIX}{hub_folder}", None, seed=seed, cache_dir=cache_dir,
+            tokenizer=tokenizer,
+        )  # fmt: skip
+        bb.name = name
+        bb.pretrained = {"kind": "hf-hub", "repo": ref.repo_id, "revision": revision}
+        return bb
     cfg = model_config(name)
     res = resolve_name(name)
     if res.refusal is not None:
@@ -222,7 +247,7 @@ def load_backbone(
             try:
                 clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
             except Exception as err:  # noqa: BLE001 - open_clip raises bare RuntimeErrors
-                raise BackboneError(_offline_message(name, pretrained, err)) from None
+                raise _offline_error(name, pretrained, err) from None
             return fin(Backbone(clip, name, cfg, {"kind": "tag", "tag": pretrained}), pretrained)
         clip = _create(name, None, seed)
         _load_weights_file(clip, path)
@@ -259,11 +284,16 @@ def _create(name: str, pretrained: str | None, seed: int) -> Any:
             if _hf_text(name):  # never download a Hugging Face text tower's weights here
                 kwargs["pretrained_hf"] = False
             return open_clip.create_model(name, pretrained=pretrained, **kwargs)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"{name}: cannot build backbone ({first})") from None
+    except Exception as err:  # noqa: BLE001 - open_clip/timm/hub raise many types; one line
+        raise BackboneError(f"{name}: cannot build backbone ({_first_line(err)})") from None
     finally:
         logger.setLevel(level)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _hf_text(name: str) -> bool:
@@ -415,13 +445,19 @@ def _require_network(name: str, tag: str) -> None:
             pass
         finally:
             socket.setdefaulttimeout(None)
-    raise BackboneError(_offline_message(name, tag, None))
+    raise _offline_error(name, tag, None)
 
 
-def _offline_message(name: str, tag: str, err: Exception | None) -> str:
-    why = "offline and not in the local cache" if err is None else f"download failed: {err}"
-    return (
-        f"cannot get pretrained weights '{tag}' for {name} ({why}); pass a local file "
-        f"with --pretrained /path/to/ViT-B-16.pt (OpenAI or open_clip checkpoint) or "
-        f"--backbone local-dir:/path/to/open_clip_folder"
+def _offline_error(name: str, tag: str, err: Exception | None) -> BackboneError:
+    """One line: the tag's weights cannot be had, and how to pass them (CLI and API)."""
+    if err is None:
+        why = "offline and not in the local cache"
+    else:
+        why = f"download failed: {_first_line(err)}"
+    head = f"cannot get pretrained weights '{tag}' for {name} ({why}); pass a local file "
+    return BackboneError(
+        f"{head}with --pretrained /path/to/ViT-B-16.pt (OpenAI or open_clip checkpoint) or "
+        "--backbone local-dir:/path/to/open_clip_folder",
+        api=f"{head}as pretrained='/path/to/ViT-B-16.pt' (OpenAI or open_clip checkpoint) "
+        "or backbone='local-dir:/path/to/open_clip_folder'",
     )

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from grmpiqa.factory import DEFAULT, create_model
-from grmpiqa.model import CLIPIQA_PROMPTS, ModelConfig, QualityModel
+from grmpiqa.factory import DEFAULT, ZERO_SHOT, create_model
+from grmpiqa.model import ModelConfig, QualityModel
 
 if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
@@ -46,7 +46,7 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-3, 3, 1
 
 def clipiqa_config() -> ModelConfig:
     """Zero-shot CLIP-IQA: antonym hand prompts, no visual prompts."""
-    return ModelConfig(hand_prompts=CLIPIQA_PROMPTS, visual_prompts=False)
+    return ZERO_SHOT
 
 
 def clipiqa_model(

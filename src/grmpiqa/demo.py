@@ -343,7 +343,7 @@ def _run_demo(
     t = time.perf_counter()
     model, plan = _resolve_backbone(backbone, pretrained, device, seed, quick)
     random_bb = model.backbone_pretrained.get("kind") == "random"
-    _say(f"      backbone: {model.describe()}")
+    _say(f"      backbone: {model.describe_backbone()}")
     if model.backbone_name == TINY:
         # The tiny model's matrices are too small to gain from several threads, and on a
         # busy machine oversubscribed threads make it many times slower.

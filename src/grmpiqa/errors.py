@@ -9,7 +9,20 @@ from __future__ import annotations
 
 
 class GrmpiqaError(Exception):
-    """Base class for errors caused by the user's input or environment."""
+    """Base class for errors caused by the user's input or environment.
+
+    ``message`` is what the command line prints (it may name flags such as
+    ``--pretrained``); ``api``, when given, is the same message for Python callers,
+    naming the API's arguments instead (``pretrained=``): ``str(err)`` is that one.
+    """
+
+    def __init__(self, message: str = "", *, api: str | None = None) -> None:
+        super().__init__(api if api is not None else message)
+        self.cli_message = message
+
+    def for_cli(self) -> str:
+        """The message as the command line prints it."""
+        return getattr(self, "cli_message", "") or str(self)
 
 
 class BackboneError(GrmpiqaError):

@@ -60,6 +60,7 @@ from grmpiqa.baselines import (
     coop_model_config,
     image_features,
 )
+from grmpiqa.config import METHODS, SELECTIONS
 from grmpiqa.data import Dataset, Split, load_dataset, make_splits, write_splits
 from grmpiqa.distributed import Context, current, local
 from grmpiqa.errors import DatasetError, GrmpiqaError
@@ -68,7 +69,7 @@ from grmpiqa.log import get_logger
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import ModelConfig, QualityModel
 from grmpiqa.pipeline import describe_device, model_input
-from grmpiqa.results import ProtocolResult, SplitResult
+from grmpiqa.results import ComparisonResult, ProtocolResult, SplitResult
 from grmpiqa.scoring.api import score as score_images
 from grmpiqa.scoring.engine import BatchScorer
 from grmpiqa.utils import load_json
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     from grmpiqa.finetune import FinetuneConfig
 
 __all__ = [
+    "COMPARED_METRICS",
     "METHODS",
     "SELECTIONS",
     "ProtocolConfig",
@@ -84,14 +86,14 @@ __all__ = [
     "SplitResult",
     "ablation_name",
     "build_model",
+    "format_comparison",
     "format_summary",
+    "run_comparison",
     "run_protocol",
 ]
 
 logger = get_logger("evaluate")
 
-METHODS: tuple[str, ...] = ("grmp", "coop", "clipiqa", "linear-probe")
-SELECTIONS: tuple[str, ...] = ("final", "best-on-test")
 _TRAINED = ("grmp", "coop")
 # Test tensors kept in memory for best-on-test scoring up to this size; beyond it the
 # test images are decoded again at every evaluation.
@@ -157,6 +159,10 @@ class ProtocolConfig:
             )
         if self.splits < 1:
             raise GrmpiqaError(f"splits must be at least 1, got {self.splits}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise GrmpiqaError(
+                f"test fraction must be in (0, 1) for the protocol, got {self.test_fraction}"
+            )
         if self.shots < 2:
             raise GrmpiqaError(f"shots must be at least 2, got {self.shots}")
         if self.seed < 0:
@@ -263,7 +269,7 @@ def _config_record(config: ProtocolConfig, dataset: Dataset, model: QualityModel
         "backbone": model.backbone_name,
         "pretrained": pre,
         "random_backbone": pre.get("kind") == "random",
-        "backbone_description": model.describe(),
+        "backbone_description": model.describe_backbone(),
         "model_config": model.config.to_dict(),
         "preprocess": model.preprocess.to_dict(),
         "device": describe_device(config.device),
@@ -629,6 +635,131 @@ def _share_splits(
                 write_json(_split_file(out, res.index), record)
         bar.update(len(round_))
     return [results[k] for k in range(len(splits))]
+
+
+#: Metrics whose paired differences a comparison reports (with bootstrap intervals).
+COMPARED_METRICS: tuple[str, ...] = ("srcc", "plcc")
+#: Bootstrap replicates of a comparison's confidence intervals.
+N_BOOT = 2000
+
+
+def run_comparison(
+    data: Dataset | str,
+    configs: Sequence[ProtocolConfig],
+    *,
+    report_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    keep_checkpoints: bool = False,
+    n_boot: int = N_BOOT,
+) -> ComparisonResult:
+    """Several methods on the same splits, combined into one comparison (method.md 8).
+
+    Each method runs the protocol (:func:`run_protocol`, its own report in
+    ``report_dir/METHOD/``) on the splits of the shared seed, so split ``k`` has the same
+    shots and test images for every method. The comparison reports each method's
+    medians and, against the reference method (``grmp`` when it is among them, else the
+    first), the paired differences per split with two-level bootstrap 95 % intervals
+    (:func:`grmpiqa.metrics.paired_bootstrap`, seeded by the split seed); with
+    ``report_dir`` it writes ``report.json``, ``report.md`` and ``comparison.png`` there.
+
+    Raises:
+        GrmpiqaError: fewer than two methods, a method twice, or configs that do not share
+            the splits (seed, splits, shots, test fraction).
+    """
+    from grmpiqa.metrics import paired_bootstrap
+
+    configs = list(configs)
+    names = [c.method for c in configs]
+    if len(configs) < 2:
+        raise GrmpiqaError("a comparison needs at least two methods")
+    if len(set(names)) != len(names):
+        raise GrmpiqaError(f"a method is named twice: {', '.join(names)}")
+    shared = {(c.seed, c.splits, c.shots, c.test_fraction) for c in configs}
+    if len(shared) != 1:
+        raise GrmpiqaError(
+            "the methods of a comparison must share seed, splits, shots and test fraction "
+            "(the same splits for every method)"
+        )
+    dataset = load_dataset(data) if isinstance(data, str) else data
+    out = Path(report_dir) if report_dir is not None else None
+    results: dict[str, ProtocolResult] = {}
+    for cfg in configs:
+        logger.info("comparison: method %s (%d of %d)", cfg.method, len(results) + 1, len(configs))
+        results[cfg.method] = run_protocol(
+            dataset,
+            cfg,
+            report_dir=None if out is None else out / cfg.method,
+            resume=resume,
+            progress=progress,
+            keep_checkpoints=keep_checkpoints,
+        )
+    first = next(iter(results.values()))
+    for name, res in results.items():
+        if [s.test_indices for s in res.splits] != [s.test_indices for s in first.splits]:
+            raise GrmpiqaError(f"method {name} ran on other test sets than {names[0]}")
+    reference = "grmp" if "grmp" in results else names[0]
+    labels = np.asarray(dataset.labels, dtype=np.float64)
+    targets = [labels[s.test_indices] for s in first.splits]
+    ref_pred = [np.asarray(s.predictions) for s in results[reference].splits]
+    differences = {
+        name: {
+            metric: paired_bootstrap(
+                [np.asarray(s.predictions) for s in res.splits],
+                ref_pred,
+                targets,
+                metric,
+                n_boot=n_boot,
+                seed=configs[0].seed,
+            )
+            for metric in COMPARED_METRICS
+        }
+        for name, res in results.items()
+        if name != reference
+    }
+    keys = ("dataset", "n_images", "shots", "splits", "seed", "test_fraction", "selection",
+            "optimistic", "backbone", "pretrained", "random_backbone", "backbone_description",
+            "logistic", "grmpiqa_version", "torch_version")  # fmt: skip
+    record: dict[str, Any] = {k: first.config.get(k) for k in keys}
+    record["optimistic"] = any(bool(r.config.get("optimistic")) for r in results.values())
+    record["selection"] = ", ".join(sorted({str(r.config["selection"]) for r in results.values()}))
+    record["methods"] = {name: res.config for name, res in results.items()}
+    record["reference"] = reference
+    record["bootstrap"] = {
+        "replicates": n_boot,
+        "seed": configs[0].seed,
+        "level": 0.95,
+        "how": "two-level: splits drawn with replacement, then each drawn split's test "
+        "images with replacement (the same images for both methods)",
+    }
+    result = ComparisonResult(record, dataset, results, reference, differences)
+    if out is not None and current().is_main:
+        from grmpiqa.report import write_comparison
+
+        write_comparison(result, out)
+    return result
+
+
+def format_comparison(result: ComparisonResult) -> str:
+    """A few lines for the terminal: each method's median SRCC/PLCC, and the paired
+    differences against the reference with their intervals."""
+    cfg = result.config
+    lines = [
+        f"{', '.join(result.methods)} on {cfg['dataset']}: {cfg['splits']} splits, "
+        f"{cfg['shots']} shots" + (" [RANDOM backbone]" if cfg.get("random_backbone") else "")
+    ]
+    for name, res in result.methods.items():
+        s = res.summary
+        lines.append(
+            f"  {name:<13} median SRCC {s['srcc']['median']:.4f}  PLCC {s['plcc']['median']:.4f}"
+        )
+    for name, diff in result.differences.items():
+        d = diff["srcc"]
+        lines.append(
+            f"  {name} - {result.reference}: SRCC {d['mean']:+.4f} "
+            f"[{d['lo']:+.4f}, {d['hi']:+.4f}] (95 % bootstrap CI)"
+        )
+    return "\n".join(lines)
 
 
 def format_summary(result: ProtocolResult, keys: Sequence[str] = METRICS) -> str:

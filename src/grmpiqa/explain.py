@@ -204,14 +204,20 @@ def maps_from_pixels(
 # -- rendering -------------------------------------------------------------------------
 
 
+#: The colour map of quality maps: matplotlib's ``cividis``, dark blue (low) to yellow
+#: (high), readable with every common colour-vision deficiency and in greyscale (its
+#: lightness rises monotonically). The page (serve/static) uses the same stops.
+COLORMAP = "cividis"
+
+
 def colorize(grid: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """RGB uint8 ``[rows, cols, 3]``: red (low quality) .. yellow .. green (high), with
-    ``lo``..``hi`` spanning the colour map (matplotlib ``RdYlGn``)."""
+    """RGB uint8 ``[rows, cols, 3]``: dark blue (low quality) .. grey .. yellow (high),
+    with ``lo``..``hi`` spanning the colour map (:data:`COLORMAP`)."""
     from matplotlib import colormaps
 
     span = hi - lo if hi > lo else 1.0
     t = np.clip((grid - lo) / span, 0.0, 1.0)
-    rgba = colormaps["RdYlGn"](t)
+    rgba = colormaps[COLORMAP](t)
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
@@ -235,15 +241,21 @@ def overlay(
     layer = colors.resize((max(1, bx1 - bx0), max(1, by1 - by0)), Image.Resampling.BILINEAR)
     region = img.crop((bx0, by0, bx1, by1))
     img.paste(Image.blend(region, layer, alpha), (bx0, by0))
-    bar_h = 22
+    # legend: "low <ramp> high", the values at its ends, the map mean and the score
+    bar_h = 36
     canvas = Image.new("RGB", (w, h + bar_h), "white")
     canvas.paste(img, (0, 0))
     draw = ImageDraw.Draw(canvas)
+    x = 4
+    draw.text((x, h + 4), "low", fill="black")
+    x += int(draw.textlength("low ")) + 2
     ramp = colorize(np.linspace(lo, hi, 64)[None, :], lo, hi)
-    ramp_img = Image.fromarray(ramp, "RGB").resize((min(120, w // 3), bar_h - 8))
-    canvas.paste(ramp_img, (4, h + 4))
-    text = f"{lo:.3f} .. {hi:.3f}  map mean {qm.mean:.3f}  score {qm.score:.3f}"
-    draw.text((ramp_img.width + 10, h + 5), text, fill="black")
+    ramp_img = Image.fromarray(ramp, "RGB").resize((max(24, min(120, w // 3)), 12))
+    canvas.paste(ramp_img, (x, h + 5))
+    x += ramp_img.width + 4
+    draw.text((x, h + 4), "high", fill="black")
+    text = f"p {lo:.3f} .. {hi:.3f} (this image)  map mean {qm.mean:.3f}  score {qm.score:.3f}"
+    draw.text((4, h + 20), text, fill="black")
     return canvas
 
 

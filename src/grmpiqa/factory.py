@@ -1,13 +1,23 @@
 """``create_model``: backbone + config + checkpoint -> a ready quality model.
 
 The one entry point that turns names and files into a model (as open_clip's factory):
-it resolves the backbone (:mod:`grmpiqa.backbone`), reads a checkpoint
-(:mod:`grmpiqa.checkpoint`) and builds the model (:mod:`grmpiqa.model`).
+it resolves the backbone (:mod:`grmpiqa.backbone`), finds the checkpoint (a grmpiqa
+``.safetensors`` file, an authors' released ``.pt`` file converted once into the cache
+(:mod:`grmpiqa.released`), or either on the Hugging Face Hub as ``hf-hub:OWNER/REPO/FILE``,
+:mod:`grmpiqa.hub`), reads it (:mod:`grmpiqa.checkpoint`) and builds the model
+(:mod:`grmpiqa.model`).
+
+Without a checkpoint (and without a ``config``), the model is zero-shot CLIP-IQA: the
+prompts "Good photo." / "Bad photo." and no visual prompts (method.md 9), announced once
+on the ``grmpiqa`` logger; learned prompts at their random init score nothing meaningful
+and are built only when asked for with ``config=ModelConfig(...)`` (or ``visual_prompts=``).
 
 Example:
     >>> model = create_model("test-tiny", pretrained=None, visual_prompts=False)
     >>> model.score(torch.rand(2, 3, 224, 224)).shape
     torch.Size([2])
+    >>> create_model("test-tiny", pretrained=None).describe_prompts()
+    "zero-shot CLIP-IQA prompts 'Good photo.' / 'Bad photo.'"
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import torch
 from grmpiqa.backbone import DEFAULT_BACKBONE, LOCAL_DIR_PREFIX, default_pretrained, load_backbone
 from grmpiqa.backbones.tokenizers import TOKENIZER_ENV
 from grmpiqa.checkpoint import apply_checkpoint, portable_identity, read_checkpoint
+from grmpiqa.config import CLIPIQA_PROMPTS, DEFAULT_PRETRAINED
 from grmpiqa.errors import BackboneError, CheckpointError, GrmpiqaError
 from grmpiqa.log import GrmpiqaWarning, get_logger
 from grmpiqa.model import ModelConfig
@@ -31,7 +42,20 @@ from grmpiqa.scale import scale_from_metadata
 from grmpiqa.scoring.api import ScoringModel
 from grmpiqa.transforms import PreprocessConfig
 
-__all__ = ["DEFAULT", "create_model", "resolve_device", "pretrained_from_identity"]
+__all__ = [
+    "DEFAULT",
+    "ZERO_SHOT",
+    "create_model",
+    "pretrained_from_identity",
+    "resolve_checkpoint",
+    "resolve_device",
+]
+
+logger = get_logger()
+
+#: Zero-shot CLIP-IQA (method.md 9): antonym hand prompts, no visual prompts. What a
+#: model without a checkpoint scores with.
+ZERO_SHOT = ModelConfig(hand_prompts=CLIPIQA_PROMPTS, visual_prompts=False)
 
 logger = get_logger("factory")
 
@@ -65,13 +89,52 @@ def pretrained_from_identity(
             return str(ident["path"])
         shown = ident.get("file") or Path(str(ident.get("path", "?"))).name
         digest = str(ident.get("sha256_1mb", ""))[:12]
+        head = f"{source}: trained on weights from the file {shown}" + (
+            f" (sha256 of its first MiB {digest}...)" if digest else ""
+        )
+        tail = " (a checkpoint never makes grmpiqa open a path it records)"
         raise CheckpointError(
-            f"{source}: trained on weights from the file {shown}"
-            + (f" (sha256 of its first MiB {digest}...)" if digest else "")
-            + "; name those weights with --pretrained FILE (a checkpoint never makes "
-            "grmpiqa open a path it records)"
+            f"{head}; name those weights with --pretrained FILE{tail}",
+            api=f"{head}; name those weights with pretrained='FILE'{tail}",
         )
     return default_pretrained(name)
+
+
+def resolve_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    *,
+    backbone: str | None = None,
+    pretrained: Any = DEFAULT,
+    seed: int | None = None,
+) -> Path:
+    """The local grmpiqa checkpoint file that ``checkpoint`` names.
+
+    ``checkpoint``: a grmpiqa ``.safetensors`` file; an authors' released ``.pt`` file
+    (converted once into grmpiqa's cache with ``backbone``/``pretrained`` as its base
+    weights, default ViT-B-16-quickgelu/openai, :func:`grmpiqa.released.converted_checkpoint`);
+    or either of them on the Hub as ``hf-hub:OWNER/REPO/FILE`` (fetched into the Hugging
+    Face cache, :func:`grmpiqa.hub.download`).
+    """
+    from grmpiqa.hub import fetch, is_hub_ref
+    from grmpiqa.released import converted_checkpoint, is_released_file
+
+    ref = os.fspath(checkpoint)
+    source: dict[str, Any] = {}
+    if is_hub_ref(ref):
+        path, source = fetch(ref)
+    else:
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{ref}: checkpoint not found")
+    if is_released_file(path):
+        path = converted_checkpoint(
+            path,
+            backbone=backbone,
+            pretrained=DEFAULT_PRETRAINED if pretrained is DEFAULT else pretrained,
+            seed=seed or 0,
+            source=source or None,
+        )
+    return path
 
 
 def create_model(
@@ -98,7 +161,10 @@ def create_model(
         pretrained: open_clip tag, a weights file, or ``None`` for random weights
             (announced with a :class:`~grmpiqa.log.RandomWeightsWarning`); default: the
             checkpoint's, else ``"openai"`` (random for architectures without tags).
-        checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors).
+        checkpoint: a grmpiqa ``.safetensors`` checkpoint (prompts and adapted tensors),
+            an authors' released ``.pt`` file, or ``hf-hub:OWNER/REPO/FILE`` for either
+            (:func:`resolve_checkpoint`). None: zero-shot CLIP-IQA prompts unless
+            ``config`` or ``visual_prompts`` ask for learned ones (then UNTRAINED).
         device: torch device, or ``"auto"``: CUDA if present, else MPS where torch has
             it, else the CPU.
         visual_prompts: use VPT-deep; default: the checkpoint's, else True where the
@@ -115,9 +181,12 @@ def create_model(
     dev = resolve_device(device)
     tensors: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
+    path: Path | None = None
     if checkpoint is not None:
-        tensors, meta = read_checkpoint(checkpoint)
-    source = str(checkpoint)
+        path = resolve_checkpoint(checkpoint, backbone=backbone, pretrained=pretrained, seed=seed)
+        tensors, meta = read_checkpoint(path)
+    source = os.fspath(checkpoint) if checkpoint is not None else "None"
+    zero_shot = checkpoint is None and config is None and visual_prompts is None
     bmeta = meta.get("backbone", {})
     name = backbone or bmeta.get("name") or DEFAULT_BACKBONE
     if backbone is None and name.startswith(LOCAL_DIR_PREFIX):
@@ -132,11 +201,12 @@ def create_model(
         if pretrained is DEFAULT:
             pretrained = pretrained_from_identity(ident, name, source)
         if config is None:
-            config = (
-                ModelConfig.from_dict(meta["model_config"])
-                if "model_config" in meta
-                else ModelConfig()
-            )
+            if zero_shot:
+                config = ZERO_SHOT
+            elif "model_config" in meta:
+                config = ModelConfig.from_dict(meta["model_config"])
+            else:
+                config = ModelConfig()
         if preprocess is None and "preprocess" in meta:
             preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     except (TypeError, ValueError, KeyError, AttributeError) as err:
@@ -190,4 +260,14 @@ def create_model(
             )
         apply_checkpoint(model, tensors, meta, source=source)
         model.score_scale = scale_from_metadata(meta, source)
+        model.prompt_origin = "checkpoint"
+        model.checkpoint_ref = source
+        model.checkpoint_file = path
+    elif zero_shot:
+        logger.info(
+            "no checkpoint: scoring with the zero-shot CLIP-IQA prompts %s (no visual "
+            "prompts, nothing trained); give a checkpoint for a trained scorer, e.g. "
+            "hf-hub:zzhowe/GRMP-IQA/clive_50_prompt_lda_5.0.pt",
+            " / ".join(repr(t) for t in CLIPIQA_PROMPTS),
+        )
     return model.to(dev).eval()

@@ -41,7 +41,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from grmpiqa.backbone import load_backbone
 from grmpiqa.backbones import ImageTrunk
 from grmpiqa.checkpoint import save_checkpoint
+from grmpiqa.config import SCENE_PROMPTS, SCENES, FinetuneConfig
 from grmpiqa.data.datasets import Dataset
 from grmpiqa.distributed import Context, DataParallel, current
 from grmpiqa.errors import GrmpiqaError, TrainingError
@@ -68,9 +69,9 @@ from grmpiqa.feature_cache import (
 from grmpiqa.gradient import set_quality_aware_grads
 from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
-from grmpiqa.model import STAGE2_GROUPS, QualityModel
+from grmpiqa.model import QualityModel
 from grmpiqa.pipeline import describe_device, model_input
-from grmpiqa.precision import PRECISIONS, autocast, storage_dtype
+from grmpiqa.precision import autocast, storage_dtype
 from grmpiqa.prompts import l2_normalize, scaled_cosines
 from grmpiqa.runs import (
     NUMBER,
@@ -105,119 +106,8 @@ __all__ = [
 
 logger = get_logger("finetune")
 
-#: LIQE's scene classes, as written in the released GRMP-IQA code (``still_life`` with
-#: its underscore: the released code tokenizes ``f"a photo of a {c}"`` verbatim).
-SCENES: tuple[str, ...] = (
-    "animal",
-    "cityscape",
-    "human",
-    "indoor",
-    "landscape",
-    "night",
-    "plant",
-    "still_life",
-    "others",
-)
-#: The teacher's and student's hard scene prompts (method.md 7).
-SCENE_PROMPTS: tuple[str, ...] = tuple(f"a photo of a {s}" for s in SCENES)
-
 # FinetuneConfig fields that may change when a run is resumed.
 _RESUMABLE_CHANGES = {"max_epochs"}
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of stage 2 (method.md 7); defaults are the released ones.
-
-    Attributes:
-        lam: QGR lambda; 0 = plain fine-tuning (one backward pass).
-        lr, weight_decay: SGD (no momentum).
-        max_epochs, eval_every, patience, lr_decay, min_lr: the plateau schedule.
-        batch_size: shots per step; None = all shots in one batch (released).
-        groups: trainable parameter groups (``("text_context",)`` = CoOp).
-        distill: use the teacher and ``L_s`` (False: no teacher at all).
-        temperature: distillation temperature T.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast, CPU or CUDA).
-        cache: cache the frozen features (:mod:`grmpiqa.feature_cache`).
-        cache_augmentations: views per image in the cache's augmentation bank.
-        seed: seeds augmentation, prompt dropout and batch order.
-        monitor: figure the schedule watches: ``train_srcc`` (becomes ``val_srcc`` when
-            a validation set is given), any key of the evaluation row or of what
-            ``on_eval`` returns, a sum ``"a+b"``, or ``"-key"`` for lower-is-better.
-        scene_prompts: the hard scene prompts of teacher and student.
-        eval_batch_size: batch size when scoring for evaluations.
-    """
-
-    lam: float = 5.0
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    max_epochs: int = 2000
-    eval_every: int = 5
-    patience: int = 5
-    lr_decay: float = 0.3
-    min_lr: float = 5e-7
-    batch_size: int | None = None
-    groups: tuple[str, ...] = STAGE2_GROUPS
-    distill: bool = True
-    temperature: float = 1.0
-    precision: str = "fp32"
-    cache: bool = True
-    cache_augmentations: int = 8
-    seed: int = 0
-    monitor: str = "train_srcc"
-    scene_prompts: tuple[str, ...] = SCENE_PROMPTS
-    eval_batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        self.groups = tuple(self.groups)
-        self.scene_prompts = tuple(self.scene_prompts)
-
-    def validate(self) -> None:
-        """Raise :class:`GrmpiqaError` for settings that cannot run."""
-        problems = []
-        if not math.isfinite(self.lam) or self.lam < 0:
-            problems.append(f"lambda must be >= 0, not {self.lam}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, not {self.lr}")
-        if self.weight_decay < 0:
-            problems.append(f"weight decay must be >= 0, not {self.weight_decay}")
-        if self.max_epochs < 1:
-            problems.append(f"max_epochs must be >= 1, not {self.max_epochs}")
-        if self.eval_every < 1:
-            problems.append(f"eval_every must be >= 1, not {self.eval_every}")
-        if not 0 < self.lr_decay < 1:
-            problems.append(f"lr_decay must be in (0, 1), not {self.lr_decay}")
-        if self.batch_size is not None and self.batch_size < 1:
-            problems.append(f"batch size must be >= 1, not {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            problems.append(
-                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
-            )
-        if self.cache_augmentations < 1:
-            problems.append(f"cache_augmentations must be >= 1, not {self.cache_augmentations}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, not {self.temperature}")
-        if self.distill and not self.scene_prompts:
-            problems.append("distillation needs at least one scene prompt")
-        if not self.groups:
-            problems.append("no trainable parameter groups")
-        if problems:
-            raise GrmpiqaError("fine-tuning settings: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["groups"] = list(self.groups)
-        d["scene_prompts"] = list(self.scene_prompts)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("groups", "scene_prompts"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
 
 
 @dataclass
@@ -780,6 +670,7 @@ def finetune(
     config: FinetuneConfig,
     *,
     val: Dataset | None = None,
+    held_out: Dataset | None = None,
     on_eval: Callable[[int, QualityModel], dict[str, float]] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
@@ -795,6 +686,11 @@ def finetune(
         train: the shots, with labels in [0, 1] (higher is better).
         config: :class:`FinetuneConfig`.
         val: optional validation set; its SRCC is then the default monitor.
+        held_out: rated images kept out of training (``finetune --test-fraction``):
+            scored at every evaluation (``held_out_srcc``/``held_out_plcc`` in the
+            history and the progress bar), never monitored; the final figures, and the
+            RMSE of the p -> MOS map on them, are recorded in the checkpoint
+            (``extra["held_out"]``).
         on_eval: called as ``on_eval(epoch, model)`` at every evaluation (model in eval
             mode); the returned figures join the history row and may be monitored.
         out: checkpoint written at every evaluation and at the end (the final model),
@@ -802,7 +698,9 @@ def finetune(
         resume: continue from the resume state when it exists.
         overwrite: replace an earlier run at ``out`` (without it, and without ``resume``,
             an existing run is refused).
-        progress: tqdm progress on stderr.
+        progress: tqdm progress on stderr: epochs (no total: the stop rule decides), the
+            lr and how many decays are left before the lr floor stops the run, the
+            plateau counter, train and held-out SRCC.
         extra: metadata added to the checkpoint's ``extra`` record (which also gets
             ``"world_size"``).
 
@@ -824,6 +722,8 @@ def finetune(
         raise GrmpiqaError(f"{train.spec}: fine-tuning needs a label for every shot")
     if val is not None and not val.has_labels:
         raise GrmpiqaError(f"{val.spec}: the validation set needs labels")
+    if held_out is not None and len(held_out) and not held_out.has_labels:
+        raise GrmpiqaError(f"{held_out.spec}: the held-out images need labels")
     if resume and out is None:
         raise GrmpiqaError("resume needs the output checkpoint path (out)")
     monitor = config.monitor
@@ -857,6 +757,16 @@ def finetune(
                 final_lr=float(rec["schedule"]["lr"]),
             )
 
+    if (
+        "text_context" in config.groups
+        and model.prompt_learner is None
+        and not [g for g in config.groups if g != "text_context"]
+    ):
+        raise GrmpiqaError(
+            "the model has no learned prompts to train (hand prompts, such as the zero-shot "
+            "model create_model builds without a checkpoint); build it with "
+            "config=ModelConfig()"
+        )
     # The teacher and the cache need the model as it was *before* fine-tuning.
     teacher = build_teacher(model, config.scene_prompts) if config.distill else None
     model.set_trainable(config.groups)
@@ -877,6 +787,9 @@ def finetune(
     validation = None
     if val is not None and ctx.is_main:  # rank 0 evaluates
         validation = _Validation(model, val, config, start_block)
+    held = None
+    if held_out is not None and len(held_out) and ctx.is_main:
+        held = _Validation(model, held_out, config, start_block)
 
     step = Stage2Step(model, config)
     if ctx.is_distributed:
@@ -915,6 +828,7 @@ def finetune(
             train,
             _with_world(extra, ctx),
             _label_scale(train),
+            held_out=held_out if held is not None else None,
         )
         if run is not None and ctx.is_main
         else None
@@ -926,13 +840,16 @@ def finetune(
     window: list[StepStats] = []
     saved_epoch = epoch0
     stopped = ""
+    # No total: the plateau schedule stops the run long before the epoch cap, so a bar
+    # (and an ETA) towards max_epochs would mislead; the postfix shows the stop rule.
     bar = tqdm(
-        total=config.max_epochs,
+        total=None,
         initial=epoch0,
         unit="epoch",
         desc="fine-tuning",
         disable=not progress,
     )
+    figures: dict[str, str] = {}
     epoch = epoch0
     device = model.device
 
@@ -946,6 +863,11 @@ def finetune(
         if validation is not None:
             vpred = validation.predictions(model, _text(model, step, config))
             row["val_srcc"], row["val_plcc"] = _correlations(vpred, validation.val.labels)
+        if held is not None:
+            shot_pred["held"] = held.predictions(model, _text(model, step, config))
+            row["held_out_srcc"], row["held_out_plcc"] = _correlations(
+                shot_pred["held"], held.val.labels
+            )
         row["eval_seconds"] = time.perf_counter() - t_eval
         if on_eval is not None:
             model.eval()
@@ -980,7 +902,8 @@ def finetune(
                         ) from None
             epoch_seconds.append(time.perf_counter() - t_epoch)
             bar.update(1)
-            bar.set_postfix(lr=f"{schedule.lr:.2g}", loss_q=f"{window[-1].loss_q:.4f}")
+            if progress:
+                bar.set_postfix_str(_bar_text(schedule, config, window[-1].loss_q, figures))
             if not evaluated:
                 continue
             row = ctx.from_main(functools.partial(evaluation, epoch, window))  # rank 0's row
@@ -991,8 +914,12 @@ def finetune(
                     stopped = "min_lr"
                 row["next_lr"] = schedule.lr
             history.append(row)
+            for key, name in (("train_srcc", "train"), ("held_out_srcc", "held-out")):
+                if isinstance(row.get(key), float):
+                    figures[name] = f"{row[key]:.3f}"
             if saver is not None:
                 saver.shot_pred = shot_pred.get("last")
+                saver.held_pred = shot_pred.get("held")
                 final = stopped or ("max_epochs" if epoch == config.max_epochs else "")
                 saver.save(epoch, schedule, history, final, row["seconds"])
             if run is not None:  # saved (by rank 0)
@@ -1018,6 +945,26 @@ def finetune(
         final_lr=schedule.lr,
         epoch_seconds=epoch_seconds,
     )
+
+
+def _bar_text(
+    schedule: PlateauSchedule, config: FinetuneConfig, loss_q: float, figures: dict[str, str]
+) -> str:
+    """The progress bar's state of the stop rule: lr, how many decays are left before it
+    falls below the floor (the run stops there), the plateau counter, the figures."""
+    left = 0
+    lr = schedule.lr
+    while lr >= schedule.min_lr:
+        lr *= schedule.decay
+        left += 1
+    text = (
+        f"lr {schedule.lr:.1e} ({left} decay{'s' if left != 1 else ''} to stop; plateau "
+        f"{schedule.bad}/{schedule.patience + 1} evals), loss_q {loss_q:.4f}"
+    )
+    text += "".join(f", {k} SRCC {v}" for k, v in figures.items())
+    if config.max_epochs < 2000:
+        text += f", cap {config.max_epochs} epochs"
+    return text
 
 
 def _with_world(extra: dict[str, Any] | None, ctx: Context) -> dict[str, Any]:
@@ -1110,6 +1057,9 @@ class _Saver:
     #: predictions of the shots) the checkpoint records the p -> MOS map (grmpiqa.scale)
     label_scale: LabelScale | None = None
     shot_pred: np.ndarray | None = None
+    #: images held out of training and the current model's predictions of them
+    held_out: Dataset | None = None
+    held_pred: np.ndarray | None = None
 
     def save(
         self,
@@ -1130,9 +1080,25 @@ class _Saver:
             "train_names": self.train.names,
             **(self.extra or {}),
         }
+        if history:  # the figures of the last evaluation (the model written)
+            keys = ("epoch", "train_srcc", "train_plcc", "val_srcc", "val_plcc")
+            record["figures"] = {k: history[-1][k] for k in keys if k in history[-1]}
+        fitted = None
         if self.label_scale is not None and self.shot_pred is not None:
             fitted = fit_score_scale(self.shot_pred, self.train.mos, self.label_scale)
             record["scale"] = fitted.to_dict()
+        if self.held_out is not None and self.held_pred is not None and history:
+            last = history[-1]
+            held: dict[str, Any] = {
+                "n": len(self.held_out),
+                "epoch": last.get("epoch"),
+                "srcc": last.get("held_out_srcc"),
+                "plcc": last.get("held_out_plcc"),
+            }
+            if fitted is not None:  # the p -> MOS map on images it was not fitted on
+                err = fitted.to_mos(self.held_pred) - np.asarray(self.held_out.mos, float)
+                held["mos_rmse"] = float(np.sqrt(np.mean(err**2)))
+            record["held_out"] = held
         save_checkpoint(self.model, self.run.out, extra=json_safe(record))
         opt_tensors, opt_record = optimizer_to_state(self.optimizer)
         params = {f"params/{n}": p for n, p in self.model.trainable_parameters().items()}

@@ -34,7 +34,8 @@ runs its sequential chain on every rank (docs/distributed.md). Rank 0 writes the
 
 Example:
     >>> import grmpiqa
-    >>> model = grmpiqa.create_model("test-tiny", pretrained=None)  # doctest: +SKIP
+    >>> config = grmpiqa.ModelConfig()  # learned prompts (without it: zero-shot)
+    >>> model = grmpiqa.create_model("test-tiny", None, config=config)  # doctest: +SKIP
     >>> cfg = grmpiqa.PretrainConfig(epochs=2)
     >>> cfg.inner_lr, cfg.outer_lr, cfg.inner_passes, cfg.support_batch, cfg.query_batch
     (0.001, 1.0, 3, 16, 4)
@@ -51,7 +52,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from grmpiqa.checkpoint import save_checkpoint
+from grmpiqa.config import OUTER_SCHEDULES, VARIANT_DEFAULTS, VARIANTS, PretrainConfig
 from grmpiqa.data import Dataset, Item, load_dataset
 from grmpiqa.distributed import Context, current
 from grmpiqa.errors import DatasetError, GrmpiqaError, TrainingError
@@ -68,7 +70,7 @@ from grmpiqa.log import get_logger
 from grmpiqa.losses import quality_loss
 from grmpiqa.model import STAGE1_GROUPS, QualityModel
 from grmpiqa.pipeline import describe_device
-from grmpiqa.precision import PRECISIONS, autocast
+from grmpiqa.precision import autocast
 from grmpiqa.runs import (
     RunFiles,
     RunState,
@@ -78,12 +80,7 @@ from grmpiqa.runs import (
     rng_to_state,
 )
 from grmpiqa.scoring.api import score as score_images
-from grmpiqa.transforms import (
-    stage1_query_transform,
-    stage1_stats,
-    stage1_support_transform,
-    stats_for,
-)
+from grmpiqa.transforms import stage1_query_transform, stage1_stats, stage1_support_transform
 
 __all__ = [
     "OUTER_SCHEDULES",
@@ -112,137 +109,8 @@ STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
 
 logger = get_logger("pretrain")
 
-VARIANTS: tuple[str, ...] = ("reptile", "released")
-OUTER_SCHEDULES: tuple[str, ...] = ("constant", "linear")
-
-#: Defaults of the step-size fields of :class:`PretrainConfig`, per variant (a field left
-#: ``None`` takes its variant's value). ``released``: the authors' values (method.md 6).
-#: ``reptile``: chosen by measurement (docs/pretraining.md, "Choosing the defaults").
-VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "reptile": {
-        "inner_lr": 1e-3,
-        "outer_lr": 1.0,
-        "outer_schedule": "constant",
-        "inner_passes": 3,
-        "support_batch": 16,
-        "query_batch": 4,
-    },
-    "released": {
-        "inner_lr": 1e-4,
-        "outer_lr": 0.01,
-        "outer_schedule": "constant",
-        "inner_passes": 1,
-        "support_batch": 75,
-        "query_batch": 50,
-    },
-}
-
 # Purposes mixed into the derived seeds, so no two random streams coincide.
 _SPLIT, _AUGMENT, _DROPOUT, _ORDER, _SUBSAMPLE, _PASS = range(6)
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Hyper-parameters of stage 1 (method.md 6).
-
-    The step-size fields (``inner_lr``, ``outer_lr``, ``outer_schedule``,
-    ``inner_passes``, ``support_batch``, ``query_batch``) left ``None`` take their
-    variant's default from ``VARIANT_DEFAULTS``: the authors' values for ``released``
-    (1e-4, 0.01, constant, 1, 75, 50), measured ones for ``reptile`` (1e-3, 1.0,
-    constant, 3, 16, 4; docs/pretraining.md). After construction they hold numbers.
-
-    Attributes:
-        epochs: meta-epochs; each runs every database's tasks once.
-        variant: ``"reptile"`` (phi reset to theta, fresh Adam per task) or
-            ``"released"`` (the authors' behaviour; see the module docstring).
-        inner_lr: Adam learning rate of the inner loop.
-        outer_lr: interpolation step of the outer (Reptile) update.
-        outer_schedule: ``"constant"``, or ``"linear"``: ``outer_lr * (1 - e / epochs)``
-            in 0-based epoch ``e`` (Nichol et al. 2018; the horizon is ``epochs``, so a
-            resumed run must keep it).
-        inner_passes: passes over a task's support set per epoch (each support step
-            followed by a step on the next query batch; later passes in a fresh seeded
-            order with fresh augmentation; released: 1).
-        support_batch, query_batch: batch sizes (released: 75 and 50).
-        support_fraction: share of a task's images in its support set, re-drawn each
-            epoch (released: 0.8; the rest is the query set).
-        seed: seed of every random choice (split, order, augmentation, dropout).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast; parameters stay fp32).
-        stats: normalisation statistics, ``"imagenet"`` (released) or ``"clip"``.
-        max_tasks: keep only the first N distortion types (sorted ids) of each database
-            (the released loop uses 24 of KADID's 25).
-        images_per_task: use at most N images per task (a seeded subsample fixed for
-            the run), for smoke runs and benchmarks.
-        shuffle_tasks: run a database's tasks in a fresh seeded order each epoch
-            (released: yes).
-        keep_best_val: write the checkpoint of the epoch with the best validation SRCC
-            instead of the last epoch (needs a validation set; recorded in metadata).
-        cache_images: keep decoded, resized images in memory between epochs (about
-            0.35 MB per image; results are identical either way).
-    """
-
-    epochs: int = 50
-    variant: str = "reptile"
-    inner_lr: float | None = None
-    outer_lr: float | None = None
-    outer_schedule: str | None = None
-    inner_passes: int | None = None
-    support_batch: int | None = None
-    query_batch: int | None = None
-    support_fraction: float = 0.8
-    seed: int = 0
-    precision: str = "fp32"
-    stats: str = "imagenet"
-    max_tasks: int | None = None
-    images_per_task: int | None = None
-    shuffle_tasks: bool = True
-    keep_best_val: bool = False
-    cache_images: bool = True
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise GrmpiqaError(
-                f"unknown variant {self.variant!r}; use one of {', '.join(VARIANTS)}"
-            )
-        for name, value in VARIANT_DEFAULTS[self.variant].items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        if self.outer_schedule not in OUTER_SCHEDULES:
-            raise GrmpiqaError(
-                f"unknown outer schedule {self.outer_schedule!r}; "
-                f"use one of {', '.join(OUTER_SCHEDULES)}"
-            )
-        if self.inner_passes < 1:  # type: ignore[operator]
-            raise GrmpiqaError(f"inner_passes must be at least 1, got {self.inner_passes}")
-        if self.precision not in PRECISIONS:
-            raise GrmpiqaError(
-                f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}"
-            )
-        try:
-            stats_for(self.stats)
-        except ValueError as err:
-            raise GrmpiqaError(str(err)) from None
-        if self.epochs < 1:
-            raise GrmpiqaError(f"epochs must be at least 1, got {self.epochs}")
-        for name in ("support_batch", "query_batch"):
-            if getattr(self, name) < 1:
-                raise GrmpiqaError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 < self.support_fraction < 1.0:
-            raise GrmpiqaError(f"support_fraction must be in (0, 1), got {self.support_fraction}")
-        if self.inner_lr <= 0 or self.outer_lr <= 0:  # type: ignore[operator]
-            raise GrmpiqaError("inner_lr and outer_lr must be positive")
-        if self.max_tasks is not None and self.max_tasks < 1:
-            raise GrmpiqaError(f"max_tasks must be at least 1, got {self.max_tasks}")
-        if self.images_per_task is not None and self.images_per_task < 2:
-            raise GrmpiqaError(f"images_per_task must be at least 2, got {self.images_per_task}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -522,7 +390,11 @@ def pretrain(
     model.set_trainable(STAGE1_GROUPS)
     params = model.trainable_parameters()
     if not params:
-        raise GrmpiqaError("the model has no prompt parameters to pre-train (hand prompts?)")
+        raise GrmpiqaError(
+            "the model has no prompt parameters to pre-train (hand prompts, such as the "
+            "zero-shot model create_model builds without a checkpoint); build it with "
+            "config=ModelConfig()"
+        )
     plist = list(params.values())
     device = model.device
 

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
+from grmpiqa.config import LOGISTIC_MODELS
+
 __all__ = [
     "LOGISTIC_MODELS",
     "METRICS",
@@ -50,6 +52,7 @@ __all__ = [
     "fit_monotone",
     "logistic_degeneracy",
     "krcc",
+    "paired_bootstrap",
     "plcc",
     "plcc_logistic",
     "rmse",
@@ -60,8 +63,6 @@ __all__ = [
 
 #: Metric names in report order.
 METRICS: tuple[str, ...] = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
-#: Logistic models accepted by :func:`fit_logistic`.
-LOGISTIC_MODELS: tuple[str, ...] = ("4", "5")
 
 ArrayLike = Sequence[float] | np.ndarray | Any
 
@@ -216,12 +217,14 @@ def logistic_degeneracy(f: Callable[[np.ndarray], np.ndarray], pred: ArrayLike) 
 
 @dataclass(frozen=True)
 class MonotoneFit:
-    """A fitted monotone map predictions -> targets: a logistic or a linear fallback.
+    """A fitted monotone map predictions -> targets: a logistic, or a simpler fallback.
 
     Attributes:
-        kind: ``"logistic4"``, ``"logistic5"`` or ``"linear"``.
-        params: the fitted parameters (for ``linear``: slope, intercept).
-        note: why a logistic was replaced by the linear map (None when it was not).
+        kind: ``"logistic4"``, ``"logistic5"``, ``"linear"`` or ``"isotonic"``.
+        params: the fitted parameters (for ``linear``: slope, intercept; for
+            ``isotonic``: the knots' x values, ascending, then their y values; the map
+            interpolates linearly between knots and is flat beyond them).
+        note: why a logistic was replaced by a simpler map (None when it was not).
     """
 
     kind: str
@@ -232,6 +235,9 @@ class MonotoneFit:
         xs = np.asarray(x, dtype=np.float64)
         if self.kind == "linear":
             return np.asarray(self.params[0] * xs + self.params[1], dtype=np.float64)
+        if self.kind == "isotonic":
+            k = len(self.params) // 2
+            return np.asarray(np.interp(xs, self.params[:k], self.params[k:]), dtype=np.float64)
         func = _logistic4 if self.kind == "logistic4" else _logistic5
         return np.asarray(func(xs, *self.params), dtype=np.float64)
 
@@ -247,7 +253,11 @@ class MonotoneFit:
             params = tuple(float(v) for v in d["params"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a monotone fit record ({err})") from None
-        if kind not in expected or len(params) != expected[kind]:
+        if kind == "isotonic":
+            k = len(params) // 2
+            if len(params) < 2 or len(params) % 2 or any(np.diff(params[:k]) < 0):
+                raise ValueError("not a monotone fit record: isotonic knots")
+        elif kind not in expected or len(params) != expected[kind]:
             raise ValueError(f"not a monotone fit record: kind {kind!r}, {len(params)} params")
         if not all(math.isfinite(v) for v in params):
             raise ValueError("non-finite parameters in a monotone fit record")
@@ -293,9 +303,11 @@ def fit_monotone(pred: ArrayLike, target: ArrayLike, logistic: str = "4") -> Mon
 
 def _mapped_pairs(
     pred: ArrayLike, target: ArrayLike, logistic: str, name: str
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mapped predictions, targets) through the logistic; when that fit is a step, a
-    linear map (so PLCC (logistic) falls back to the raw PLCC), with a warning."""
+) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+    """(mapped predictions, targets, None) through the logistic; when that fit is a step,
+    (linearly mapped predictions, targets, the signed raw PLCC), with a warning: PLCC
+    (logistic) then falls back to the raw PLCC, sign included (a least-squares line would
+    report its absolute value)."""
     pt = _pairs(pred, target, name)
     if pt is None:
         return None
@@ -304,21 +316,28 @@ def _mapped_pairs(
         return None
     problem = logistic_degeneracy(f, pt[0])
     if problem is not None:
+        raw = _corr("plcc", *pt)
         _warn(
             f"{name}: the {logistic}-parameter logistic fit is degenerate ({problem}); "
-            "reporting the raw PLCC and the RMSE after a linear fit instead"
+            f"reporting the raw PLCC ({raw:+.4f}, signed) and the RMSE after a linear fit "
+            "instead"
         )
-        return _linear_fit(pt[0], pt[1], problem)(pt[0]), pt[1]
+        return _linear_fit(pt[0], pt[1], problem)(pt[0]), pt[1], raw
     m = f(pt[0])
-    return m, pt[1]
+    return m, pt[1], None
+
+
+def _plcc_of(mt: tuple[np.ndarray, np.ndarray, float | None]) -> float:
+    return mt[2] if mt[2] is not None else float(np.corrcoef(mt[0], mt[1])[0, 1])
 
 
 def plcc_logistic(pred: ArrayLike, target: ArrayLike, logistic: str = "4") -> float:
-    """Pearson correlation after the fitted ``logistic``-parameter mapping."""
+    """Pearson correlation after the fitted ``logistic``-parameter mapping (the signed
+    raw PLCC where that fit is degenerate)."""
     mt = _mapped_pairs(pred, target, logistic, "plcc_logistic")
     if mt is None:
         return math.nan
-    return float(np.corrcoef(mt[0], mt[1])[0, 1])
+    return _plcc_of(mt)
 
 
 def rmse(pred: ArrayLike, target: ArrayLike, logistic: str = "4") -> float:
@@ -346,7 +365,7 @@ def evaluate_predictions(
         out[k] = _corr(k, *pt)
     mt = _mapped_pairs(pt[0], pt[1], logistic, "plcc_logistic/rmse")
     if mt is not None:
-        out["plcc_logistic"] = float(np.corrcoef(mt[0], mt[1])[0, 1])
+        out["plcc_logistic"] = _plcc_of(mt)
         out["rmse"] = float(np.sqrt(np.mean((mt[0] - mt[1]) ** 2)))
     return out
 
@@ -374,3 +393,102 @@ def summarize_metrics(
 ) -> dict[str, dict[str, float | int]]:
     """:func:`summarize` of each key over a list of per-split metric dicts."""
     return {k: summarize(s[k] for s in per_split if k in s) for k in keys}
+
+
+#: Metrics :func:`paired_bootstrap` can resample.
+BOOTSTRAP_METRICS: tuple[str, ...] = ("srcc", "plcc")
+
+
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(axis=1) / den, np.nan)
+
+
+def _rowwise(metric: str, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    if metric == "srcc":
+        return _rowwise_pearson(stats.rankdata(pred, axis=1), stats.rankdata(target, axis=1))
+    return _rowwise_pearson(pred, target)
+
+
+def paired_bootstrap(
+    pred_a: Sequence[ArrayLike],
+    pred_b: Sequence[ArrayLike],
+    targets: Sequence[ArrayLike],
+    metric: str = "srcc",
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """``metric(a) - metric(b)`` over paired splits, with a bootstrap confidence interval.
+
+    ``pred_a[k]``, ``pred_b[k]`` and ``targets[k]`` are split ``k``'s test predictions of
+    the two methods and its targets (the same images in the same order). The estimate is
+    the mean over splits of the per-split differences (``median`` too). The interval is
+    the percentile interval of a two-level bootstrap (seeded by ``seed``): each replicate
+    draws the splits with replacement and, within each drawn split, its test images with
+    replacement, the same images for both methods (paired), so it covers both the
+    split-to-split spread and the sampling of the test images.
+
+    Example:
+        >>> t = [np.arange(20.0)] * 3
+        >>> a = [x + np.random.default_rng(i).normal(0, 2, 20) for i, x in enumerate(t)]
+        >>> b = [x + np.random.default_rng(9 + i).normal(0, 8, 20) for i, x in enumerate(t)]
+        >>> d = paired_bootstrap(a, b, t, "srcc", n_boot=500)
+        >>> bool(d["lo"] < d["mean"] < d["hi"]) and d["n_splits"] == 3
+        True
+    """
+    if metric not in BOOTSTRAP_METRICS:
+        raise ValueError(f"paired_bootstrap: metric must be one of {BOOTSTRAP_METRICS}")
+    if not (len(pred_a) == len(pred_b) == len(targets)) or not targets:
+        raise ValueError("paired_bootstrap: one prediction list per split for each method")
+    rng = np.random.default_rng(seed)
+    per_split: list[float] = []
+    boots: list[np.ndarray] = []
+    for pa, pb, tt in zip(pred_a, pred_b, targets, strict=True):
+        a = np.asarray(pa, dtype=np.float64).reshape(-1)
+        b = np.asarray(pb, dtype=np.float64).reshape(-1)
+        t = np.asarray(tt, dtype=np.float64).reshape(-1)
+        if not a.shape == b.shape == t.shape:
+            raise ValueError("paired_bootstrap: the methods' predictions of a split differ")
+        ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(t)
+        a, b, t = a[ok], b[ok], t[ok]
+        n = a.size
+        if n < 3:
+            per_split.append(math.nan)
+            boots.append(np.full(n_boot, np.nan))
+            continue
+        d = _rowwise(metric, a[None], t[None]) - _rowwise(metric, b[None], t[None])
+        per_split.append(float(d[0]))
+        idx = rng.integers(0, n, size=(n_boot, n))
+        boots.append(_rowwise(metric, a[idx], t[idx]) - _rowwise(metric, b[idx], t[idx]))
+    k = len(per_split)
+    table = np.stack(boots)  # [splits, n_boot]
+    pick = rng.integers(0, k, size=(n_boot, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reps = np.nanmean(table[pick, np.arange(n_boot)[:, None]], axis=1)
+        est = np.asarray(per_split, dtype=np.float64)
+        mean = float(np.nanmean(est)) if np.isfinite(est).any() else math.nan
+        median = float(np.nanmedian(est)) if np.isfinite(est).any() else math.nan
+    reps = reps[np.isfinite(reps)]
+    alpha = (1.0 - level) / 2.0
+    lo, hi = (
+        (float(np.quantile(reps, alpha)), float(np.quantile(reps, 1.0 - alpha)))
+        if reps.size
+        else (math.nan, math.nan)
+    )
+    return {
+        "metric": metric,
+        "mean": mean,
+        "median": median,
+        "lo": lo,
+        "hi": hi,
+        "level": level,
+        "n_splits": k,
+        "n_boot": n_boot,
+        "per_split": per_split,
+    }

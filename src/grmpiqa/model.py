@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 
 from grmpiqa.backbone import Backbone
 from grmpiqa.backbones import BackboneAdapter, placeholder_start
+from grmpiqa.config import CLIPIQA_PROMPTS as CLIPIQA_PROMPTS
+from grmpiqa.config import STAGE1_GROUPS as STAGE1_GROUPS
+from grmpiqa.config import STAGE2_GROUPS as STAGE2_GROUPS
 from grmpiqa.errors import BackboneError
 from grmpiqa.prompts import TextPromptLearner, VisualPrompts, l2_normalize, scaled_cosines
 from grmpiqa.towers import PromptedVisionTower, TextTower
@@ -36,19 +40,6 @@ from grmpiqa.transforms import PreprocessConfig
 
 if TYPE_CHECKING:
     from grmpiqa.scale import ScoreScale
-
-#: Parameter groups trained in stage 1 (meta-prompt pre-training, method.md 6).
-STAGE1_GROUPS: tuple[str, ...] = ("text_context", "visual_prompts")
-#: Parameter groups trained in stage 2 (few-shot fine-tuning, method.md 7).
-STAGE2_GROUPS: tuple[str, ...] = (
-    "text_context",
-    "text_blocks",
-    "image_blocks",
-    "ln_final",
-    "ln_post",
-)
-#: Hand-written prompts of the zero-shot CLIP-IQA baseline.
-CLIPIQA_PROMPTS: tuple[str, str] = ("Good photo.", "Bad photo.")
 
 
 @dataclass(frozen=True)
@@ -212,6 +203,14 @@ class QualityModel(nn.Module):
         self.adapted_keys: set[str] = set(self.parameter_names(("text_context", "visual_prompts")))
         #: the label scale and p -> MOS map a fine-tuning run recorded (``scale="mos"``)
         self.score_scale: ScoreScale | None = None
+        #: where the prompts come from: ``"zero-shot"`` (hand prompts, nothing trained),
+        #: ``"checkpoint"``, ``"training"`` (trained in this process), or None: learned
+        #: prompts at their random init (UNTRAINED; set by the factory and the loops)
+        self.prompt_origin: str | None = "zero-shot" if self.config.hand_prompts else None
+        #: the checkpoint as the user named it (a file, or ``hf-hub:...``), if any, and
+        #: the local grmpiqa file it resolved to (a Hub cache or conversion cache entry)
+        self.checkpoint_ref: str | None = None
+        self.checkpoint_file: Path | None = None
         self.set_trainable(())
 
     # -- encoders ---------------------------------------------------------------------
@@ -329,6 +328,11 @@ class QualityModel(nn.Module):
         return self.backbone_pretrained.get("kind") == "random"
 
     def describe(self) -> str:
+        """The backbone, its weights, the visual prompts and what the quality prompts are."""
+        return f"{self.describe_backbone()}, {self.describe_prompts()}"
+
+    def describe_backbone(self) -> str:
+        """The backbone, its weights and the visual prompts' architecture."""
         p = self.backbone_pretrained
         if p.get("kind") == "random":
             w = f"RANDOM weights, seed {p.get('seed')}"
@@ -342,3 +346,23 @@ class QualityModel(nn.Module):
             else "no visual prompts"
         )
         return f"{self.backbone_name} ({w}), {vp}"
+
+    @property
+    def untrained(self) -> bool:
+        """Learned prompts still at their random init (scores mean nothing)."""
+        return self.prompt_learner is not None and self.prompt_origin is None
+
+    def describe_prompts(self) -> str:
+        """What the quality prompts are: zero-shot hand prompts, UNTRAINED learned
+        prompts, or learned prompts from a checkpoint (or from training in this process)."""
+        hand = self.config.hand_prompts
+        if hand is not None:
+            texts = " / ".join(repr(t) for t in hand)
+            zero_shot = tuple(hand) == CLIPIQA_PROMPTS
+            kind = "zero-shot CLIP-IQA prompts" if zero_shot else "hand prompts"
+            return f"{kind} {texts}"
+        if self.prompt_origin is None:
+            return "UNTRAINED learned prompts (random init)"
+        if self.prompt_origin == "checkpoint" and self.checkpoint_ref:
+            return f"learned prompts from {self.checkpoint_ref}"
+        return f"learned prompts ({self.prompt_origin})"

@@ -26,10 +26,8 @@ from typing import Any
 
 import torch
 
+from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
-
-#: Precisions a user may ask for (``auto`` resolves to one of the other two).
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 
 def check_precision(precision: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from grmpiqa.data import Dataset
 from grmpiqa.metrics import METRICS
 
-__all__ = ["ProtocolResult", "SplitResult"]
+__all__ = ["ComparisonResult", "ProtocolResult", "SplitResult"]
 
 
 @dataclass
@@ -82,4 +82,27 @@ class ProtocolResult:
     splits: list[SplitResult]
     summary: dict[str, dict[str, float | int]]
     warnings: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ComparisonResult:
+    """Several methods on the same splits (``grmpiqa evaluate --method a,b,c``).
+
+    Attributes:
+        config: the shared settings (dataset, splits, seed, shots, ...) and, under
+            ``methods``, each method's own record.
+        dataset: the target dataset.
+        methods: each method's :class:`ProtocolResult`, in the order asked for.
+        reference: the method the others are compared with (``grmp`` when present).
+        differences: ``differences[method][metric]``: the paired difference
+            ``method - reference`` over the splits, with its bootstrap confidence interval
+            (:func:`grmpiqa.metrics.paired_bootstrap`).
+    """
+
+    config: dict[str, Any]
+    dataset: Dataset
+    methods: dict[str, ProtocolResult]
+    reference: str
+    differences: dict[str, dict[str, dict[str, Any]]]
     files: dict[str, str] = field(default_factory=dict)

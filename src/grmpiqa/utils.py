@@ -9,6 +9,7 @@ import os
 import random
 import re
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 
 _UMASK_LOCK = threading.Lock()
 
@@ -125,7 +125,9 @@ def json_safe(obj: Any) -> Any:
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.generic, torch.Tensor)) and getattr(obj, "ndim", 0) == 0:
+    torch = sys.modules.get("torch")  # a torch tensor exists only where torch is loaded
+    scalar = isinstance(obj, np.generic) or (torch is not None and isinstance(obj, torch.Tensor))
+    if scalar and getattr(obj, "ndim", 0) == 0:
         obj = obj.item()
     if isinstance(obj, np.ndarray):
         return json_safe(obj.tolist())
@@ -138,6 +140,8 @@ def json_safe(obj: Any) -> Any:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch generators."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

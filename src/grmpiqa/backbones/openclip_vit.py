@@ -267,7 +267,8 @@ def block_rows(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     """
     b: Any = block
     y = b.ln_1(x)
-    h = x[:, :rows] + b.ls_1(_attention(b.attn, y[:, :rows], y))
+    q = y if rows >= y.shape[1] else y[:, :rows]  # all rows: one fused projection
+    h = x[:, :rows] + b.ls_1(_attention(b.attn, q, y))
     return h + b.ls_2(b.mlp(b.ln_2(h)))  # type: ignore[no-any-return]
 
 
@@ -283,7 +284,7 @@ def _attention(
     bq = bkv = None
     if bias is not None:
         bq, bkv = bias[:w], bias[w:]
-    if q_in.data_ptr() == kv_in.data_ptr() and r == t:
+    if q_in is kv_in:  # (no data_ptr: torch.export and ONNX export trace this)
         qkv = F.linear(q_in, weight, bias).view(b, r, 3, h, d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
     else:

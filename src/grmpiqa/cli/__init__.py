@@ -1,7 +1,9 @@
 """The ``grmpiqa`` command line: one module per subcommand in this package.
 
 Each subcommand module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). Errors
+``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). Parsers
+are built from :mod:`grmpiqa.config` alone: torch and open_clip are imported only inside
+the ``func`` of a command that needs them, so ``--help`` and ``--version`` are instant. Errors
 the user caused (:class:`~grmpiqa.errors.GrmpiqaError`) are printed as one line on
 stderr with a non-zero exit, never a traceback.
 """
@@ -13,7 +15,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from grmpiqa import distributed
 from grmpiqa._version import __version__
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.log import install_cli_handler
@@ -21,6 +22,8 @@ from grmpiqa.log import install_cli_handler
 # Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
     "score",
+    "info",
+    "export",
     "import_released",
     "synth",
     "pretrain",
@@ -53,19 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GrmpiqaError as err:
-        print(f"grmpiqa{_rank_tag()}: error: {err}", file=sys.stderr)
+        print(f"grmpiqa{_rank_tag()}: error: {err.for_cli()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("grmpiqa: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        peers = distributed.peer_failure(err)  # torchrun: a peer rank died
+        dist = sys.modules.get("grmpiqa.distributed")  # loaded by a command that joined a job
+        peers = dist.peer_failure(err) if dist is not None else None  # a peer rank died
         if peers is None:
             raise
         print(f"grmpiqa{_rank_tag()}: error: {peers}", file=sys.stderr)
         return 1
     finally:
-        distributed.shutdown()
+        if "grmpiqa.distributed" in sys.modules:  # a command that ran may have joined a job
+            sys.modules["grmpiqa.distributed"].shutdown()
 
 
 def _export_tokenizer(args: argparse.Namespace) -> None:
@@ -80,7 +85,10 @@ def _export_tokenizer(args: argparse.Namespace) -> None:
 
 def _rank_tag() -> str:
     """``[rank R]`` under torchrun (each rank prints its own error), else nothing."""
-    ctx = distributed.current()
+    dist = sys.modules.get("grmpiqa.distributed")
+    if dist is None:
+        return ""
+    ctx = dist.current()
     return f"[rank {ctx.rank}]" if ctx.is_distributed else ""
 
 

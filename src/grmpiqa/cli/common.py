@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
-from grmpiqa.distributed import Context, init_from_env
+from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, FinetuneConfig
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.factory import DEFAULT, create_model, resolve_device
 from grmpiqa.log import get_logger
-from grmpiqa.model import QualityModel
-from grmpiqa.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    import torch
+
+    from grmpiqa.distributed import Context
+    from grmpiqa.model import QualityModel
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True) -> None:
@@ -45,6 +45,67 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True
         g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
 
 
+#: Help of ``--checkpoint`` where a command scores with a trained model.
+CHECKPOINT_HELP = (
+    "trained model: a grmpiqa .safetensors checkpoint, an authors' released .pt file "
+    "(converted once into the cache), or hf-hub:OWNER/REPO/FILE for either, e.g. "
+    "hf-hub:zzhowe/GRMP-IQA/clive_50_prompt_lda_5.0.pt (default: none, zero-shot CLIP-IQA "
+    "prompts)"
+)
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """``--untrained-prompts``: what a scoring command uses without a checkpoint."""
+    parser.add_argument(
+        "--untrained-prompts",
+        action="store_true",
+        help="without --checkpoint, score with learned prompts at their random init instead "
+        "of the zero-shot CLIP-IQA prompts (meaningless scores; for tests of the pipeline)",
+    )
+
+
+def scoring_config(args: argparse.Namespace, has_checkpoint: bool) -> Any:
+    """The :class:`ModelConfig` a scoring command asks for: None (the checkpoint's, else
+    zero-shot CLIP-IQA), or learned prompts at their random init (``--untrained-prompts``,
+    announced)."""
+    if not getattr(args, "untrained_prompts", False):
+        return None
+    if has_checkpoint:
+        raise GrmpiqaError("--untrained-prompts goes without --checkpoint")
+    import warnings
+
+    from grmpiqa.log import GrmpiqaWarning
+    from grmpiqa.model import ModelConfig
+
+    warnings.warn(
+        "UNTRAINED learned prompts (random init, --untrained-prompts): the scores carry no "
+        "quality knowledge",
+        GrmpiqaWarning,
+        stacklevel=2,
+    )
+    return ModelConfig()
+
+
+def add_progress_args(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress``; by default bars show only on a terminal."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars on stderr even when it is not a terminal (default: only on one)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def want_progress(args: argparse.Namespace) -> bool:
+    """Progress bars: as asked, else when stderr is a terminal."""
+    if getattr(args, "progress", False):
+        return True
+    if getattr(args, "no_progress", False):
+        return False
+    return sys.stderr.isatty()
+
+
 def add_tokenizer_arg(group: Any) -> None:
     """``--tokenizer DIR``: a saved Hugging Face tokenizer (SigLIP, SigLIP2) used when the
     backbone's own is not in the local cache (sets GRMPIQA_TOKENIZER for the command)."""
@@ -59,6 +120,8 @@ def add_tokenizer_arg(group: Any) -> None:
 
 def pretrained_arg(value: str | None) -> Any:
     """CLI value of ``--pretrained`` -> create_model's argument."""
+    from grmpiqa.factory import DEFAULT
+
     if value is None:
         return DEFAULT
     if value.lower() in ("random", "none"):
@@ -82,6 +145,8 @@ def add_precision_arg(parser: Any, default: str = "auto", help: str = PRECISION_
 def device_arg(value: str) -> torch.device:
     """``--device`` -> a torch device that exists here (``auto`` resolved; one-line error
     otherwise)."""
+    from grmpiqa.pipeline import resolve_device
+
     try:
         return resolve_device(value)
     except GrmpiqaError as err:
@@ -133,6 +198,8 @@ def join_job(args: argparse.Namespace) -> Context:
     ranks other than 0 to warnings and errors; rank 0 announces device and precision
     when the model is built (:func:`model_from_args`) or :func:`announce` is called.
     """
+    from grmpiqa.distributed import init_from_env
+
     ctx, dev = init_from_env(resolve_run(args, announce=False))
     args.device = str(dev)
     if ctx.is_distributed and not ctx.is_main:
@@ -145,6 +212,8 @@ def model_from_args(
     args: argparse.Namespace, checkpoint: str | None = None, **kwargs: Any
 ) -> QualityModel:
     """Build the model the backbone flags (and an optional checkpoint) describe."""
+    from grmpiqa.factory import create_model
+
     announce(args)
     return create_model(
         backbone=args.backbone,
@@ -160,8 +229,6 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     """The stage-2 settings (method.md 7) as flags: every :class:`FinetuneConfig` field
     a user sets (``--lambda``, ``--lr``, ``--max-epochs``, ...), defaults taken from the
     dataclass; read them back with :func:`finetune_config_from_args`."""
-    from grmpiqa.finetune import FinetuneConfig
-
     d = FinetuneConfig()
     g = parser.add_argument_group("fine-tuning (stage 2)")
     g.add_argument(
@@ -229,8 +296,6 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
 
 def finetune_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
     """The :class:`~grmpiqa.finetune.FinetuneConfig` that :func:`add_finetune_args` flags give."""
-    from grmpiqa.finetune import FinetuneConfig
-
     kw: dict[str, Any] = {
         "lam": args.lam,
         "lr": args.lr,

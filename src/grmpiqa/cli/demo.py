@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grmpiqa.cli.common import add_backbone_args, pretrained_arg, resolve_run
-from grmpiqa.demo import MIN_PRISTINE
-from grmpiqa.factory import DEFAULT
+from grmpiqa.cli.common import (
+    add_backbone_args,
+    add_progress_args,
+    pretrained_arg,
+    resolve_run,
+    want_progress,
+)
+
+#: Pristine photos ``--pristine`` needs at least (:data:`grmpiqa.demo.MIN_PRISTINE`).
+MIN_PRISTINE = 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,13 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help=f"your own pristine photos (at least {MIN_PRISTINE}) instead of scikit-image's "
         "samples",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_progress_args(p)
     add_backbone_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from grmpiqa.demo import run_demo
+    from grmpiqa.factory import DEFAULT
 
     result = run_demo(
         args.out,
@@ -47,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else 0,
         quick=args.quick,
         pristine=args.pristine,
-        progress=not args.no_progress,
+        progress=want_progress(args),
     )
     print(result.text)
     if result.notice:

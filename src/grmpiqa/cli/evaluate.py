@@ -6,22 +6,25 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grmpiqa.cli.common import (
     add_backbone_args,
     add_finetune_args,
+    add_progress_args,
     announce,
     device_arg,
     finetune_config_from_args,
     join_job,
     pretrained_arg,
+    want_progress,
 )
-from grmpiqa.data import load_dataset
+from grmpiqa.config import LOGISTIC_MODELS, METHODS, SELECTIONS
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.evaluation import METHODS, SELECTIONS, ProtocolConfig, format_summary, run_protocol
-from grmpiqa.metrics import LOGISTIC_MODELS
-from grmpiqa.model import ModelConfig
 from grmpiqa.utils import write_problem
+
+if TYPE_CHECKING:
+    from grmpiqa.evaluation import ProtocolConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,11 +37,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "median/mean/std), report.md, predictions.csv, scatter.png and curves.png. "
         "Methods: grmp (stage 2 with QGR from --init; without --init = 'no meta init' "
         "ablation, --lambda 0 = 'no QGR' ablation), coop (text context only), clipiqa "
-        "(zero-shot antonym prompts), linear-probe (ridge on frozen CLIP embeddings).",
+        "(zero-shot antonym prompts), linear-probe (ridge on frozen CLIP embeddings). Several "
+        "methods (--method grmp,clipiqa,linear-probe) run on the same splits, each with its own "
+        "report in DIR/METHOD/, and DIR/report.md, report.json and comparison.png compare them: "
+        "per-method medians and paired differences against grmp with bootstrap 95% CIs.",
     )
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset spec KIND:PATH")
     p.add_argument("--report", required=True, metavar="DIR", help="report folder")
-    p.add_argument("--method", choices=METHODS, default="grmp", help="default grmp")
+    p.add_argument(
+        "--method",
+        default="grmp",
+        metavar="METHOD[,METHOD...]",
+        help=f"one of {', '.join(METHODS)}, or several separated by commas to compare them on "
+        "the same splits (default grmp)",
+    )
     p.add_argument("--shots", type=int, default=50, help="training images per split (default 50)")
     p.add_argument("--splits", type=int, default=10, help="number of random splits (default 10)")
     p.add_argument(
@@ -85,37 +97,58 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="grmp/coop: keep each split's model as DIR/splits/split_K.safetensors (lets "
         "--resume continue an interrupted split; ~170 MB each for ViT-B/16)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_progress_args(p)
     add_finetune_args(p)
     add_backbone_args(p)
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
-    """The :class:`ProtocolConfig` the flags describe."""
+def methods_from_args(args: argparse.Namespace) -> list[str]:
+    """The methods ``--method`` names (one, or several separated by commas)."""
+    names = [m.strip() for m in str(args.method).split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if not names or bad:
+        raise GrmpiqaError(
+            f"--method {args.method}: unknown method {', '.join(bad) or '(none)'}; use "
+            f"{', '.join(METHODS)} or several of them separated by commas"
+        )
+    if len(set(names)) != len(names):
+        raise GrmpiqaError(f"--method {args.method}: a method is named twice")
+    if args.init is not None and "grmp" not in names:
+        raise GrmpiqaError("--init is a stage-1 checkpoint for method grmp")
+    return names
+
+
+def config_from_args(args: argparse.Namespace, method: str | None = None) -> ProtocolConfig:
+    """The :class:`ProtocolConfig` the flags describe (for ``method``, one of several)."""
+    from grmpiqa.evaluation import ProtocolConfig
+    from grmpiqa.model import ModelConfig
+
     seed = args.seed if args.seed is not None else 0
+    method = method or args.method
     if args.init is not None and not Path(args.init).is_file():
         raise GrmpiqaError(f"{args.init}: --init checkpoint not found")
+    trained = method in ("grmp", "coop")
     ft = None
-    if args.method in ("grmp", "coop"):
+    if trained:
         ft = finetune_config_from_args(args, seed=seed, monitor=args.monitor)
     model_config = None
     if args.vpt_tokens is not None:
         if args.vpt_tokens < 1:
             raise GrmpiqaError(f"--vpt-tokens must be at least 1, got {args.vpt_tokens}")
-        if args.init is not None:
+        if args.init is not None and method == "grmp":
             raise GrmpiqaError("--vpt-tokens comes from the --init checkpoint; drop one of them")
         model_config = replace(ModelConfig(), vpt_tokens=args.vpt_tokens)
     if args.score_batch_size < 1:
         raise GrmpiqaError(f"--score-batch-size must be at least 1, got {args.score_batch_size}")
     return ProtocolConfig(
-        method=args.method,
+        method=method,
         shots=args.shots,
         splits=args.splits,
         seed=seed,
         test_fraction=args.test_fraction,
-        selection=args.selection,
-        init=args.init,
+        selection=args.selection if trained else "final",
+        init=args.init if method == "grmp" else None,
         finetune=ft,
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained),
@@ -131,11 +164,34 @@ def run(args: argparse.Namespace) -> int:
     problem = write_problem(args.report, folder=True)
     if problem:  # before any data is read or any split computed
         raise GrmpiqaError(f"{args.report}: {problem} (--report)")
+    from grmpiqa.data import load_dataset
+    from grmpiqa.evaluation import format_comparison, format_summary, run_comparison, run_protocol
+
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
-    config = config_from_args(args)
-    progress = not args.no_progress
-    dataset = load_dataset(args.data)
+    methods = methods_from_args(args)
+    progress = want_progress(args)
+    dataset = load_dataset(args.data)  # a bad data spec stays a one-line error
     announce(args)
+    if len(methods) > 1:
+        comparison = run_comparison(
+            dataset,
+            [config_from_args(args, m) for m in methods],
+            report_dir=args.report,
+            resume=args.resume,
+            progress=progress,
+            keep_checkpoints=args.keep_checkpoints,
+        )
+        if not ctx.is_main:
+            return 0
+        print(format_comparison(comparison))
+        print(f"report: {Path(args.report) / 'report.md'}")
+        if comparison.config.get("random_backbone"):
+            print(
+                "grmpiqa: WARNING: these numbers come from a RANDOM backbone, not pretrained CLIP",
+                file=sys.stderr,
+            )
+        return 0
+    config = config_from_args(args)
     result = run_protocol(
         dataset,
         config,

@@ -8,10 +8,18 @@ import io
 import sys
 from pathlib import Path
 
-from grmpiqa.cli.common import add_backbone_args, add_precision_arg, model_from_args, resolve_run
+from grmpiqa.cli.common import (
+    CHECKPOINT_HELP,
+    add_backbone_args,
+    add_precision_arg,
+    add_prompt_args,
+    model_from_args,
+    resolve_run,
+    scoring_config,
+)
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image
-from grmpiqa.utils import atomic_open, write_problem
+from grmpiqa.images import DEFAULT_MAX_PIXELS
+from grmpiqa.utils import write_problem
 
 SUMMARY = "maps.csv"
 
@@ -28,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image, folder, glob or list")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--checkpoint", default=None, help="grmpiqa .safetensors checkpoint")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    add_prompt_args(p)
     add_backbone_args(p)
     add_precision_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -50,8 +59,10 @@ def _unique_stems(paths: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grmpiqa.cli.score import collect_paths
     from grmpiqa.explain import quality_maps, write_map_files
+    from grmpiqa.images import load_image
+    from grmpiqa.scoring.inputs import collect_paths
+    from grmpiqa.utils import atomic_open
 
     if args.batch_size < 1:
         raise GrmpiqaError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -62,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         raise GrmpiqaError(f"{out_dir}: {problem} (--out)")
     paths = collect_paths(args.images)
+    config = scoring_config(args, args.checkpoint is not None)
     resolve_run(args)
-    model = model_from_args(args, checkpoint=args.checkpoint)
+    model = model_from_args(args, checkpoint=args.checkpoint, config=config)
     print(f"grmpiqa: quality maps of {len(paths)} images with {model.describe()}", file=sys.stderr)
     scale = model.score_scale
     rows: list[dict[str, object]] = []

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grmpiqa.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from grmpiqa.cli.common import pretrained_arg
-from grmpiqa.released import import_released
+from grmpiqa.config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "nested under 'state_dict' and prefixed 'module.') and write a grmpiqa checkpoint with "
         "the prompts and every backbone tensor that differs from the base weights.",
     )
-    p.add_argument("file", metavar="FILE.pt", help="the released state dict")
+    p.add_argument(
+        "file",
+        metavar="FILE.pt",
+        help="the released state dict, or hf-hub:OWNER/REPO/FILE (e.g. "
+        "hf-hub:zzhowe/GRMP-IQA/clive_50_prompt_lda_5.0.pt; fetched into the Hugging Face cache)",
+    )
     p.add_argument("--out", required=True, metavar="CKPT.safetensors", help="checkpoint to write")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"default {DEFAULT_BACKBONE}")
     p.add_argument(
@@ -33,12 +37,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from grmpiqa.hub import fetch, is_hub_ref
+    from grmpiqa.released import import_released
+
+    file, source = args.file, None
+    if is_hub_ref(args.file):
+        file, source = fetch(
+            args.file, cli_hint="download {url} and pass the local file as FILE.pt"
+        )
     out = import_released(
-        args.file,
+        file,
         args.out,
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained),
         seed=args.seed,
+        source=source,
     )
     print(f"grmpiqa: wrote {out}", file=sys.stderr)
     return 0

@@ -7,13 +7,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from grmpiqa.cli.common import add_backbone_args, add_precision_arg, join_job, model_from_args
+from grmpiqa.cli.common import (
+    add_backbone_args,
+    add_precision_arg,
+    add_progress_args,
+    join_job,
+    model_from_args,
+    want_progress,
+)
 from grmpiqa.errors import GrmpiqaError
-from grmpiqa.runs import RunFiles
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from grmpiqa.metatrain import OUTER_SCHEDULES, VARIANT_DEFAULTS, VARIANTS, PretrainConfig
+    from grmpiqa.config import OUTER_SCHEDULES, VARIANT_DEFAULTS, VARIANTS, PretrainConfig
 
     d = PretrainConfig()
 
@@ -121,7 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's state")
     p.add_argument("--no-cache", action="store_true", help="decode images again every epoch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_progress_args(p)
     add_backbone_args(p)
     p.set_defaults(func=run)
 
@@ -154,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_best_val and args.val is None:
         raise GrmpiqaError("--keep-best-val needs --val SPEC")
     # The output must be writable before any data is read or any model built.
+    from grmpiqa.runs import RunFiles
+
     RunFiles(
         Path(args.out), "pretrain", log=Path(args.log) if args.log else Path()
     ).check_output_path()
@@ -185,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         val=val,
         log=args.log,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=want_progress(args),
     )
     if not ctx.is_main:
         return 0

@@ -16,25 +16,25 @@ from typing import Any
 
 from grmpiqa._version import __version__
 from grmpiqa.cli.common import (
+    CHECKPOINT_HELP,
     add_backbone_args,
     add_precision_arg,
+    add_progress_args,
+    add_prompt_args,
     describe_run,
     device_arg,
+    scoring_config,
+    want_progress,
 )
+from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
-from grmpiqa.scoring.engine import (
-    DEFAULT_MAX_BATCH_BYTES,
-    BatchScorer,
-    Result,
-    check_workers,
-    score_pending,
-)
 from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
 from grmpiqa.scoring.outputs import (
     Columns,
     FileSink,
     PartsSink,
+    Result,
     Sink,
     StdoutSink,
     check_output_dir,
@@ -68,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=None,
         metavar="CKPT",
-        help="grmpiqa .safetensors checkpoint; repeat it for one score column per checkpoint",
+        help=CHECKPOINT_HELP + "; repeat it for one score column per checkpoint",
     )
+    add_prompt_args(p)
     add_backbone_args(p)
     p.add_argument(
         "--batch-size", type=int, default=32, help="images per forward pass (default 32)"
@@ -119,7 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="prob: p(high quality) in (0, 1) (default); mos: the label scale the checkpoint's "
         "fine-tuning recorded (e.g. CLIVE MOS 0-100)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_progress_args(p)
 
     g = p.add_argument_group("inputs")
     g.add_argument("--path-column", default=None, help="image path column of .csv/.parquet tables")
@@ -184,7 +185,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def _checkpoint_id(path: str | None) -> dict[str, Any] | None:
+def _checkpoint_id(path: Any, ref: str | None) -> dict[str, Any] | None:
+    """Identity of a checkpoint for the run's fingerprint: its name as given (an
+    ``hf-hub:`` reference, or the file name) and the sha256 of the file it resolved to."""
     if path is None:
         return None
     h = hashlib.sha256()
@@ -194,18 +197,22 @@ def _checkpoint_id(path: str | None) -> dict[str, Any] | None:
                 h.update(block)
     except OSError as err:
         raise GrmpiqaError(f"{path}: cannot read checkpoint ({err.strerror or err})") from None
-    return {"file": Path(path).name, "sha256": h.hexdigest()}
+    name = ref if ref is not None and ref.startswith("hf-hub:") else Path(str(ref or path)).name
+    return {"file": name, "sha256": h.hexdigest()}
 
 
-def _score_names(checkpoints: list[str | None]) -> list[str]:
+def _score_names(checkpoints: list[str | None], scale: str = "prob") -> list[str]:
+    """``score`` (p in (0, 1)) or ``mos`` (``--scale mos``); with several checkpoints
+    ``score_<name>`` / ``mos_<name>``."""
+    base = "mos" if scale == "mos" else "score"
     if len(checkpoints) == 1:
-        return ["score"]
+        return [base]
     names: list[str] = []
     for i, c in enumerate(checkpoints):
         stem = Path(str(c)).stem
-        name = f"score_{stem}"
+        name = f"{base}_{stem}"
         if name in names:
-            name = f"score_{stem}_{i}"
+            name = f"{base}_{stem}_{i}"
         names.append(name)
     return names
 
@@ -255,6 +262,7 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+
     out_fmt = _validate(args)
     options = InputOptions(args.path_column, args.id_column, args.skip_bad)
     groups = collect(args.paths, options)
@@ -283,12 +291,15 @@ def _run(
     args: argparse.Namespace, out_fmt: str | None, parts: list[Any], n_images: int, session: Any
 ) -> int:
     from grmpiqa.pipeline import default_workers
+    from grmpiqa.scoring.engine import BatchScorer, check_workers, score_pending
     from grmpiqa.scoring.ray import build_models
 
     checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     device = device_arg(args.device) if args.engine == "local" else None
+    untrained = scoring_config(args, args.checkpoint is not None)
+    model_config = untrained.to_dict() if untrained is not None else None
     models = build_models(
-        checkpoints, args.backbone, args.pretrained, args.seed, None, str(device or "cpu")
+        checkpoints, args.backbone, args.pretrained, args.seed, model_config, str(device or "cpu")
     )
     from grmpiqa.pipeline import describe_device, resolve_decode
     from grmpiqa.precision import resolve_precision
@@ -301,7 +312,7 @@ def _run(
         if device is not None or args.precision != "auto"
         else "auto"  # resolved by each Ray actor on its own device
     )
-    names = _score_names(checkpoints)
+    names = _score_names(checkpoints, args.scale)
     to_mos = None
     if args.scale == "mos":
         from grmpiqa.scale import require_score_scale
@@ -330,7 +341,8 @@ def _run(
             {
                 "backbone": m.backbone_name,
                 "pretrained": m.backbone_pretrained,
-                "checkpoint": _checkpoint_id(c),
+                "checkpoint": _checkpoint_id(m.checkpoint_file, c),
+                "prompts": m.describe_prompts(),
                 "config": m.config.to_dict(),
                 "preprocess": m.preprocess.to_dict(),
             }
@@ -396,7 +408,7 @@ def _run(
         scorer_kwargs: dict[str, Any] = {
             "checkpoint": checkpoints[0] if len(checkpoints) == 1 else None,
             "checkpoints": None if len(checkpoints) == 1 else [str(c) for c in checkpoints],
-            "names": None if len(checkpoints) == 1 else [n[len("score_") :] for n in names],
+            "names": None if len(checkpoints) == 1 else [n.split("_", 1)[1] for n in names],
             "backbone": args.backbone,
             "pretrained": args.pretrained,
             "seed": args.seed,
@@ -415,7 +427,7 @@ def _run(
             actors=args.actors,
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
-            progress=not args.no_progress,
+            progress=want_progress(args),
             session=session,
         )
     else:
@@ -437,7 +449,7 @@ def _run(
                 file=sys.stderr,
             )
         results = score_pending(
-            scorer, pending, args.batch_size, num_workers=workers, progress=not args.no_progress
+            scorer, pending, args.batch_size, num_workers=workers, progress=want_progress(args)
         )
 
     if to_mos is not None:

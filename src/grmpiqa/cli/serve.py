@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from grmpiqa.cli.common import add_backbone_args, add_precision_arg, model_from_args, resolve_run
+from grmpiqa.cli.common import (
+    CHECKPOINT_HELP,
+    add_backbone_args,
+    add_precision_arg,
+    add_prompt_args,
+    model_from_args,
+    resolve_run,
+    scoring_config,
+)
 from grmpiqa.errors import GrmpiqaError
 
 
@@ -28,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=[],
         metavar="CKPT",
-        help="grmpiqa checkpoint to serve; repeat for several (requests pick one with "
-        "?checkpoint=NAME, NAME = file name without .safetensors; the first is the default)",
+        help=CHECKPOINT_HELP.replace("trained model: ", "model to serve: ")
+        + "; repeat for several (requests pick one with ?checkpoint=NAME, NAME = file name "
+        "without .safetensors; the first is the default)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
@@ -41,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="how long a batch waits for more images (default 10)",
     )
     add_precision_arg(p)
+    add_prompt_args(p)
     add_backbone_args(p)
     p.add_argument(
         "--workers",
@@ -102,7 +112,7 @@ def _names(paths: list[str]) -> list[str]:
     names: list[str] = []
     for p in paths:
         stem = Path(p).name
-        for suffix in (".safetensors",):
+        for suffix in (".safetensors", ".pt", ".pth", ".bin"):
             if stem.endswith(suffix) and len(stem) > len(suffix):
                 stem = stem[: -len(suffix)]
         base, n = stem, 2
@@ -143,9 +153,11 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         for path, name in zip(args.checkpoint, _names(args.checkpoint), strict=True):
             model = model_from_args(args, checkpoint=path)
-            engines.append(ScoringEngine(model, name, args.precision, checkpoint=path))
+            engines.append(
+                ScoringEngine(model, name, args.precision, checkpoint=model.checkpoint_file)
+            )
     else:
-        model = model_from_args(args)
+        model = model_from_args(args, config=scoring_config(args, False))
         engines.append(ScoringEngine(model, model.backbone_name, args.precision))
     for e in engines:
         scale = f", scale {e.scale.label.describe()}" if e.scale is not None else ""

@@ -7,6 +7,7 @@ distortion registry (:mod:`grmpiqa.data.distortions`).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from grmpiqa.data.distortions import list_distortions
 from grmpiqa.data.synth import SynthConfig
@@ -58,7 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="0-9",
         help=f"PNG (zlib) compression level (default {d.compress_level}: fast, larger files)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bar on stderr even when it is not a terminal (default: only on one)",
+    )
+    g.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         levels=args.levels,
         seed=args.seed,
         workers=args.workers,
-        progress=not args.quiet,
+        progress=args.progress or (not args.quiet and sys.stderr.isatty()),
         compress_level=args.compress_level,
     )
     print(

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage, signal
 
 from grmpiqa.errors import GrmpiqaError
 
@@ -203,6 +202,8 @@ def _reflect_convolve(x: Array, kernel: Array) -> Array:
     kh, kw = kernel.shape
     ph, pw = kh // 2, kw // 2
     padded = np.pad(x, ((ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)), mode="reflect")
+    from scipy import signal
+
     out = signal.fftconvolve(padded, kernel[:, :, None], mode="valid", axes=(0, 1))
     return np.asarray(out, dtype=np.float32)
 
@@ -216,6 +217,8 @@ def _codec_roundtrip(img: Array, fmt: str, **save: Any) -> Array:
 
 
 def _gaussian(x: Array, sigma: float, channels: Sequence[int] | None = None) -> Array:
+    from scipy import ndimage
+
     out = x.copy()
     for c in channels if channels is not None else range(x.shape[2]):
         out[..., c] = ndimage.gaussian_filter(x[..., c], sigma, mode="reflect")
@@ -319,6 +322,8 @@ def color_shift(img: Array, p: float, rng: np.random.Generator) -> Array:
     angle = rng.uniform(0.0, 2 * math.pi)
     d = p
     out = img.copy()
+    from scipy import ndimage
+
     out[..., 1] = ndimage.shift(
         img[..., 1].astype(np.float32),
         (d * math.sin(angle), d * math.cos(angle)),
@@ -474,6 +479,8 @@ def denoise(img: Array, p: float, rng: np.random.Generator) -> Array:
     """
     var = p
     x = _f32(img) + math.sqrt(var) * rng.standard_normal(img.shape, dtype=np.float32)
+    from scipy import ndimage
+
     mean = ndimage.uniform_filter(x, size=(5, 5, 1), mode="reflect")
     sq = ndimage.uniform_filter(x * x, size=(5, 5, 1), mode="reflect")
     local_var = np.maximum(sq - mean * mean, 0.0)
@@ -641,6 +648,8 @@ def high_sharpen(img: Array, p: float, rng: np.random.Generator) -> Array:
     """24 High sharpen: unsharp masking (radius 1 px) of CIELAB L* with a growing amount."""
     lab = rgb_to_lab(img)
     lum = lab[..., 0]
+    from scipy import ndimage
+
     blurred = ndimage.gaussian_filter(lum, 1.0, mode="reflect")
     lab[..., 0] = lum + p * (lum - blurred)
     return lab_to_rgb(lab)

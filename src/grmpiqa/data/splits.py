@@ -108,7 +108,8 @@ def make_split(
         seed, index: non-negative integers; the split is a pure function of
             (dataset, seed, index).
         shots: number of training images drawn from the pool (``None``: the whole pool).
-        test_fraction: share of the images (or references) held out, default 0.2.
+        test_fraction: share of the images (or references) held out, default 0.2; 0
+            holds out nothing (every image in the pool; ``finetune --test-fraction 0``).
         group_by_ref: split references rather than images. Default: when every item
             names its reference.
 
@@ -124,8 +125,8 @@ def make_split(
         raise DatasetError(
             f"{dataset.spec}: split index must be a non-negative integer, not {index!r}"
         )
-    if not 0.0 < test_fraction < 1.0:
-        raise DatasetError(f"{dataset.spec}: test_fraction must be in (0, 1), not {test_fraction}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise DatasetError(f"{dataset.spec}: test_fraction must be in [0, 1), not {test_fraction}")
     seed, index = int(seed), int(index)
     grouped = dataset.has_refs if group_by_ref is None else bool(group_by_ref)
     if grouped and not dataset.has_refs:
@@ -134,11 +135,13 @@ def make_split(
     unit_of = [str(it.ref) for it in items] if grouped else [it.name for it in items]
     units = sorted(set(unit_of))
     what = "references" if grouped else "images"
-    if len(units) < 2:
+    if len(units) < (2 if test_fraction > 0 else 1):
         raise DatasetError(f"{dataset.spec}: {len(units)} {what}; a split needs at least 2")
     rng = np.random.default_rng([seed, index])
     perm = rng.permutation(len(units))
-    n_test = min(len(units) - 1, max(1, int(round(test_fraction * len(units)))))
+    n_test = 0
+    if test_fraction > 0:
+        n_test = min(len(units) - 1, max(1, int(round(test_fraction * len(units)))))
     test_units = {units[j] for j in perm[:n_test]}
     pool = [i for i, u in enumerate(unit_of) if u not in test_units]
     test = [i for i, u in enumerate(unit_of) if u in test_units]

@@ -10,14 +10,17 @@
 * :mod:`~grmpiqa.scoring.ray` - the Ray Data engine and ``Scorer`` (imported on demand).
 """
 
-from grmpiqa.scoring.engine import (
-    BatchScorer,
-    ScoredBatch,
-    iter_scores,
-    score_inputs,
-    shared_prefix_blocks,
-    text_features,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from grmpiqa.scoring.engine import (
+        BatchScorer,
+        ScoredBatch,
+        iter_scores,
+        score_inputs,
+        shared_prefix_blocks,
+        text_features,
+    )
 
 __all__ = [
     "BatchScorer",
@@ -27,3 +30,13 @@ __all__ = [
     "shared_prefix_blocks",
     "text_features",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The engine's names, imported on first use (it needs torch; inputs and outputs,
+    which the command line's parser reads, do not)."""
+    if name in __all__:
+        from grmpiqa.scoring import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'grmpiqa.scoring' has no attribute {name!r}")

@@ -54,7 +54,7 @@ def score(
     (preprocessed with the model's eval transform). Scores do not depend on
     ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
     ``scale="mos"`` maps them to the label scale recorded by fine-tuning
-    (:mod:`grmpiqa.scale`; float64); a model without one raises GrmpiqaError.
+    (:mod:`grmpiqa.scale`; the same dtype as p); a model without one raises GrmpiqaError.
     ``decode``: ``auto`` (nvJPEG on CUDA, Pillow elsewhere), ``pil`` or ``torch``
     (:mod:`grmpiqa.pipeline`). Runs on the model's device.
     """

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES as _DEFAULT_MAX_BATCH_BYTES
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS, decoded_bytes, probe_image, split_by_budget
 from grmpiqa.pipeline import (
@@ -51,7 +52,7 @@ Item = Any
 
 
 #: Decoded bytes one batch may hold at once (``grmpiqa score --max-decoded-mb``).
-DEFAULT_MAX_BATCH_BYTES = 1024 * 2**20
+DEFAULT_MAX_BATCH_BYTES = _DEFAULT_MAX_BATCH_BYTES
 
 
 def decode_groups(

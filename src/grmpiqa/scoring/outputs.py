@@ -2,7 +2,8 @@
 
 Rows have the columns ``path`` (the image file, or the tar shard), ``key`` (the tar
 sample's ``__key__``; only when a shard is scored), ``id`` (with ``--id-column``), one
-score column per checkpoint (``score``, or ``score_<name>``) and ``error`` (empty for a
+score column per checkpoint (``score``, or ``score_<name>``; ``mos``/``mos_<name>`` with
+``--scale mos``) and ``error`` (empty for a
 scored image; present with ``--skip-bad`` and always in parts).
 
 * :class:`StdoutSink` streams CSV rows in input order as batches finish.
@@ -15,10 +16,10 @@ scored image; present with ``--skip-bad`` and always in parts).
   fingerprint). ``--resume`` keeps every part file whose rows are exactly its planned
   images (read back and compared), so a kill loses at most the parts in flight.
 
-The run's metadata (grmpiqa version, engine, device, precision, decoder: how a score was
-computed) goes into the manifest (``run``), into JSON files (``{"metadata": ...,
-"rows": [...]}``) and into Parquet files (schema metadata ``grmpiqa``); CSV has no place
-for it.
+The run's record (its fingerprint: models, prompts, settings; and under ``run`` the
+grmpiqa version, engine, device, precision and decoder: how a score was computed) goes
+into the manifest, into JSON files (``{"metadata": ..., "rows": [...]}``) and into
+Parquet files (schema metadata ``grmpiqa``); CSV has no place for it.
 """
 
 from __future__ import annotations
@@ -174,16 +175,18 @@ def write_rows(
     rows: Sequence[dict[str, Any]],
     metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``rows`` to ``path`` atomically (CSV, JSON or Parquet), with the run's
-    ``metadata`` in JSON (``{"metadata": ..., "rows": [...]}``; a bare list without
-    metadata) and Parquet (schema metadata ``grmpiqa``)."""
+    """Write ``rows`` to ``path`` atomically (CSV, JSON or Parquet). ``metadata`` (the
+    run's models, prompts and settings, and under ``run`` the device, precision and
+    decoder) goes into a JSON file (``{"metadata": ..., "rows": [...]}``; a bare list of
+    rows without metadata) and a Parquet file's key-value metadata under ``grmpiqa``; CSV
+    has no place for it (the manifest or journal does)."""
     if fmt == "csv":
         with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
             fh.write(rows_to_csv(cols, rows))
     elif fmt == "json":
         data: Any = [{n: r.get(n) for n in cols.names()} for r in rows]
         if metadata is not None:
-            data = {"metadata": metadata, "rows": data}
+            data = {"metadata": json.loads(json.dumps(metadata, default=str)), "rows": data}
         with atomic_open(path, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1)
             fh.write("\n")
@@ -195,8 +198,9 @@ def write_rows(
         for n in cols.names():
             typ = pa.float64() if n in cols.scores else pa.string()
             fields.append(pa.field(n, typ))
-        meta = {b"grmpiqa": json.dumps(metadata).encode()} if metadata is not None else None
-        schema = pa.schema(fields, metadata=meta)
+        schema = pa.schema(fields)
+        if metadata is not None:
+            schema = schema.with_metadata({"grmpiqa": json.dumps(metadata, default=str)})
         table = pa.table({n: [r.get(n) for r in rows] for n in cols.names()}, schema=schema)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
@@ -211,7 +215,7 @@ def read_rows(path: str | os.PathLike[str], fmt: str) -> list[dict[str, Any]]:
             rows: list[dict[str, Any]] = list(csv.DictReader(fh))
         for r in rows:
             for k, v in r.items():
-                if k == "score" or k.startswith("score_"):
+                if k in ("score", "mos") or k.startswith(("score_", "mos_")):
                     r[k] = float(v) if v != "" else None
                 elif v == "" and k == "error":
                     r[k] = None
@@ -410,7 +414,7 @@ class FileSink(Sink):
 
     def finish(self) -> None:
         rows = [self.row(p, i) for p in self.parts for i in range(len(p.items))]
-        write_rows(self.path, self.fmt, self.cols, rows, self.metadata)
+        write_rows(self.path, self.fmt, self.cols, rows, _file_metadata(self))
         self._fh.close()
         self.journal.unlink(missing_ok=True)
         log.info("wrote %d rows to %s", len(rows), self.path)
@@ -425,6 +429,15 @@ class FileSink(Sink):
                 len(self.done) + self._new,
                 self.journal,
             )
+
+
+def _file_metadata(sink: Any) -> dict[str, Any]:
+    """What an output file records: the run's fingerprint (models, prompts, settings)
+    and, under ``run``, how the scores were computed (device, precision, decoder)."""
+    meta = dict(sink.fingerprint)
+    if sink.metadata is not None:
+        meta["run"] = sink.metadata
+    return meta
 
 
 def _diff(a: Any, b: Any) -> str:
@@ -565,7 +578,7 @@ class PartsSink(Sink):
             p = self.parts[idx]
             if self._counts[idx] == len(p.items):
                 rows = [self.row(p, i) for i in range(len(p.items))]
-                write_rows(self.file(p), self.fmt, self.cols, rows, self.metadata)
+                write_rows(self.file(p), self.fmt, self.cols, rows, _file_metadata(self))
                 for i in range(len(p.items)):
                     del self.results[(idx, i)]
                 self.done.add(idx)

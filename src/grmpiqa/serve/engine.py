@@ -95,10 +95,11 @@ class ScoringEngine:
             "random_weights": self.random_weights,
             "description": m.describe(),
             "checkpoint": (
-                {"file": self.checkpoint.name, "sha256": self._digest}
+                {"file": self.checkpoint.name, "sha256": self._digest, "ref": _public_ref(m)}
                 if self.checkpoint is not None
                 else None
             ),
+            "prompts": {"origin": m.prompt_origin, "description": m.describe_prompts()},
             "scale": self.scale.to_dict() if self.scale is not None else None,
             "preprocess": m.preprocess.to_dict(),
             "precision": self.precision,
@@ -111,7 +112,23 @@ class ScoringEngine:
                 "RANDOM backbone weights: scores carry no learned quality knowledge "
                 "(for tests and demos only)"
             )
+        elif m.untrained:
+            card["warning"] = "UNTRAINED learned prompts: scores carry no quality knowledge"
+        if m.prompt_origin == "zero-shot" and self.checkpoint is None:
+            card["note"] = (
+                "no checkpoint: zero-shot CLIP-IQA prompts (nothing trained on quality "
+                "ratings); serve a checkpoint for a trained scorer"
+            )
         return card
+
+
+def _public_ref(model: QualityModel) -> str | None:
+    """The checkpoint as named, when that is no server path (``hf-hub:...``), else its
+    file name."""
+    ref = model.checkpoint_ref
+    if ref is None:
+        return None
+    return ref if ref.startswith("hf-hub:") else Path(ref).name
 
 
 def _sha256(path: Path) -> str:

@@ -26,6 +26,9 @@
       warn.textContent = "Warning: this model has RANDOM backbone weights; its scores carry " +
         "no learned quality knowledge (tests and demos only).";
       warn.hidden = false;
+    } else if (m.warning || m.note) {
+      warn.textContent = (m.warning ? "Warning: " + m.warning : "Note: " + m.note);
+      warn.hidden = false;
     } else {
       warn.hidden = true;
     }
@@ -57,13 +60,15 @@
     describeModel();
   }
 
-  // red (low) -> yellow -> green (high), relative to the map's own min..max
+  // cividis (matplotlib): dark blue (low) -> grey -> yellow (high), relative to the map's
+  // own min..max; safe for colour-vision deficiencies, lightness rises monotonically.
+  const CIVIDIS = [[0, 34, 78], [26, 56, 111], [67, 78, 108], [97, 101, 111], [125, 124, 120],
+    [155, 148, 118], [188, 174, 108], [222, 201, 88], [254, 232, 56]];
   function colour(t) {
-    const stops = [[215, 48, 39], [255, 255, 191], [26, 152, 80]];
-    t = Math.min(1, Math.max(0, t));
-    const k = t < 0.5 ? 0 : 1;
-    const u = t < 0.5 ? t * 2 : (t - 0.5) * 2;
-    return stops[k].map((c, i) => Math.round(c + (stops[k + 1][i] - c) * u));
+    t = Math.min(1, Math.max(0, t)) * (CIVIDIS.length - 1);
+    const k = Math.min(CIVIDIS.length - 2, Math.floor(t));
+    const u = t - k;
+    return CIVIDIS[k].map((c, i) => Math.round(c + (CIVIDIS[k + 1][i] - c) * u));
   }
 
   function drawMap(canvas, map) {
