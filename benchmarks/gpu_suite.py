@@ -72,6 +72,9 @@ DATA = HERE.parents[1] / "shared" / "data"
 CLIVE = DATA / "clive-dev" / "ChallengeDB_release" / "Images"
 KODAK = DATA / "pristine" / "kodak"
 BACKBONE = "ViT-B-16-quickgelu"
+#: the GRMP-IQA model: learned text context and 100 VPT tokens (without a config and a
+#: checkpoint create_model gives the zero-shot CLIP-IQA prompts, no visual prompts)
+PROMPTED = grmpiqa.ModelConfig()
 W, MLP, BLOCKS, PATCHES, PROMPTS = 768, 3072, 12, 196, 100
 
 
@@ -162,7 +165,7 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int], workers: int) -> lis
 def model_only(
     device: torch.device, batch: int, min_s: float, compile_: bool
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    model = grmpiqa.create_model(BACKBONE, pretrained=None, device=device)
+    model = grmpiqa.create_model(BACKBONE, pretrained=None, device=device, config=PROMPTED)
     visual = model.clip.visual
     visual_bf16 = copy.deepcopy(visual).to(torch.bfloat16)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -462,7 +465,7 @@ def main() -> None:
     if "compile_error" in notes:
         print(f"torch.compile: {notes['compile_error']}")
 
-    model = grmpiqa.create_model(BACKBONE, pretrained=None, device=device)
+    model = grmpiqa.create_model(BACKBONE, pretrained=None, device=device, config=PROMPTED)
     tiny = grmpiqa.create_model(
         "test-tiny", pretrained=None, device=device, config=grmpiqa.ModelConfig(vpt_tokens=4)
     )

@@ -155,7 +155,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}"
     )
 
-    model = grmpiqa.create_model(BACKBONE, pretrained=None).eval()
+    # the GRMP-IQA model (learned context, 100 VPT tokens), not the zero-shot default
+    model = grmpiqa.create_model(BACKBONE, pretrained=None, config=grmpiqa.ModelConfig()).eval()
     clip = model.clip
     clip_bf16 = copy.deepcopy(clip).to(torch.bfloat16)
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))

@@ -282,7 +282,9 @@ def test_clive_dev_scores_of_the_two_decoders_with_vit_b16():
     """The issue's tolerance: max |score difference| <= 0.005 with ViT-B/16 (random
     weights) on CLIVE dev images (a subset here; benchmarks/gpu_suite.py runs all 400)."""
     paths = sorted((CLIVE_ROOT / "Images").glob("*"))[:16]
-    model = grmpiqa.create_model("ViT-B-16-quickgelu", pretrained=None)
+    model = grmpiqa.create_model(
+        "ViT-B-16-quickgelu", pretrained=None, config=grmpiqa.ModelConfig()
+    )  # the GRMP-IQA model: learned context, 100 VPT tokens
     ref = model.score(paths, 8, decode="pil", precision="bf16")
     fast = model.score(paths, 8, decode="torch", precision="bf16")
     assert (ref - fast).abs().max() <= 0.005
