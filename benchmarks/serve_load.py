@@ -87,11 +87,13 @@ def cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def offline(model: grmpiqa.QualityModel, paths: list[Path], batch: int, workers: int):
+def offline(
+    model: grmpiqa.QualityModel, paths: list[Path], batch: int, workers: int, precision: str
+):
     """images/s, images per CPU-second (DataLoader workers included), scores."""
     c0, t0 = cpu_self_and_children(), time.perf_counter()
     scores = np.full(len(paths), np.nan)
-    for b in iter_scores(model, paths, batch, num_workers=workers):
+    for b in iter_scores(model, paths, batch, num_workers=workers, precision=precision):
         scores[b.indices] = b.scores.numpy()
     wall, cpu = time.perf_counter() - t0, cpu_self_and_children() - c0
     return len(paths) / wall, len(paths) / cpu, scores
@@ -118,6 +120,9 @@ def main() -> int:
         "offline is a rate, so a prefix measures it at lower cost for big backbones)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--precision", default="fp32", help="of the service and offline alike (default fp32)"
+    )
     args = ap.parse_args()
 
     import httpx
@@ -139,7 +144,9 @@ def main() -> int:
     pretrained = None if args.pretrained.lower() in ("random", "none") else args.pretrained
     model = grmpiqa.create_model(args.backbone, pretrained=pretrained)
     n_off = min(n_images, args.offline_images or n_images)
-    off1, off1_cpu, off_scores = offline(model, flat[:n_off], args.batch_size, workers)
+    off1, off1_cpu, off_scores = offline(
+        model, flat[:n_off], args.batch_size, workers, args.precision
+    )
     print(f"offline (before): {off1:.2f} img/s on {n_off} images", file=sys.stderr)
     del model
 
@@ -148,7 +155,8 @@ def main() -> int:
     log = open(tmp / "server.log", "wb")  # noqa: SIM115
     cmd = [sys.executable, "-m", "grmpiqa", "serve", "--backbone", args.backbone, "--port",
            str(port), "--pretrained", args.pretrained, "--max-batch", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]  # fmt: skip
+           "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
+           "--precision", args.precision]  # fmt: skip
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -214,7 +222,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     model = grmpiqa.create_model(args.backbone, pretrained=pretrained)
-    off2, off2_cpu, _ = offline(model, flat[:n_off], args.batch_size, workers)
+    off2, off2_cpu, _ = offline(model, flat[:n_off], args.batch_size, workers, args.precision)
     print(f"offline (after): {off2:.2f} img/s", file=sys.stderr)
 
     service_tput = len(scored) / wall

@@ -144,15 +144,16 @@ def embeddings(model: Any, ds: Any, batch_size: int) -> np.ndarray:
     """Frozen L2-normalised image embeddings (eval transform) of every image of ``ds``."""
     import torch
 
-    from grmpiqa.images import load_image
+    from grmpiqa.pipeline import ImageLoader
 
-    tf = model.preprocess.eval_transform()
     model.eval()
     out = []
+    loader = ImageLoader(
+        ds.paths, model.preprocess, model.device, batch_size, decode="pil", reduced_decode=False
+    )
     with torch.no_grad():
-        for i in range(0, len(ds), batch_size):
-            x = torch.stack([tf(load_image(p)) for p in ds.paths[i : i + batch_size]])
-            out.append(model.encode_image(x.to(model.device)).float().cpu().numpy())
+        for b in loader:
+            out.append(model.encode_image(b.pixels).float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 

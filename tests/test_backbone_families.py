@@ -234,3 +234,22 @@ def test_quality_maps_or_a_one_line_refusal(name):
     qm = model.quality_map(img)
     assert qm.grid.shape == model.image_tower.grid_size
     assert abs(qm.score - float(model.score([img])[0])) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["test-tiny", *TWINS])
+def test_bf16_scoring_on_frozen_bf16_weights_is_bit_identical(name):
+    """Scoring in bf16 runs a tower copy whose matrix weights are stored in bf16
+    (``PromptedVisionTower.frozen_copy``): the same scores, bit for bit, as bf16
+    autocast over the fp32 weights, on every family."""
+    from grmpiqa.scoring import BatchScorer
+
+    model = build(name)
+    x = model.preprocess.normalize(
+        torch.randint(0, 256, (3, 3, model.preprocess.crop, model.preprocess.crop),
+                      dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    )  # fmt: skip
+    frozen = BatchScorer(model, precision="bf16")
+    autocast = BatchScorer(model, precision="bf16", frozen_bf16=False)
+    assert frozen.towers[0] is not model.image_tower
+    assert any(p.dtype == torch.bfloat16 for p in frozen.towers[0].trunk.visual.parameters())
+    assert torch.equal(frozen.score_tensor(x), autocast.score_tensor(x))

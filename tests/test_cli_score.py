@@ -38,12 +38,22 @@ def test_glob_list_files_and_json_output(image_dir, tmp_path, capsys):
     out = tmp_path / "scores.json"
     pattern = str(image_dir / "img*.png")
     assert main(["score", pattern, str(lst), str(table), *TINY, "--output", str(out)]) == 0
-    data = json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    data = doc["rows"]
     assert [r["path"].split("/")[-1] for r in data] == [
         f"img{i}.png" for i in (0, 1, 2, 3, 0, 1, 2, 3)
     ]
     assert data[0]["score"] == data[4]["score"]  # same image, same score
-    capsys.readouterr()
+    # how the scores were computed: device and precision as resolved, the decoder
+    from grmpiqa.precision import resolve_precision
+
+    meta = doc["metadata"]["run"]
+    assert doc["metadata"]["columns"] == ["score"]  # the fingerprint, and the run:
+    assert meta["device"] == "cpu" and meta["decode"] == "pil"
+    assert meta["precision"] == resolve_precision("auto", "cpu")
+    assert meta["precision_requested"] == "auto"
+    err = capsys.readouterr().err
+    assert f"on cpu, precision {meta['precision']}" in err and "decode pil" in err
 
 
 def test_scores_do_not_depend_on_batch_size(image_dir, capsys):
@@ -316,7 +326,10 @@ def test_parts_resume_skips_complete_parts(image_dir, tmp_path, capsys):
     assert _part_rows(out) == first
     assert not list(out.glob(".*.tmp"))
     # other settings: refused, unless --overwrite
-    assert main([*args, "--resume", "--precision", "bf16"]) == 1
+    from grmpiqa.precision import resolve_precision
+
+    other = "fp32" if resolve_precision("auto", "cpu") == "bf16" else "bf16"
+    assert main([*args, "--resume", "--precision", other]) == 1
     assert "other settings" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--part-size", "5"]) == 0
     assert len(list(out.glob("part-*.csv"))) == 2

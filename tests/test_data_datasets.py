@@ -280,22 +280,6 @@ def test_real_clive_subset() -> None:
     assert ds[0].load().mode == "RGB"
 
 
-def test_torch_image_dataset(tmp_path: Path) -> None:
-    import torch
-
-    from grmpiqa.data import ImageDataset
-    from grmpiqa.transforms import stage2_test_transform
-
-    ds = load_dataset(f"kadid:{make_kadid(tmp_path / 'k')}")
-    tds = ImageDataset(ds, stage2_test_transform(stats="clip"), indices=[5, 2])
-    x, y, i = tds[0]
-    assert len(tds) == 2 and i == 5
-    assert x.shape == (3, 224, 224) and y.dtype == torch.float32
-    assert y.item() == pytest.approx(ds[5].label)
-    batch = next(iter(torch.utils.data.DataLoader(tds, batch_size=2)))
-    assert batch[0].shape == (2, 3, 224, 224) and batch[2].tolist() == [5, 2]
-
-
 # --- the kind registry and the MOS scale (issue 9.6, issue 13) -------------------------------
 
 

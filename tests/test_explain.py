@@ -139,7 +139,8 @@ def test_explain_cli_writes_overlay_grid_and_summary(tmp_path, capsys):
     imgs = [make_image(tmp_path / "in" / "a.png", (120, 80), seed=1)]
     imgs.append(make_image(tmp_path / "in" / "sub" / "a.jpg", (64, 96), seed=2))  # same stem
     out = tmp_path / "maps"
-    rc = main(["explain", str(imgs[0]), str(imgs[1]), "--out", str(out), "--backbone", "test-tiny"])
+    argv = ["explain", str(imgs[0]), str(imgs[1]), "--out", str(out), "--backbone", "test-tiny"]
+    rc = main([*argv, "--precision", "fp32"])  # compared with model.score's fp32 below
     assert rc == 0
     printed = capsys.readouterr()
     assert "map mean" in printed.out and "RANDOM" in printed.err

@@ -233,37 +233,52 @@ def test_S58_stalled_request_bodies_are_answered_408_and_closed(limited_server):
     assert b"--body-timeout-s" in answers[0]
 
 
-def test_S60_sigterm_drains_with_real_answers_or_503(limited_server, tmp_path):
-    """A small request in flight is answered; a request whose decoding outlasts the grace
-    period, and one queued behind it, get 503 (not 500); the process exits 0."""
-    url = limited_server.url + "/v1/score"
-    huge = png16(49)  # 93 MB decoded each, seconds to decode on one worker
+def test_S60_sigterm_drains_with_real_answers_or_503(tmp_path):
+    """On SIGTERM a small request in flight is answered; a request whose decoding outlasts
+    the grace period gets 503 (not 500); one queued beside it gets either its real answer
+    or 503 (the decode pool is fair, so which depends on the CPU); the process exits 0."""
+    server = Server(
+        ["--backbone", "test-tiny", "--pretrained", "random", "--workers", "1",
+         "--shutdown-timeout-s", "4", "--max-decoded-mb", "8192"],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    url = server.url + "/v1/score"
+    huge = png16(49)  # 93 MB decoded each: 48 of them take far longer than the 4 s grace
     results: dict[str, httpx.Response] = {}
 
     def send(name: str, body: list) -> None:
         results[name] = httpx.post(url, files=body, timeout=120)
 
     bodies = {
-        "huge": files(*[(f"h{i}.png", huge) for i in range(6)]),
+        "huge": files(*[(f"h{i}.png", huge) for i in range(48)]),
         "queued": files(*[(f"q{i}.png", huge) for i in range(2)]),
         "small": files(("s.png", small_png())),
     }
     threads = [threading.Thread(target=send, args=item) for item in bodies.items()]
-    for t in threads:
-        t.start()
-        time.sleep(0.3)
-    t0 = time.monotonic()
-    code = limited_server.stop(signal.SIGTERM, timeout=60)
-    stopped_in = time.monotonic() - t0
+    try:
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        t0 = time.monotonic()
+        code = server.stop(signal.SIGTERM, timeout=60)
+        stopped_in = time.monotonic() - t0
+    finally:
+        server.stop(signal.SIGKILL)
     for t in threads:
         t.join(60)
     assert results["small"].status_code == 200
-    for name in ("huge", "queued"):
-        r = results[name]
-        assert r.status_code == 503, (name, r.status_code, r.text[:300])
-        assert "shutting down" in r.json()["error"]
-    assert code == 0, limited_server.read_log()
-    log = limited_server.read_log()
+    assert len(results["small"].json()["results"]) == 1
+    for name, r in results.items():
+        assert r.status_code in (200, 503), (name, r.status_code, r.text[:300])
+        if r.status_code == 503:
+            assert "shutting down" in r.json()["error"]
+        else:  # a real answer: one score per image
+            rows = r.json()["results"]
+            assert len(rows) == len(bodies[name])
+            assert all(row["error"] is None and isinstance(row["score"], float) for row in rows)
+    assert results["huge"].status_code == 503
+    assert code == 0, server.read_log()
+    log = server.read_log()
     assert "Traceback" not in log
     assert "answered 503" in log
     assert stopped_in < 30  # within the grace period (4 s) plus start-up of the drain

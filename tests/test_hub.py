@@ -91,6 +91,7 @@ def test_released_file_on_the_hub_scores_offline_and_converts_once(tmp_path, off
     assert snapshot_revision(snap / FILE) == "a" * 40
     images = [make_image(tmp_path / "imgs" / f"{i}.png", seed=i) for i in range(3)]
     flags = ["--backbone", "test-tiny", "--pretrained", "random", "--no-progress"]
+    flags += ["--precision", "fp32"]  # compared with the API's fp32 scores below
     out = tmp_path / "s.csv"
     rc = main(["score", "--checkpoint", REF, *flags, "-o", str(out), *map(str, images)])
     err = capsys.readouterr().err

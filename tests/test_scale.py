@@ -206,6 +206,7 @@ def test_finetune_records_the_scale_and_score_writes_mos(blur_csv, tmp_path, cap
     csv_out = tmp_path / "mos.csv"
     rc = main(
         ["score", "--checkpoint", str(out), "--scale", "mos", "--no-progress", "-o", str(csv_out)]
+        + ["--precision", "fp32"]  # the API's default, compared with below
         + [str(x) for x in shots.paths]
     )
     assert rc == 0

@@ -83,21 +83,22 @@ def image_features(
     Uses the model's own image tower (with its visual prompts if it has any; the linear
     probe builds its model without).
     """
-    from grmpiqa.images import load_image
+    from grmpiqa.errors import ImageError
+    from grmpiqa.pipeline import ImageLoader
     from grmpiqa.precision import autocast
 
-    transform = model.preprocess.eval_transform()
-    items = list(paths)
+    loader = ImageLoader(
+        list(paths), model.preprocess, model.device, batch_size, decode="pil", reduced_decode=False
+    )
     out: list[np.ndarray] = []
     was_training = model.training
     model.eval()
     try:
-        for i in tqdm(
-            range(0, len(items), batch_size), desc="features", unit="batch", disable=not progress
-        ):
-            x = torch.stack([transform(load_image(p)) for p in items[i : i + batch_size]])
+        for b in tqdm(loader, desc="features", unit="batch", disable=not progress):
+            if b.errors:
+                raise ImageError(b.errors[0][1])
             with autocast(model.device, precision):
-                f = model.encode_image(x.to(model.device))
+                f = model.encode_image(b.pixels)
             out.append(f.float().cpu().numpy().astype(np.float64))
     finally:
         model.train(was_training)

@@ -69,6 +69,7 @@ from grmpiqa.feature_cache import FrozenPool, frozen_image_blocks
 from grmpiqa.log import get_logger
 from grmpiqa.metrics import METRICS, evaluate_predictions, srcc, summarize_metrics
 from grmpiqa.model import ModelConfig, QualityModel
+from grmpiqa.pipeline import describe_device, model_input
 from grmpiqa.precision import autocast
 from grmpiqa.prompts import l2_normalize
 from grmpiqa.results import ComparisonResult, ProtocolResult, SplitResult
@@ -275,7 +276,7 @@ def _config_record(config: ProtocolConfig, dataset: Dataset, model: QualityModel
         "backbone_description": model.describe_backbone(),
         "model_config": model.config.to_dict(),
         "preprocess": model.preprocess.to_dict(),
-        "device": str(config.device),
+        "device": describe_device(config.device),
         "grmpiqa_version": __version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -300,8 +301,9 @@ class _TestScorer:
         crop = model.preprocess.crop
         self.x: torch.Tensor | None = None
         if len(test) * 3 * crop * crop * 4 <= _TEST_TENSOR_BUDGET:
-            tf = model.preprocess.eval_transform()
-            self.x = torch.stack([tf(it.load()) for it in test]) if len(test) else None
+            self.x = (
+                model_input([it.load() for it in test], model.preprocess) if len(test) else None
+            )
 
     @torch.inference_mode()
     def __call__(self, model: QualityModel) -> np.ndarray:

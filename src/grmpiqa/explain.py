@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from grmpiqa.errors import GrmpiqaError
-from grmpiqa.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
+from grmpiqa.errors import GrmpiqaError, ImageError
+from grmpiqa.images import DEFAULT_MAX_PIXELS, to_rgb
+from grmpiqa.pipeline import ImageLoader
 from grmpiqa.precision import autocast
 from grmpiqa.prompts import l2_normalize
 
@@ -166,12 +167,20 @@ def quality_maps(
     :class:`~grmpiqa.errors.ImageError`)."""
     if batch_size < 1:
         raise GrmpiqaError(f"batch size must be at least 1, got {batch_size}")
-    tf = model.preprocess.eval_transform()
     out: list[QualityMap] = []
-    for s in range(0, len(images), batch_size):
-        chunk = images[s : s + batch_size]
-        pixels = torch.stack([tf(_as_image(im, max_pixels)) for im in chunk])
-        out.extend(maps_from_pixels(model, pixels, precision))
+    loader = ImageLoader(
+        images,
+        model.preprocess,
+        model.device,
+        batch_size,
+        decode="pil",
+        max_pixels=max_pixels,
+        reduced_decode=False,
+    )
+    for b in loader:  # the image pipeline; the reference decoder, in this process
+        if b.errors:
+            raise ImageError(b.errors[0][1])
+        out.extend(maps_from_pixels(model, b.pixels, precision))
     return out
 
 
@@ -190,10 +199,6 @@ def maps_from_pixels(
             qm.mos_score = float(scale.to_mos(score))
         out.append(qm)
     return out
-
-
-def _as_image(item: ImageInput, max_pixels: int) -> Image.Image:
-    return to_rgb(item) if isinstance(item, Image.Image) else load_image(item, max_pixels)
 
 
 # -- rendering -------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from grmpiqa.config import CLIPIQA_PROMPTS, DEFAULT_PRETRAINED
 from grmpiqa.errors import BackboneError, CheckpointError, GrmpiqaError
 from grmpiqa.log import GrmpiqaWarning, get_logger
 from grmpiqa.model import ModelConfig
+from grmpiqa.pipeline import resolve_device
 from grmpiqa.scale import scale_from_metadata
 from grmpiqa.scoring.api import ScoringModel
 from grmpiqa.transforms import PreprocessConfig
@@ -66,24 +67,6 @@ class _Default:
 
 #: Sentinel: "take it from the checkpoint, else the library default".
 DEFAULT: Any = _Default()
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device; :class:`GrmpiqaError` when it does not exist here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise GrmpiqaError(f"device {device!r}: {err}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GrmpiqaError(f"device {device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise GrmpiqaError(
-                f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise GrmpiqaError(f"device {device}: MPS is not available on this machine")
-    return dev
 
 
 def pretrained_from_identity(
@@ -182,7 +165,8 @@ def create_model(
             an authors' released ``.pt`` file, or ``hf-hub:OWNER/REPO/FILE`` for either
             (:func:`resolve_checkpoint`). None: zero-shot CLIP-IQA prompts unless
             ``config`` or ``visual_prompts`` ask for learned ones (then UNTRAINED).
-        device: torch device.
+        device: torch device, or ``"auto"``: CUDA if present, else MPS where torch has
+            it, else the CPU.
         visual_prompts: use VPT-deep; default: the checkpoint's, else True where the
             backbone's trunk has tokens (token-free trunks such as ConvNeXt adapt the
             text prompts and their last blocks only; docs/backbones.md).

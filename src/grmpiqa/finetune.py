@@ -71,6 +71,7 @@ from grmpiqa.gradient import apply_quality_aware_grads, first_nonfinite
 from grmpiqa.log import get_logger
 from grmpiqa.losses import distillation_loss, quality_loss
 from grmpiqa.model import QualityModel
+from grmpiqa.pipeline import describe_device, model_input
 from grmpiqa.precision import autocast, storage_dtype
 from grmpiqa.prompts import l2_normalize, scaled_cosines
 from grmpiqa.runs import (
@@ -387,8 +388,7 @@ class PixelShots:
         self.config = config
         self.teacher = teacher
         self.build_seconds = 0.0
-        tf = model.preprocess.eval_transform()
-        self.eval_pixels = torch.stack([tf(im) for im in images])
+        self.eval_pixels = model_input(images, model.preprocess)
 
     def pixels(self, indices: Sequence[int], epoch: int) -> torch.Tensor:
         return torch.stack(
@@ -789,13 +789,14 @@ class _Validation:
             self.hidden = self._cache(model, start_block)
 
     def _cache(self, model: QualityModel, start_block: int) -> torch.Tensor | None:
-        tf = model.preprocess.eval_transform()
         store = storage_dtype(self.config.precision, model.device)
         chunks: list[torch.Tensor] = []
         total = 0
         bs = self.config.eval_batch_size
         for s in range(0, len(self.val), bs):
-            x = torch.stack([tf(self.val.load(i)) for i in range(s, min(len(self.val), s + bs))])
+            x = model_input(
+                [self.val.load(i) for i in range(s, min(len(self.val), s + bs))], model.preprocess
+            )
             h = encode_frozen(model, x, start_block, self.config.precision).to(store)
             total += h.numel() * h.element_size()
             if total > self._MAX_BYTES:
@@ -1360,6 +1361,7 @@ class _Saver:
         """The checkpoint: the model now, with the run's record in its metadata."""
         record = {
             "stage": "finetune",
+            "device": describe_device(self.model.device),
             "finetune": self.config.to_dict(),
             "epoch": epoch,
             "stopped": stopped,

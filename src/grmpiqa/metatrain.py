@@ -76,6 +76,7 @@ from grmpiqa.gradient import first_nonfinite
 from grmpiqa.log import get_logger
 from grmpiqa.losses import quality_loss
 from grmpiqa.model import STAGE1_GROUPS, QualityModel
+from grmpiqa.pipeline import describe_device
 from grmpiqa.precision import autocast
 from grmpiqa.runs import (
     DEFAULT_SAVE_EVERY,
@@ -701,6 +702,7 @@ def pretrain(
             final = epoch + 1 == cfg.epochs
             extra = _metadata(cfg, databases, epoch + 1, history, val_ds, best)
             extra.update(ctx.describe())  # world_size (and backend)
+            extra["device"] = describe_device(model.device)
             # the checkpoint: at the end (the last epoch), or with --keep-best-val when
             # the best epoch changes; written before the state that says it is done
             if ((cfg.keep_best_val and improved) or (final and not cfg.keep_best_val)) and (

@@ -38,8 +38,9 @@ tower pooled at EOT).
 
 from __future__ import annotations
 
+import copy
 import warnings
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -148,6 +149,36 @@ class PromptedVisionTower(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """The trunk's head parameters (final norms, pooler, projection)."""
         return self.trunk.head_parameters()
+
+    def frozen_copy(self, dtype: torch.dtype = torch.bfloat16) -> PromptedVisionTower:
+        """A tower for inference under ``dtype`` autocast whose matrix weights are stored
+        in ``dtype`` (:func:`matmul_parameters`): autocast no longer casts the frozen
+        weights at every call, and the result is the same bit for bit (autocast would
+        round them to the same values; tested for every family's tiny twin). Every other
+        tensor (norms, embeddings, prompts) is shared with this tower, not copied. Only
+        for frozen weights: later changes of this tower's matrix weights do not reach the
+        copy.
+        """
+        memo: dict[int, Any] = {}
+        source: nn.Module = self.trunk.visual
+        mods: list[nn.Module] = [source]
+        if isinstance(self.prompts, nn.Module):
+            mods.append(self.prompts)
+        cast = {id(getattr(m, n)) for mod in mods for m, n in matmul_parameters(mod)}
+        for mod in mods:
+            for t in [*mod.parameters(), *mod.buffers()]:
+                if id(t) in cast:
+                    memo[id(t)] = nn.Parameter(t.detach().to(dtype), requires_grad=False)
+                else:
+                    memo[id(t)] = t
+        visual = copy.deepcopy(source, memo)
+        prompts = copy.deepcopy(self.prompts, memo) if self.prompts is not None else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)  # already said for this tower
+            out = PromptedVisionTower(
+                type(self.trunk)(visual), prompts, fast=self.fast_problem != "disabled"
+            )
+        return out.eval()
 
     def shared_blocks(self, other: PromptedVisionTower) -> int:
         """How many leading blocks ``other`` computes exactly as this tower does.
@@ -347,6 +378,26 @@ class PromptedVisionTower(nn.Module):
         pooled = self.trunk.pooled_rows
         rows = r if pooled is None else r[:, :pooled]
         return self.trunk.pool(self._norm(rows))
+
+
+def matmul_parameters(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(owner, attribute)`` of every parameter that only feeds a matrix product or a
+    convolution (Linear and Conv weights and biases, attention in-projections, an image
+    tower's ``proj`` matrix): the tensors bf16 autocast casts to bf16 at every call.
+    Norms, embeddings, layer scales and prompt tensors are not among them."""
+    out: list[tuple[nn.Module, str]] = []
+    for mod in module.modules():
+        if isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d):
+            names = ["weight", "bias"]
+        elif isinstance(mod, nn.MultiheadAttention):
+            names = ["in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight"]
+            names += ["v_proj_weight"]
+        else:
+            names = ["proj"] if mod is module else []
+        for name in names:
+            if isinstance(getattr(mod, name, None), nn.Parameter):
+                out.append((mod, name))
+    return out
 
 
 def _module_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -131,8 +131,33 @@ class PreprocessConfig:
         return cls(**{k: d[k] for k in ("resize", "crop", "interpolation", "stats") if k in d})
 
     def eval_transform(self) -> Transform:
-        """Deterministic test transform: resize, centre crop, normalise."""
+        """Deterministic test transform: resize, centre crop, normalise.
+
+        Scoring does not call it per image: :mod:`grmpiqa.pipeline` runs the same steps
+        in two halves, :meth:`resize_crop` (8-bit, where the image is decoded) and
+        :meth:`normalize` (on the model's device), with the same result bit for bit.
+        """
         return ResizeCropNormalize(self, train=False)
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """The eval geometry on an RGB image: the whole image resized to ``resize`` x
+        ``resize`` (Pillow, ``interpolation``), then the centre ``crop`` (still 8-bit)."""
+        img = img.resize((self.resize, self.resize), _pil_resample(self.interpolation))
+        off = (self.resize - self.crop) // 2
+        return img.crop((off, off, off + self.crop, off + self.crop))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """8-bit pixels ``[..., 3, H, W]`` (uint8, any device) -> the model's float32 input:
+        ``(p / 255 - mean) / std``, the arithmetic of ``to_tensor`` + ``normalize`` (so
+        equal bit for bit to :meth:`eval_transform` on the same 8-bit pixels)."""
+        if pixels.dtype != torch.uint8 or pixels.ndim < 3 or pixels.shape[-3] != 3:
+            raise ValueError(
+                f"expected uint8 pixels [..., 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        shape = (3, 1, 1)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=pixels.device).view(shape)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=pixels.device).view(shape)
+        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
     def train_transform(self) -> Transform:
         """Released stage-2 train transform: resize, random crop, random h-flip, normalise."""
@@ -169,8 +194,8 @@ class ResizeCropNormalize:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         c = self.config
-        img = img.resize((c.resize, c.resize), _pil_resample(c.interpolation))
         if self.train:
+            img = img.resize((c.resize, c.resize), _pil_resample(c.interpolation))
             rng = self.generator or random
             span = c.resize - c.crop
             top = rng.randrange(span) if span > 0 else 0
@@ -178,10 +203,8 @@ class ResizeCropNormalize:
             img = img.crop((left, top, left + c.crop, top + c.crop))
             if self.flip and rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        else:
-            off = (c.resize - c.crop) // 2
-            img = img.crop((off, off, off + c.crop, off + c.crop))
-        return TF.normalize(TF.to_tensor(img), list(c.mean), list(c.std))
+            return TF.normalize(TF.to_tensor(img), list(c.mean), list(c.std))
+        return TF.normalize(TF.to_tensor(c.resize_crop(img)), list(c.mean), list(c.std))
 
 
 def _pil_resample(name: str) -> Image.Resampling:

@@ -42,7 +42,10 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, with_seed: bool = True
         "random, announced, for architectures without pretrained tags such as test-tiny)",
     )
     g.add_argument(
-        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+        "--device",
+        default="auto",
+        help="torch device: auto (CUDA if present, else MPS, else the CPU; the default), cpu, "
+        "cuda, cuda:1, mps",
     )
     add_tokenizer_arg(g)
     if with_seed:
@@ -133,9 +136,23 @@ def pretrained_arg(value: str | None) -> Any:
     return value
 
 
+#: ``--precision`` help shared by the commands (the default is ``auto``).
+PRECISION_HELP = (
+    "fp32, bf16 (matrix products in bf16) or auto: bf16 on CUDA and on CPUs with fast bf16 "
+    "(AMX or AVX512-BF16), fp32 elsewhere (default: auto; bf16 moves scores by about 1e-3, "
+    "docs/gpu.md)"
+)
+
+
+def add_precision_arg(parser: Any, default: str = "auto", help: str = PRECISION_HELP) -> None:
+    """``--precision {fp32,bf16,auto}`` (default ``auto``)."""
+    parser.add_argument("--precision", choices=PRECISIONS, default=default, help=help)
+
+
 def device_arg(value: str) -> torch.device:
-    """``--device`` -> a torch device that exists here (one-line error otherwise)."""
-    from grmpiqa.factory import resolve_device
+    """``--device`` -> a torch device that exists here (``auto`` resolved; one-line error
+    otherwise)."""
+    from grmpiqa.pipeline import resolve_device
 
     try:
         return resolve_device(value)
@@ -143,19 +160,58 @@ def device_arg(value: str) -> torch.device:
         raise GrmpiqaError(f"--{err}") from None
 
 
+def describe_run(device: Any, precision: str | None = None) -> str:
+    """``device cuda:0 (NVIDIA H200), precision bf16 (auto: CUDA bf16)``: what a command
+    announces once on stderr (``precision`` as the user asked for it)."""
+    from grmpiqa.pipeline import describe_device
+    from grmpiqa.precision import describe_choice
+
+    text = f"device {describe_device(device)}"
+    if precision is not None:
+        text += f", precision {describe_choice(precision, device)}"
+    return text
+
+
+def resolve_run(args: argparse.Namespace, *, announce: bool = True) -> torch.device:
+    """Resolve ``args.device`` (``auto``) and ``args.precision`` (``auto``) in place, to
+    what they are on this machine, and announce both once on stderr."""
+    from grmpiqa.precision import resolve_precision
+
+    dev = device_arg(args.device)
+    args.device = str(dev)
+    requested = getattr(args, "precision", None)
+    if requested is not None:
+        args.precision_requested = requested
+        args.precision = resolve_precision(requested, dev)
+    if announce:
+        print(f"grmpiqa: {describe_run(dev, requested)}", file=sys.stderr)
+    return dev
+
+
+def announce(args: argparse.Namespace) -> None:
+    """Say once on stderr which device and precision the command runs with (after its
+    inputs were checked: a bad input stays a one-line error)."""
+    if getattr(args, "announce_pending", False):
+        args.announce_pending = False
+        requested = getattr(args, "precision_requested", None)
+        print(f"grmpiqa: {describe_run(args.device, requested)}", file=sys.stderr)
+
+
 def join_job(args: argparse.Namespace) -> Context:
     """Join the torchrun job the environment describes, if any (docs/distributed.md).
 
-    Sets ``args.device`` to this rank's device (``cuda`` -> ``cuda:LOCAL_RANK``) and
-    keeps ranks other than 0 to warnings and errors. One process: nothing changes.
+    Resolves ``--device auto`` and ``--precision auto`` (:func:`resolve_run`), sets
+    ``args.device`` to this rank's device (``cuda`` -> ``cuda:LOCAL_RANK``) and keeps
+    ranks other than 0 to warnings and errors; rank 0 announces device and precision
+    when the model is built (:func:`model_from_args`) or :func:`announce` is called.
     """
     from grmpiqa.distributed import init_from_env
 
-    ctx, dev = init_from_env(device_arg(args.device))
-    if ctx.is_distributed:
-        args.device = str(dev)
-        if not ctx.is_main:
-            get_logger().setLevel(logging.WARNING)
+    ctx, dev = init_from_env(resolve_run(args, announce=False))
+    args.device = str(dev)
+    if ctx.is_distributed and not ctx.is_main:
+        get_logger().setLevel(logging.WARNING)
+    args.announce_pending = ctx.is_main
     return ctx
 
 
@@ -165,6 +221,7 @@ def model_from_args(
     """Build the model the backbone flags (and an optional checkpoint) describe."""
     from grmpiqa.factory import create_model
 
+    announce(args)
     return create_model(
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained),
@@ -229,12 +286,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         default=d.batch_size,
         help="shots per step (default: all in one batch)",
     )
-    g.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=d.precision,
-        help=f"fp32, bf16 (matmuls in bf16) or auto (bf16 where fast) (default {d.precision})",
-    )
+    add_precision_arg(g)
     g.add_argument(
         "--no-cache",
         action="store_true",

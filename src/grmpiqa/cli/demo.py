@@ -8,8 +8,8 @@ import sys
 from grmpiqa.cli.common import (
     add_backbone_args,
     add_progress_args,
-    device_arg,
     pretrained_arg,
+    resolve_run,
     want_progress,
 )
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         backbone=args.backbone,
         pretrained=pretrained_arg(args.pretrained) if args.pretrained is not None else DEFAULT,
-        device=str(device_arg(args.device)),
+        device=str(resolve_run(args)),
         seed=args.seed if args.seed is not None else 0,
         quick=args.quick,
         pristine=args.pristine,

@@ -13,6 +13,7 @@ from grmpiqa.cli.common import (
     add_finetune_args,
     add_progress_args,
     add_save_every_arg,
+    announce,
     device_arg,
     finetune_config_from_args,
     join_job,
@@ -171,15 +172,18 @@ def run(args: argparse.Namespace) -> int:
     problem = write_problem(args.report, folder=True)
     if problem:  # before any data is read or any split computed
         raise GrmpiqaError(f"{args.report}: {problem} (--report)")
+    from grmpiqa.data import load_dataset
     from grmpiqa.evaluation import format_comparison, format_summary, run_comparison, run_protocol
 
     ctx = join_job(args)  # torchrun: splits over the ranks; one process: nothing changes
     methods = methods_from_args(args)
     progress = want_progress(args)
     save_every = save_every_from_args(args)
+    dataset = load_dataset(args.data)  # a bad data spec stays a one-line error
+    announce(args)
     if len(methods) > 1:
         comparison = run_comparison(
-            args.data,
+            dataset,
             [config_from_args(args, m) for m in methods],
             report_dir=args.report,
             resume=args.resume,
@@ -199,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config = config_from_args(args)
     result = run_protocol(
-        args.data,
+        dataset,
         config,
         report_dir=args.report,
         resume=args.resume,

@@ -11,11 +11,12 @@ from pathlib import Path
 from grmpiqa.cli.common import (
     CHECKPOINT_HELP,
     add_backbone_args,
+    add_precision_arg,
     add_prompt_args,
     model_from_args,
+    resolve_run,
     scoring_config,
 )
-from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
 from grmpiqa.utils import write_problem
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     add_prompt_args(p)
     add_backbone_args(p)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast")
+    add_precision_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (pixels)"
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise GrmpiqaError(f"{out_dir}: {problem} (--out)")
     paths = collect_paths(args.images)
     config = scoring_config(args, args.checkpoint is not None)
+    resolve_run(args)
     model = model_from_args(args, checkpoint=args.checkpoint, config=config)
     print(f"grmpiqa: quality maps of {len(paths)} images with {model.describe()}", file=sys.stderr)
     scale = model.score_scale

@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise GrmpiqaError(f"{out}: is a folder; --out needs a file name")
     _require_onnx()  # before loading a model: one line naming the extra
-    if args.device != "cpu":
+    if args.device not in ("cpu", "auto"):  # auto: the CPU here
         raise GrmpiqaError("--device: the export runs on the CPU (the graph runs anywhere)")
+    args.device = "cpu"
     model = model_from_args(args, checkpoint=args.checkpoint)
     print(f"grmpiqa: exporting {model.describe()} to {out} (ONNX)", file=sys.stderr)
     export_onnx(model, out, opset=args.opset)

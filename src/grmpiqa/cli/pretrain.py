@@ -9,6 +9,7 @@ from pathlib import Path
 
 from grmpiqa.cli.common import (
     add_backbone_args,
+    add_precision_arg,
     add_progress_args,
     add_save_every_arg,
     join_job,
@@ -16,7 +17,6 @@ from grmpiqa.cli.common import (
     save_every_from_args,
     want_progress,
 )
-from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
 
 
@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=d.support_fraction,
         help="share of each task in its support set, redrawn every epoch (default 0.8)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="fp32 or bf16")
+    add_precision_arg(p)
     p.add_argument(
         "--stats", choices=("imagenet", "clip"), default=d.stats, help="normalisation statistics"
     )

@@ -9,22 +9,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from grmpiqa._version import __version__
 from grmpiqa.cli.common import (
     CHECKPOINT_HELP,
     add_backbone_args,
+    add_precision_arg,
     add_progress_args,
     add_prompt_args,
+    describe_run,
     device_arg,
     scoring_config,
     want_progress,
 )
-from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES, PRECISIONS
+from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES
 from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import DEFAULT_MAX_PIXELS
 from grmpiqa.scoring.inputs import InputOptions, collect, collect_paths, plan_parts
@@ -77,9 +79,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--workers",
         type=int,
         default=None,
-        help="DataLoader processes decoding images (default: min(4, CPUs - 1), 0 = in-process)",
+        help="DataLoader processes reading and decoding images (default: CPUs - 1, at most 4 "
+        "on the CPU and 16 on CUDA; 0 = in-process)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16 or auto")
+    add_precision_arg(p)
+    p.add_argument(
+        "--decode",
+        choices=("auto", "pil", "torch"),
+        default="auto",
+        help="image decoder: pil (Pillow, the exact reference), torch (JPEGs by torchvision: "
+        "nvJPEG on the GPU, batched; other files by Pillow) or auto (torch on CUDA, pil "
+        "elsewhere; the default). Scores of the two differ by < 0.005 (docs/gpu.md)",
+    )
     p.add_argument(
         "--skip-bad",
         action="store_true",
@@ -279,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(
     args: argparse.Namespace, out_fmt: str | None, parts: list[Any], n_images: int, session: Any
 ) -> int:
-    from grmpiqa.precision import describe_choice
+    from grmpiqa.pipeline import default_workers
     from grmpiqa.scoring.engine import BatchScorer, check_workers, score_pending
     from grmpiqa.scoring.ray import build_models
 
@@ -289,6 +300,17 @@ def _run(
     model_config = untrained.to_dict() if untrained is not None else None
     models = build_models(
         checkpoints, args.backbone, args.pretrained, args.seed, model_config, str(device or "cpu")
+    )
+    from grmpiqa.pipeline import describe_device, resolve_decode
+    from grmpiqa.precision import resolve_precision
+
+    # what runs where: the local device, or the Ray actors' device type
+    run_device = device or ("cuda" if args.gpus_per_actor > 0 else "cpu")
+    decode = resolve_decode(args.decode, run_device)
+    precision = (
+        resolve_precision(args.precision, run_device)
+        if device is not None or args.precision != "auto"
+        else "auto"  # resolved by each Ray actor on its own device
     )
     names = _score_names(checkpoints, args.scale)
     to_mos = None
@@ -302,12 +324,16 @@ def _run(
         to_mos = [sc.to_mos for sc in scales]
         for name, sc in zip(names, scales, strict=True):
             print(f"grmpiqa: {name} on the scale {sc.describe()}", file=sys.stderr)
-    where = "on Ray" if args.engine == "ray" else f"on {device}"
+    if device is None:
+        where = f"on Ray ({'GPU' if args.gpus_per_actor > 0 else 'CPU'} actors)"
+        if precision != "auto":
+            where += f", precision {precision}"
+    else:
+        where = f"on {describe_run(device, args.precision).removeprefix('device ')}"
     print(
-        f"grmpiqa: scoring {n_images} images in {len(parts)} part(s) {where} with "
-        f"{models[0].describe()}"
-        + (f", {len(models)} checkpoints" if len(models) > 1 else "")
-        + f", precision {describe_choice(args.precision, device or 'cpu')}",
+        f"grmpiqa: scoring {n_images} images in {len(parts)} part(s) {where}, decode "
+        f"{_describe_decode(decode, run_device)}, with {models[0].describe()}"
+        + (f", {len(models)} checkpoints" if len(models) > 1 else ""),
         file=sys.stderr,
     )
     fingerprint = {
@@ -322,26 +348,45 @@ def _run(
             }
             for m, c in zip(models, checkpoints, strict=True)
         ],
-        "precision": args.precision,
+        "precision": precision,
         "max_pixels": args.max_pixels,
         "max_decoded_bytes": _budget_bytes(args),
         "full_decode": args.full_decode,
         "scale": args.scale,
         "columns": names,
     }
+    if decode != "pil":  # the reference decoder: what journals before 0.3 were written with
+        fingerprint["decode"] = decode
+    run_meta = {
+        "grmpiqa_version": __version__,
+        "engine": args.engine,
+        "device": describe_device(device) if device is not None else str(run_device),
+        "precision": precision,
+        "precision_requested": args.precision,
+        "decode": decode,
+    }
     has_key = any(s.in_tar for p in parts for s in p.items)
     sink: Sink
     if args.out_dir is not None:
         cols = Columns(tuple(names), key=has_key, id=args.id_column is not None, error=True)
         sink = PartsSink(
-            args.out_dir, args.format, parts, cols, fingerprint, args.resume, args.overwrite
+            args.out_dir,
+            args.format,
+            parts,
+            cols,
+            fingerprint,
+            args.resume,
+            args.overwrite,
+            metadata=run_meta,
         )
     elif args.output is not None:
         assert out_fmt is not None
         cols = Columns(
             tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
         )
-        sink = FileSink(args.output, out_fmt, parts, cols, fingerprint, args.resume)
+        sink = FileSink(
+            args.output, out_fmt, parts, cols, fingerprint, args.resume, metadata=run_meta
+        )
     else:
         cols = Columns(
             tuple(names), key=has_key, id=args.id_column is not None, error=args.skip_bad
@@ -354,7 +399,9 @@ def _run(
         from grmpiqa.scoring.ray import score_pending_ray
 
         if len(models) > 1:
-            split = BatchScorer(models, names=names, precision=args.precision).split
+            split = BatchScorer(
+                models, names=names, precision=args.precision, frozen_bf16=False
+            ).split
             if split:
                 print(f"grmpiqa: the checkpoints share image blocks 0-{split - 1}", file=sys.stderr)
         del models
@@ -370,6 +417,7 @@ def _run(
             "max_pixels": args.max_pixels,
             "max_batch_bytes": _budget_bytes(args),
             "reduced_decode": not args.full_decode,
+            "decode": args.decode,
         }
         results = score_pending_ray(
             pending,
@@ -383,16 +431,16 @@ def _run(
             session=session,
         )
     else:
-        workers = args.workers
-        if workers is None:
-            workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+        assert device is not None
+        workers = args.workers if args.workers is not None else default_workers(device)
         check_workers(workers)
         scorer = BatchScorer(
             models,
             names=names,
-            precision=args.precision,
+            precision=precision,
             max_pixels=args.max_pixels,
             reduced_decode=not args.full_decode,
+            decode=decode,
             max_batch_bytes=_budget_bytes(args),
         )
         if scorer.split:
@@ -421,6 +469,13 @@ def _run(
     if sink.n_errors:
         print(f"grmpiqa: {sink.n_errors} of {n_images} files could not be scored", file=sys.stderr)
     return 0
+
+
+def _describe_decode(decode: str, device: Any) -> str:
+    if decode == "pil":
+        return "pil (Pillow)"
+    gpu = str(device).startswith("cuda")
+    return "torch (JPEGs by nvJPEG on the GPU, others by Pillow)" if gpu else "torch (CPU)"
 
 
 def _budget_bytes(args: argparse.Namespace) -> int:

@@ -13,11 +13,12 @@ from types import FrameType
 from grmpiqa.cli.common import (
     CHECKPOINT_HELP,
     add_backbone_args,
+    add_precision_arg,
     add_prompt_args,
     model_from_args,
+    resolve_run,
     scoring_config,
 )
-from grmpiqa.config import PRECISIONS
 from grmpiqa.errors import GrmpiqaError
 
 
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=10.0,
         help="how long a batch waits for more images (default 10)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16 or auto")
+    add_precision_arg(p)
     add_prompt_args(p)
     add_backbone_args(p)
     p.add_argument(
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
     config.validate()
+    resolve_run(args)
     engines = []
     if args.checkpoint:
         for path, name in zip(args.checkpoint, _names(args.checkpoint), strict=True):

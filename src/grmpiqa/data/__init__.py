@@ -10,10 +10,7 @@ Modules (each layer uses only the ones above it):
 - :mod:`~grmpiqa.data.distortions`: the registry of KADID distortion types
   (:func:`~grmpiqa.data.distortions.register_distortion`);
 - :mod:`~grmpiqa.data.synth`: ``grmpiqa synth``'s writer (:func:`synthesize`);
-- :mod:`~grmpiqa.data.torch_data`: :class:`ImageDataset` for a torch ``DataLoader``.
 """
-
-from typing import TYPE_CHECKING, Any
 
 from grmpiqa.data.datasets import Dataset, Item, Scale
 from grmpiqa.data.distortions import TYPE_NAMES as DISTORTION_TYPES
@@ -22,15 +19,11 @@ from grmpiqa.data.kinds import KINDS, Kind, get_kind, list_kinds, load_dataset, 
 from grmpiqa.data.splits import Split, make_split, make_splits, read_splits, write_splits
 from grmpiqa.data.synth import SynthConfig, synthesize
 
-if TYPE_CHECKING:
-    from grmpiqa.data.torch_data import ImageDataset
-
 __all__ = [
     "DISTORTION_TYPES",
     "KINDS",
     "Dataset",
     "DistortionType",
-    "ImageDataset",
     "Item",
     "Kind",
     "Scale",
@@ -47,12 +40,3 @@ __all__ = [
     "synthesize",
     "write_splits",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``ImageDataset`` is imported on first use (it needs torch)."""
-    if name == "ImageDataset":
-        from grmpiqa.data.torch_data import ImageDataset
-
-        return ImageDataset
-    raise AttributeError(f"module 'grmpiqa.data' has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from grmpiqa.scoring.engine import (
         BatchScorer,
-        ImageListDataset,
         ScoredBatch,
         iter_scores,
         score_inputs,
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchScorer",
-    "ImageListDataset",
     "ScoredBatch",
     "iter_scores",
     "score_inputs",

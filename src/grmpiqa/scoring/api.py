@@ -46,6 +46,7 @@ def score(
     num_workers: int = 0,
     progress: bool = False,
     scale: str = "prob",
+    decode: str = "auto",
 ) -> torch.Tensor:
     """Quality scores in (0, 1), higher is better, as a 1-D float tensor on the CPU.
 
@@ -54,6 +55,8 @@ def score(
     ``batch_size``. Unreadable files raise :class:`~grmpiqa.errors.ImageError`.
     ``scale="mos"`` maps them to the label scale recorded by fine-tuning
     (:mod:`grmpiqa.scale`; the same dtype as p); a model without one raises GrmpiqaError.
+    ``decode``: ``auto`` (nvJPEG on CUDA, Pillow elsewhere), ``pil`` or ``torch``
+    (:mod:`grmpiqa.pipeline`). Runs on the model's device.
     """
     if check_scale(scale) == "mos":
         require_score_scale(model)
@@ -64,6 +67,7 @@ def score(
         precision=precision,
         num_workers=num_workers,
         progress=progress,
+        decode=decode,
     )
     return apply_scale(model, scores, scale)
 
@@ -88,6 +92,7 @@ class ScoringModel(QualityModel):
         num_workers: int = 0,
         progress: bool = False,
         scale: str = "prob",
+        decode: str = "auto",
     ) -> torch.Tensor:
         """:func:`score` of this model."""
         return score(
@@ -98,6 +103,7 @@ class ScoringModel(QualityModel):
             num_workers=num_workers,
             progress=progress,
             scale=scale,
+            decode=decode,
         )
 
     def quality_map(

@@ -1,16 +1,19 @@
-"""The batch scorer shared by the API, ``grmpiqa score`` (local and Ray engines) and Ray.
+"""The batch scorer shared by the API, ``grmpiqa score`` (local and Ray engines), Ray,
+the service and evaluation: the one inference loop.
 
-Contract: every image is decoded and preprocessed on its own (the model's eval
-transform), the models run in eval mode, so a score does not depend on the batch it is
-in; the quality text features are computed once per run; decoding runs in DataLoader
-workers (local engine) or in the Ray actor; on CUDA batches are pinned and copied
-without blocking.
+Contract: every image is decoded and preprocessed on its own (the image pipeline,
+:mod:`grmpiqa.pipeline`), the models run in eval mode, so a score does not depend on the
+batch it is in; the quality text features are computed once per run; reading and
+decoding run in DataLoader workers (local engine) or in the Ray actor's threads; on CUDA
+JPEGs are decoded by nvJPEG and the next batch is prepared while the model runs.
 
 The model is called through :func:`text_features` (once per run) and
 :meth:`BatchScorer.score_tensor`, which reads the model's own output
 (:meth:`~grmpiqa.model.QualityModel.probabilities`); for several checkpoints that share
 their frozen prefix (``--checkpoint A --checkpoint B``) the frozen blocks run once and
-only the fine-tuned blocks run per checkpoint.
+only the fine-tuned blocks run per checkpoint. In bf16 the image towers run on copies
+whose matrix weights are stored in bf16 (:meth:`~grmpiqa.towers.PromptedVisionTower.frozen_copy`:
+the same scores bit for bit, without autocast re-casting frozen weights every batch).
 """
 
 from __future__ import annotations
@@ -23,25 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from grmpiqa.config import DEFAULT_MAX_BATCH_BYTES as _DEFAULT_MAX_BATCH_BYTES
 from grmpiqa.errors import GrmpiqaError, ImageError
-from grmpiqa.images import (
-    DEFAULT_MAX_PIXELS,
-    decoded_bytes,
-    load_image,
-    probe_image,
-    split_by_budget,
-    to_rgb,
+from grmpiqa.images import DEFAULT_MAX_PIXELS, decoded_bytes, probe_image, split_by_budget
+from grmpiqa.pipeline import (
+    DEVICE_DECODE_BUDGET,
+    ImageLoader,
+    ItemPlan,
+    collate,
+    resolve_decode,
+    to_device,
 )
-from grmpiqa.precision import autocast, check_precision
+from grmpiqa.precision import autocast, check_precision, resolve_precision
 from grmpiqa.prompts import l2_normalize
-from grmpiqa.scoring.inputs import ImageSource, decode_source, probe_source
+from grmpiqa.scoring.inputs import ImageSource, probe_source
 
 if TYPE_CHECKING:
     from grmpiqa.model import QualityModel
+    from grmpiqa.towers import PromptedVisionTower
 
 #: What one item to score may be: a path, a PIL image, an ImageSource, or encoded bytes
 #: with the name errors should use.
@@ -87,75 +90,6 @@ def _decode_cost(item: Item, max_pixels: int, min_side: int | None) -> int:
     return 0
 
 
-def _decode(
-    item: Item, max_pixels: int, min_side: int | None = None, max_bytes: int | None = None
-) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    if isinstance(item, ImageSource):
-        return decode_source(item, max_pixels, min_side, max_bytes)
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], bytes | bytearray):
-        return load_image(
-            bytes(item[0]),
-            max_pixels,
-            name=str(item[1]),
-            min_side=min_side,
-            max_decoded_bytes=max_bytes,
-        )
-    if isinstance(item, str | os.PathLike):
-        return decode_source(ImageSource(os.fspath(item)), max_pixels, min_side, max_bytes)
-    raise ImageError(f"cannot score an object of type {type(item).__name__}")
-
-
-def prepare(
-    item: Item,
-    transform: Any,
-    max_pixels: int,
-    min_side: int | None = None,
-    max_bytes: int | None = None,
-) -> tuple[torch.Tensor | None, str | None]:
-    """Decode and preprocess one item: ``(tensor, None)`` or ``(None, error message)``."""
-    try:
-        return transform(_decode(item, max_pixels, min_side, max_bytes)), None
-    except ImageError as err:
-        return None, str(err)
-
-
-class ImageListDataset(Dataset[tuple[int, torch.Tensor | None, str | None]]):
-    """Items (paths, PIL images, :class:`ImageSource`) -> ``(index, tensor or None, error)``."""
-
-    def __init__(
-        self,
-        items: Sequence[Item],
-        transform: Any,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        min_side: int | None = None,
-        max_bytes: int | None = None,
-    ):
-        self.items = items
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.min_side = min_side
-        self.max_bytes = max_bytes
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        tensor, err = prepare(
-            self.items[i], self.transform, self.max_pixels, self.min_side, self.max_bytes
-        )
-        return i, tensor, err
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> Any:
-    ok = [(i, t) for i, t, _ in batch if t is not None]
-    bad = [(i, e) for i, t, e in batch if t is None]
-    idx = [i for i, _ in ok]
-    tensor = torch.stack([t for _, t in ok]) if ok else None
-    return idx, tensor, bad
-
-
 @dataclass
 class ScoredBatch:
     """Scores of the readable items of one batch and the errors of the others.
@@ -195,20 +129,25 @@ def text_features(model: QualityModel, precision: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def _score_tensor(
-    model: QualityModel, x: torch.Tensor, precision: str, text: torch.Tensor | None = None
+    model: QualityModel,
+    x: torch.Tensor,
+    precision: str,
+    text: torch.Tensor,
+    tower: PromptedVisionTower | None = None,
 ) -> torch.Tensor:
-    """p(high quality) of preprocessed images ``[N, 3, H, W]`` (method.md 1), on the CPU."""
+    """p(high quality) of model input ``[N, 3, H, W]`` (method.md 1), on the CPU.
+    ``tower``: the image tower to run (default the model's; a frozen bf16 copy)."""
+    tower = model.image_tower if tower is None else tower
     x = x.to(model.device, non_blocking=True)
-    if text is None:
-        text = text_features(model, precision)
     with autocast(model.device, precision):
-        p = model.probabilities(model.encode_image(x), text)
+        p = model.probabilities(l2_normalize(tower(x)), text)
     return p.cpu()
 
 
 @torch.inference_mode()
 def _score_shared_prefix(
     models: Sequence[QualityModel],
+    towers: Sequence[PromptedVisionTower],
     x: torch.Tensor,
     precision: str,
     texts: Sequence[torch.Tensor],
@@ -216,8 +155,8 @@ def _score_shared_prefix(
 ) -> torch.Tensor:
     """Scores ``[N, len(models)]`` of checkpoints whose image towers agree before block
     ``split`` (:func:`shared_prefix_blocks`): the embedding and blocks ``0..split-1`` run
-    once (``image_tower.hidden``), blocks ``split..`` and the head per checkpoint
-    (``image_tower.forward_from``); both are the tower's exact fast path.
+    once (``tower.hidden``), blocks ``split..`` and the head per checkpoint
+    (``tower.forward_from``); both are the tower's exact fast path.
 
     Equal to :func:`_score_tensor` per model up to float rounding (tested to 1e-5).
     """
@@ -225,9 +164,9 @@ def _score_shared_prefix(
     x = x.to(first.device, non_blocking=True)
     out = []
     with autocast(first.device, precision):
-        hidden = first.image_tower.hidden(x, split)
-        for m, text in zip(models, texts, strict=True):
-            feats = l2_normalize(m.image_tower.forward_from(hidden, split))
+        hidden = towers[0].hidden(x, split)
+        for m, tower, text in zip(models, towers, texts, strict=True):
+            feats = l2_normalize(tower.forward_from(hidden, split))
             out.append(m.probabilities(feats, text))
     return torch.stack(out, dim=1).cpu()
 
@@ -257,7 +196,7 @@ class BatchScorer:
     Puts the models in eval mode. Text features are computed here, once. With several
     models that share their leading image blocks (:func:`shared_prefix_blocks`) those run
     once per batch; otherwise each model runs in full. All models must use the same
-    preprocessing.
+    preprocessing and sit on one device.
 
     Args:
         models: one :class:`QualityModel` or several (``--checkpoint`` repeated).
@@ -266,11 +205,16 @@ class BatchScorer:
         precision: ``fp32``, ``bf16`` or ``auto`` (see :mod:`grmpiqa.precision`).
         max_pixels: larger images are refused before decoding.
         max_batch_bytes: the decoded-pixel budget of a batch in bytes, bit depth counted
-            (:func:`decode_groups`); None: no budget.
+            (:func:`decode_groups`): an image over it is refused from its header, threads
+            and the device decoder (nvJPEG) hold at most this much decoded at once; None:
+            no budget.
         reduced_decode: let large JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8)
-            down to the resize target (``PreprocessConfig.decode_min_side``); scores move
-            by less than 0.001 on 12-megapixel photos (``benchmarks/score_throughput.py``).
-            False decodes every image in full.
+            down to the resize target (``PreprocessConfig.decode_min_side``) in the
+            Pillow decoder; scores move by less than 0.001 on 12-megapixel photos
+            (``benchmarks/score_throughput.py``). False decodes every image in full.
+        decode: ``auto``, ``pil`` or ``torch`` (:mod:`grmpiqa.pipeline`).
+        frozen_bf16: in bf16, run towers whose matrix weights are stored in bf16 (the
+            same scores, faster); False keeps autocast on the fp32 weights.
     """
 
     def __init__(
@@ -282,14 +226,14 @@ class BatchScorer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         share_prefix: bool = True,
         reduced_decode: bool = True,
+        decode: str = "auto",
+        frozen_bf16: bool = True,
         max_batch_bytes: int | None = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         self.models = [models] if not isinstance(models, Sequence) else list(models)
         if not self.models:
             raise GrmpiqaError("no model to score with")
         check_precision(precision)
-        self.precision = precision
-        self.max_pixels = max_pixels
         self.max_bytes = max_batch_bytes
         pre = self.models[0].preprocess
         for m in self.models[1:]:
@@ -297,6 +241,11 @@ class BatchScorer:
                 raise GrmpiqaError(
                     "checkpoints scored together must use the same preprocessing; got "
                     f"{pre} and {m.preprocess} (score them in separate runs)"
+                )
+            if m.device != self.models[0].device:
+                raise GrmpiqaError(
+                    f"models scored together must sit on one device, got {self.device} and "
+                    f"{m.device}"
                 )
         if names is None:
             names = (
@@ -309,56 +258,108 @@ class BatchScorer:
         self.columns = list(names)
         for m in self.models:
             m.eval()
-        self.transform = pre.eval_transform()
+        #: the precision asked for, and what it resolves to on the models' device
+        self.precision = precision
+        self.resolved_precision = resolve_precision(precision, self.device)
+        self.preprocess = pre
+        self.max_pixels = max_pixels
+        self.reduced_decode = reduced_decode
         self.min_side = pre.decode_min_side if reduced_decode else None
+        self.decode = resolve_decode(decode, self.device)
         self.texts = [text_features(m, precision) for m in self.models]
         self.split = shared_prefix_blocks(self.models) if share_prefix else None
+        self.towers: list[PromptedVisionTower] = [
+            m.image_tower.frozen_copy(torch.bfloat16)
+            if frozen_bf16 and self.resolved_precision == "bf16"
+            else m.image_tower
+            for m in self.models
+        ]
 
     @property
     def device(self) -> torch.device:
         return self.models[0].device
 
     def score_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores ``[N, n_models]`` of preprocessed images ``[N, 3, H, W]``."""
+        """Scores ``[N, n_models]`` (on the CPU) of model input ``[N, 3, H, W]``
+        (preprocessed and normalised, on any device)."""
         if x.shape[0] == 0:
             return torch.empty(0, len(self.models))
+        p = self.resolved_precision
         if len(self.models) == 1:
-            return _score_tensor(self.models[0], x, self.precision, self.texts[0])[:, None]
+            return _score_tensor(self.models[0], x, p, self.texts[0], self.towers[0])[:, None]
         if self.split is not None:
-            return _score_shared_prefix(self.models, x, self.precision, self.texts, self.split)
+            return _score_shared_prefix(self.models, self.towers, x, p, self.texts, self.split)
         return torch.stack(
             [
-                _score_tensor(m, x, self.precision, t)
-                for m, t in zip(self.models, self.texts, strict=True)
+                _score_tensor(m, x, p, t, tw)
+                for m, t, tw in zip(self.models, self.texts, self.towers, strict=True)
             ],
             dim=1,
         )
 
+    def item_plan(self, device_decode: bool | None = None) -> ItemPlan:
+        """What the pipeline does with each item for this scorer."""
+        if device_decode is None:
+            device_decode = self.device.type == "cuda" and self.decode == "torch"
+        return ItemPlan(
+            self.preprocess,
+            self.max_pixels,
+            self.min_side,
+            self.decode,
+            device_decode and self.decode == "torch",
+            self.max_bytes,
+        )
+
     def score_items(self, items: Sequence[Item], decode_threads: int = 1) -> ScoredBatch:
-        """Decode (in ``decode_threads`` threads, at most one :func:`decode_groups` group
-        at a time) and score one batch of items."""
-
-        def one(it: Item) -> tuple[torch.Tensor | None, str | None]:
-            return prepare(it, self.transform, self.max_pixels, self.min_side, self.max_bytes)
-
-        prepared: list[tuple[torch.Tensor | None, str | None]]
+        """Read and decode one batch of items in this process (in ``decode_threads``
+        threads, at most one :func:`decode_groups` group at a time; on CUDA JPEGs are
+        decoded by nvJPEG), then score it."""
+        plan = self.item_plan()
+        prepared: list[Any] = [(None, None)] * len(items)
         if decode_threads > 1 and len(items) > 1:
-            prepared = [(None, None)] * len(items)
             groups = decode_groups(items, self.max_bytes, self.max_pixels, self.min_side)
             with ThreadPoolExecutor(decode_threads) as pool:
                 for group in groups:
-                    for i, res in zip(group, pool.map(one, [items[i] for i in group]), strict=True):
+                    done = pool.map(plan.prepare, [items[i] for i in group])
+                    for i, res in zip(group, done, strict=True):
                         prepared[i] = res
         else:
-            prepared = [one(it) for it in items]
-        idx = [i for i, (t, _) in enumerate(prepared) if t is not None]
-        bad = [(i, e) for i, (t, e) in enumerate(prepared) if t is None and e is not None]
-        if idx:
-            x = torch.stack([prepared[i][0] for i in idx])  # type: ignore[misc]
-            scores = self.score_tensor(x)
-        else:
-            scores = torch.empty(0, len(self.models))
-        return ScoredBatch(idx, scores, bad)
+            prepared = [plan.prepare(it) for it in items]
+        host = collate(list(enumerate(prepared)))
+        batch = to_device(
+            host, self.device, self.preprocess, self.max_pixels, budget=self._device_budget
+        )
+        return ScoredBatch(batch.indices, self.score_tensor(batch.pixels), batch.errors)
+
+    @property
+    def _device_budget(self) -> int:
+        return self.max_bytes if self.max_bytes is not None else DEVICE_DECODE_BUDGET
+
+    def loader(
+        self,
+        items: Sequence[Item],
+        batches: Sequence[Sequence[int]] | int = 32,
+        *,
+        num_workers: int = 0,
+        progress: bool = False,
+        **kwargs: Any,
+    ) -> ImageLoader:
+        """The :class:`~grmpiqa.pipeline.ImageLoader` of ``items`` for these models."""
+        if isinstance(batches, int):
+            check_batch_size(batches)
+        return ImageLoader(
+            items,
+            self.preprocess,
+            self.device,
+            batches,
+            num_workers=check_workers(num_workers),
+            decode=self.decode,
+            max_pixels=self.max_pixels,
+            reduced_decode=self.reduced_decode,
+            max_decoded_bytes=self.max_bytes,
+            progress=progress,
+            **kwargs,
+        )
 
     def iter_batches(
         self,
@@ -367,42 +368,17 @@ class BatchScorer:
         *,
         num_workers: int = 0,
         progress: bool = False,
+        **kwargs: Any,
     ) -> Iterator[ScoredBatch]:
-        """Score ``items`` batch by batch, decoding in ``num_workers`` DataLoader workers.
+        """Score ``items`` batch by batch, reading and decoding in ``num_workers``
+        DataLoader workers (:class:`~grmpiqa.pipeline.ImageLoader`; ``kwargs`` go to it).
 
         ``batches`` is a batch size or explicit lists of item indices (the CLI keeps a
         batch inside one output part). Indices in the results refer to ``items``.
         """
-        check_workers(num_workers)
-        if isinstance(batches, int):
-            size = check_batch_size(batches)
-            batches = [
-                list(range(s, min(s + size, len(items)))) for s in range(0, len(items), size)
-            ]
-        ds = ImageListDataset(items, self.transform, self.max_pixels, self.min_side, self.max_bytes)
-        cuda = self.device.type == "cuda"
-        loader = DataLoader(
-            ds,
-            batch_sampler=[list(b) for b in batches],
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=cuda,
-            persistent_workers=False,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
-        total = sum(len(b) for b in batches)
-        bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
-        try:
-            for idx, tensor, bad in loader:
-                scores = (
-                    self.score_tensor(tensor)
-                    if tensor is not None
-                    else torch.empty(0, len(self.models))
-                )
-                bar.update(len(idx) + len(bad))
-                yield ScoredBatch(idx, scores, bad)
-        finally:
-            bar.close()
+        loader = self.loader(items, batches, num_workers=num_workers, progress=progress, **kwargs)
+        for b in loader:
+            yield ScoredBatch(b.indices, self.score_tensor(b.pixels), b.errors)
 
 
 # -- API helpers (scoring.api.score, benchmarks) ---------------------------------------------
@@ -417,13 +393,14 @@ def iter_scores(
     num_workers: int = 0,
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: str = "auto",
 ) -> Iterator[ScoredBatch]:
     """Score images batch by batch (1-D scores); failures come back as ``(index, message)``."""
     check_batch_size(batch_size)
     check_workers(num_workers)
     was_training = model.training
     try:
-        scorer = BatchScorer(model, precision=precision, max_pixels=max_pixels)
+        scorer = BatchScorer(model, precision=precision, max_pixels=max_pixels, decode=decode)
         for b in scorer.iter_batches(items, batch_size, num_workers=num_workers, progress=progress):
             yield ScoredBatch(b.indices, b.scores[:, 0], b.errors)
     finally:
@@ -472,14 +449,16 @@ def score_inputs(
     precision: str = "fp32",
     num_workers: int = 0,
     progress: bool = False,
+    decode: str = "auto",
 ) -> torch.Tensor:
     """Scores of one or several paths / PIL images, or of a float tensor ``[N, 3, H, W]``
     (or ``[3, H, W]``) in [0, 1]; bad input raises :class:`GrmpiqaError`."""
     check_batch_size(batch_size)
     check_workers(num_workers)
+    resolve_decode(decode, model.device)
     batch = _as_batch(inputs)
     if isinstance(batch, torch.Tensor):
-        x = model.preprocess.preprocess_tensor(batch.cpu())
+        x = model.preprocess.preprocess_tensor(batch.to(model.device))
         was_training = model.training
         try:
             scorer = BatchScorer(model, precision=precision)
@@ -492,7 +471,13 @@ def score_inputs(
         return torch.cat(parts) if parts else torch.empty(0)
     out = torch.full((len(batch),), float("nan"))
     for b in iter_scores(
-        model, batch, batch_size, precision=precision, num_workers=num_workers, progress=progress
+        model,
+        batch,
+        batch_size,
+        precision=precision,
+        num_workers=num_workers,
+        progress=progress,
+        decode=decode,
     ):
         if b.errors:
             raise ImageError(b.errors[0][1])

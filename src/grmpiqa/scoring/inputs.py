@@ -92,6 +92,24 @@ class ImageSource:
         """Identity used by resume (same image, same ident)."""
         return f"{self.path}\0{self.member}" if self.in_tar else self.path
 
+    def read_bytes(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+        """The encoded image (the image pipeline's torch decoders read these); a tar
+        member or file larger than any image within ``max_pixels`` is refused unread."""
+        if self.in_tar:
+            return _member_bytes(self, max_pixels)
+        from grmpiqa.pipeline import read_file
+
+        return read_file(self.path, self.label, max_pixels)
+
+    def decode(
+        self,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int | None = None,
+        max_decoded_bytes: int | None = None,
+    ) -> Image.Image:
+        """:func:`decode_source` of this source."""
+        return decode_source(self, max_pixels, min_side, max_decoded_bytes)
+
 
 def decode_source(
     src: ImageSource | str,

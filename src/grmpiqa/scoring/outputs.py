@@ -15,6 +15,11 @@ scored image; present with ``--skip-bad`` and always in parts).
   each part completes and keeps ``DIR/manifest.json`` (the plan, what is done, the run's
   fingerprint). ``--resume`` keeps every part file whose rows are exactly its planned
   images (read back and compared), so a kill loses at most the parts in flight.
+
+The run's record (its fingerprint: models, prompts, settings; and under ``run`` the
+grmpiqa version, engine, device, precision and decoder: how a score was computed) goes
+into the manifest, into JSON files (``{"metadata": ..., "rows": [...]}``) and into
+Parquet files (schema metadata ``grmpiqa``); CSV has no place for it.
 """
 
 from __future__ import annotations
@@ -171,14 +176,19 @@ def write_rows(
     metadata: dict[str, Any] | None = None,
 ) -> None:
     """Write ``rows`` to ``path`` atomically (CSV, JSON or Parquet). ``metadata`` (the
-    run's models, prompts and settings) goes into a Parquet file's key-value metadata
-    under ``grmpiqa``; CSV and JSON rows carry none (the manifest or journal does)."""
+    run's models, prompts and settings, and under ``run`` the device, precision and
+    decoder) goes into a JSON file (``{"metadata": ..., "rows": [...]}``; a bare list of
+    rows without metadata) and a Parquet file's key-value metadata under ``grmpiqa``; CSV
+    has no place for it (the manifest or journal does)."""
     if fmt == "csv":
         with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
             fh.write(rows_to_csv(cols, rows))
     elif fmt == "json":
+        data: Any = [{n: r.get(n) for n in cols.names()} for r in rows]
+        if metadata is not None:
+            data = {"metadata": json.loads(json.dumps(metadata, default=str)), "rows": data}
         with atomic_open(path, "w", encoding="utf-8") as fh:
-            json.dump([{n: r.get(n) for n in cols.names()} for r in rows], fh, indent=1)
+            json.dump(data, fh, indent=1)
             fh.write("\n")
     elif fmt == "parquet":
         pa = require_pyarrow(f"{path}: writing Parquet")
@@ -213,6 +223,8 @@ def read_rows(path: str | os.PathLike[str], fmt: str) -> list[dict[str, Any]]:
     if fmt == "json":
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
+        if isinstance(data, dict) and isinstance(data.get("rows"), list):
+            data = data["rows"]
         if not isinstance(data, list):
             raise ValueError("not a list of rows")
         return data
@@ -220,6 +232,23 @@ def read_rows(path: str | os.PathLike[str], fmt: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return list(pq.read_table(path).to_pylist())
+
+
+def read_output_metadata(path: str | os.PathLike[str], fmt: str) -> dict[str, Any] | None:
+    """The run metadata of a JSON or Parquet file written by :func:`write_rows` (None
+    for CSV, or a file without it)."""
+    if fmt == "json":
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        return meta if isinstance(meta, dict) else None
+    if fmt == "parquet":
+        require_pyarrow(f"{path}: reading Parquet")
+        import pyarrow.parquet as pq
+
+        raw = (pq.read_schema(path).metadata or {}).get(b"grmpiqa")
+        return json.loads(raw) if raw else None
+    return None
 
 
 def cleanup_temporaries(folder: Path, prefix: str) -> None:
@@ -308,8 +337,10 @@ class FileSink(Sink):
         cols: Columns,
         fingerprint: dict[str, Any],
         resume: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(parts, cols)
+        self.metadata = metadata
         self.path = Path(path)
         self.fmt = fmt
         self.journal = self.path.with_name(self.path.name + ".partial")
@@ -383,7 +414,7 @@ class FileSink(Sink):
 
     def finish(self) -> None:
         rows = [self.row(p, i) for p in self.parts for i in range(len(p.items))]
-        write_rows(self.path, self.fmt, self.cols, rows, self.fingerprint)
+        write_rows(self.path, self.fmt, self.cols, rows, _file_metadata(self))
         self._fh.close()
         self.journal.unlink(missing_ok=True)
         log.info("wrote %d rows to %s", len(rows), self.path)
@@ -398,6 +429,15 @@ class FileSink(Sink):
                 len(self.done) + self._new,
                 self.journal,
             )
+
+
+def _file_metadata(sink: Any) -> dict[str, Any]:
+    """What an output file records: the run's fingerprint (models, prompts, settings)
+    and, under ``run``, how the scores were computed (device, precision, decoder)."""
+    meta = dict(sink.fingerprint)
+    if sink.metadata is not None:
+        meta["run"] = sink.metadata
+    return meta
 
 
 def _diff(a: Any, b: Any) -> str:
@@ -419,8 +459,10 @@ class PartsSink(Sink):
         fingerprint: dict[str, Any],
         resume: bool = False,
         overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(parts, cols)
+        self.metadata = metadata
         self.dir = Path(out_dir)
         self.fmt = fmt
         self.fingerprint = fingerprint
@@ -536,7 +578,7 @@ class PartsSink(Sink):
             p = self.parts[idx]
             if self._counts[idx] == len(p.items):
                 rows = [self.row(p, i) for i in range(len(p.items))]
-                write_rows(self.file(p), self.fmt, self.cols, rows, self.fingerprint)
+                write_rows(self.file(p), self.fmt, self.cols, rows, _file_metadata(self))
                 for i in range(len(p.items)):
                     del self.results[(idx, i)]
                 self.done.add(idx)
@@ -550,6 +592,7 @@ class PartsSink(Sink):
         data = {
             "format": MANIFEST_FORMAT,
             "fingerprint": self.fingerprint,
+            "run": self.metadata,
             "output_format": self.fmt,
             "columns": self.cols.names(),
             "complete": complete,

@@ -94,7 +94,8 @@ class Scorer:
             batch has both. ``name_column`` names images in error messages (default: the
             path column when present).
         num_threads: torch threads in this actor (default: torch's choice).
-        decode_threads: threads decoding a batch.
+        decode_threads: threads reading and decoding a batch.
+        decode: ``auto`` (nvJPEG on a GPU actor, Pillow on a CPU one), ``pil`` or ``torch``.
         max_batch_bytes: decoded-pixel budget of a batch in bytes (``--max-decoded-mb``).
         keep_bytes: keep the bytes column in the output (default: dropped).
     """
@@ -113,6 +114,7 @@ class Scorer:
         precision: str = "fp32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         reduced_decode: bool = True,
+        decode: str = "auto",
         max_batch_bytes: int | None = DEFAULT_MAX_BATCH_BYTES,
         path_column: str = "path",
         bytes_column: str = "bytes",
@@ -138,6 +140,7 @@ class Scorer:
             precision=precision,
             max_pixels=max_pixels,
             reduced_decode=reduced_decode,
+            decode=decode,
             max_batch_bytes=max_batch_bytes,
         )
         self.path_column = path_column

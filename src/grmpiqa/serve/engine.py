@@ -1,10 +1,12 @@
 """The one adapter between the service and the scoring engine.
 
-Everything the service asks of a model goes through :class:`ScoringEngine`: the eval
-transform of one image, the batched score of a stack of preprocessed images (the same
-computation as ``grmpiqa score``: every image preprocessed on its own, model in eval
-mode, so scores do not depend on how requests are batched), quality maps, the MOS map,
-and the model card. When the scoring engine moves, only this module changes.
+Everything the service asks of a model goes through :class:`ScoringEngine`: the 8-bit
+eval geometry of one image (:mod:`grmpiqa.pipeline`, in the decoding threads), the
+batched score of a stack of them (normalised on the model's device, then
+:class:`~grmpiqa.scoring.engine.BatchScorer`: the same computation as ``grmpiqa score``,
+every image preprocessed on its own, model in eval mode, so scores do not depend on how
+requests are batched), quality maps, the MOS map, and the model card. When the scoring
+engine moves, only this module changes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 from grmpiqa._version import __version__
 from grmpiqa.explain import QualityMap, grid_shape, maps_from_pixels
 from grmpiqa.model import QualityModel
+from grmpiqa.pipeline import pixels_from_image
 from grmpiqa.precision import check_precision
 from grmpiqa.scale import ScoreScale
 from grmpiqa.scoring.engine import BatchScorer
@@ -46,7 +49,6 @@ class ScoringEngine:
         self.name = name
         self.precision = check_precision(precision)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self._transform = model.preprocess.eval_transform()
         self._scorer = BatchScorer(model, precision=self.precision)
         self._digest = _sha256(self.checkpoint) if self.checkpoint is not None else None
 
@@ -59,16 +61,19 @@ class ScoringEngine:
         return self.model.score_scale
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The eval transform of one decoded RGB image ``[3, H, W]``."""
-        return self._transform(image)
+        """The eval geometry of one decoded RGB image: uint8 ``[3, crop, crop]``."""
+        return pixels_from_image(image, self.model.preprocess)
+
+    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.preprocess.normalize(pixels.to(self.model.device, non_blocking=True))
 
     def score(self, pixels: torch.Tensor) -> torch.Tensor:
-        """p(high quality) ``[N]`` of a stack of preprocessed images."""
-        return self._scorer.score_tensor(pixels)[:, 0]
+        """p(high quality) ``[N]`` of a stack of :meth:`preprocess` outputs."""
+        return self._scorer.score_tensor(self._input(pixels))[:, 0]
 
     def maps(self, pixels: torch.Tensor) -> list[QualityMap]:
-        """Quality maps of a stack of preprocessed images."""
-        return maps_from_pixels(self.model, pixels, self.precision)
+        """Quality maps of a stack of :meth:`preprocess` outputs."""
+        return maps_from_pixels(self.model, self._input(pixels), self.precision)
 
     def to_mos(self, scores: list[float]) -> list[float]:
         if self.scale is None:
