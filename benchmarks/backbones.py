@@ -78,7 +78,7 @@ def tokenizer_folder() -> str | None:
 
 def measure(name: str, tok: str | None, args: argparse.Namespace) -> dict[str, object]:
     """One backbone: its prompted scoring forward in fp32 and bf16, and its GFLOP/img."""
-    model = grmpiqa.create_model(name, pretrained=None, tokenizer=tok)
+    model = grmpiqa.create_model(name, pretrained=None, config=grmpiqa.ModelConfig(), tokenizer=tok)
     model.eval()
     s = model.preprocess.crop
     x = torch.randn(args.batch, 3, s, s, generator=torch.Generator().manual_seed(0))

@@ -114,7 +114,9 @@ def worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         )
     out = Path(job["out"])
     try:
-        model = grmpiqa.create_model(job["backbone"], pretrained=None, device=device)
+        model = grmpiqa.create_model(
+            job["backbone"], pretrained=None, config=grmpiqa.ModelConfig(), device=device
+        )
         cfg = PretrainConfig(
             epochs=1,
             support_batch=4,
@@ -128,7 +130,9 @@ def worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         cpu1 = time.process_time()
         ds = load_dataset(job["spec"])
         shots = make_split(ds, 0, 0, job["shots"]).train(ds)
-        model = grmpiqa.create_model(job["backbone"], pretrained=None, device=device)
+        model = grmpiqa.create_model(
+            job["backbone"], pretrained=None, config=grmpiqa.ModelConfig(), device=device
+        )
         ft = FinetuneConfig(max_epochs=job["epochs"], eval_every=1000, cache_augmentations=2)
         cpu2 = time.process_time()
         res = finetune(model, shots, ft, out=out / "stage2.safetensors", progress=False)

@@ -90,7 +90,9 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         train = shots(args.shots, Path(tmp))
         t0 = time.perf_counter()
-        model = grmpiqa.create_model(BACKBONE, pretrained=None, device=args.device, seed=0)
+        model = grmpiqa.create_model(
+            BACKBONE, pretrained=None, config=grmpiqa.ModelConfig(), device=args.device, seed=0
+        )
         config = FinetuneConfig(
             max_epochs=1 + args.epochs,
             eval_every=1 + args.epochs,
@@ -138,7 +140,9 @@ def child_paired(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         train = shots(args.shots, Path(tmp))
-        model = grmpiqa.create_model(BACKBONE, pretrained=None, device=args.device, seed=0)
+        model = grmpiqa.create_model(
+            BACKBONE, pretrained=None, config=grmpiqa.ModelConfig(), device=args.device, seed=0
+        )
         c = model.preprocess
         resample = Image.Resampling.BICUBIC
         images = [it.load().resize((c.resize, c.resize), resample) for it in train]

@@ -99,7 +99,9 @@ def _split_to_stop(
     train = make_split(data, 0, 0, 50).train(data)
     _peak_gib(device, reset=True)
     t0 = time.perf_counter()
-    model = grmpiqa.create_model(backbone, pretrained=None, device=device)
+    model = grmpiqa.create_model(
+        backbone, pretrained=None, config=grmpiqa.ModelConfig(), device=device
+    )
     _sync(device)
     load = time.perf_counter() - t0
     cfg = grmpiqa.FinetuneConfig(precision=precision, compile=compile_mode)
@@ -135,7 +137,9 @@ def _syncs_per_epoch(device: str, backbone: str, precision: str, spec: str) -> f
         return float("nan")
     data = load_dataset(spec)
     train = make_split(data, 0, 0, 50).train(data)
-    model = grmpiqa.create_model(backbone, pretrained=None, device=device)
+    model = grmpiqa.create_model(
+        backbone, pretrained=None, config=grmpiqa.ModelConfig(), device=device
+    )
     cfg = grmpiqa.FinetuneConfig(precision=precision)
     teacher = build_teacher(model, cfg.scene_prompts)
     model.set_trainable(cfg.groups)
@@ -181,7 +185,7 @@ def _startup(device: str, backbone: str) -> float:
     """A child's import of grmpiqa and model build on ``device`` (what every command pays)."""
     code = (
         "import grmpiqa, torch; m = grmpiqa.create_model("
-        f"{backbone!r}, pretrained=None, device={device!r});"
+        f"{backbone!r}, pretrained=None, config=grmpiqa.ModelConfig(), device={device!r});"
         "torch.cuda.synchronize() if torch.cuda.is_available() else None"
     )
     t0 = time.perf_counter()
@@ -206,7 +210,9 @@ def _stage1(
 ) -> dict[str, float]:
     import grmpiqa
 
-    model = grmpiqa.create_model(backbone, pretrained=None, device=device)
+    model = grmpiqa.create_model(
+        backbone, pretrained=None, config=grmpiqa.ModelConfig(), device=device
+    )
     cfg = grmpiqa.PretrainConfig(
         epochs=1, precision=precision, images_per_task=20, max_tasks=25, task_batch=task_batch
     )

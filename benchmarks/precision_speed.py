@@ -68,7 +68,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     gen = torch.Generator().manual_seed(0)
-    model = grmpiqa.create_model(BACKBONE, pretrained=None)
+    model = grmpiqa.create_model(BACKBONE, pretrained=None, config=grmpiqa.ModelConfig())
     results: dict[str, dict[str, float]] = {}
 
     if "score" in args.only:

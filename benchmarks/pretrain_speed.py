@@ -90,7 +90,9 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = grmpiqa.create_model(args.backbone, pretrained=None, seed=0)
+    model = grmpiqa.create_model(
+        args.backbone, pretrained=None, config=grmpiqa.ModelConfig(), seed=0
+    )
     load_s = time.perf_counter() - t0
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_train = sum(p.numel() for p in model.set_trainable(grmpiqa.STAGE1_GROUPS))

@@ -90,7 +90,7 @@ def bench_engines(args: argparse.Namespace, work: Path) -> dict[str, object]:
     parts = plan_parts(collect([pattern]))
     pending = [(p, list(range(len(p.items)))) for p in parts]
     t = time.perf_counter()
-    model = grmpiqa.create_model(args.backbone, pretrained=None)
+    model = grmpiqa.create_model(args.backbone, pretrained=None, config=grmpiqa.ModelConfig())
     load_s = time.perf_counter() - t
     scorer = BatchScorer(model, precision=args.precision)
     workers = max(0, min(4, (os.cpu_count() or 1) - 1))
