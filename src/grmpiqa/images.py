@@ -12,10 +12,11 @@ refused before their pixels are decoded. See docs/reliability.md ("Limits").
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
@@ -208,17 +209,24 @@ def load_image(
             min_side=min_side,
             max_decoded_bytes=max_decoded_bytes,
         )
-    path = Path(source)
-    label = name or str(path)
+    label = name or str(source)
+    with _open_file(source, label) as fh:
+        return _decode(fh, label, max_pixels, min_side, max_decoded_bytes)
+
+
+@contextlib.contextmanager
+def _open_file(path: str | os.PathLike[str], label: str) -> Iterator[IO[bytes]]:
+    """``open(path, "rb")`` whose failures are one-line :class:`ImageError` naming ``label``."""
     try:
-        with open(path, "rb") as fh:
-            return _decode(fh, label, max_pixels, min_side, max_decoded_bytes)
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         raise ImageError(f"{label}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{label}: is a directory, not an image") from None
     except PermissionError:
         raise ImageError(f"{label}: cannot read file (permission denied)") from None
+    with fh:
+        yield fh
 
 
 def load_image_bytes(
@@ -252,15 +260,8 @@ def probe_image(
             raise NotAnImageError(f"{label}: empty file, not an image")
         return _with_open(io.BytesIO(bytes(source)), label, max_pixels, min_side, _info)
     label = name or str(source)
-    try:
-        with open(source, "rb") as fh:
-            return _with_open(fh, label, max_pixels, min_side, _info)
-    except FileNotFoundError:
-        raise ImageError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{label}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError(f"{label}: cannot read file (permission denied)") from None
+    with _open_file(source, label) as fh:
+        return _with_open(fh, label, max_pixels, min_side, _info)
 
 
 def _info(img: Image.Image, name: str) -> ImageInfo:

@@ -181,41 +181,24 @@ def run(args: argparse.Namespace) -> int:
     save_every = save_every_from_args(args)
     dataset = load_dataset(args.data)  # a bad data spec stays a one-line error
     announce(args)
+    common = {
+        "report_dir": args.report,
+        "resume": args.resume,
+        "progress": progress,
+        "keep_checkpoints": args.keep_checkpoints,
+        "save_every": save_every,
+    }
     if len(methods) > 1:
-        comparison = run_comparison(
-            dataset,
-            [config_from_args(args, m) for m in methods],
-            report_dir=args.report,
-            resume=args.resume,
-            progress=progress,
-            keep_checkpoints=args.keep_checkpoints,
-            save_every=save_every,
-        )
-        if not ctx.is_main:
-            return 0
-        print(format_comparison(comparison))
-        print(f"report: {Path(args.report) / 'report.md'}")
-        if comparison.config.get("random_backbone"):
-            print(
-                "grmpiqa: WARNING: these numbers come from a RANDOM backbone, not pretrained CLIP",
-                file=sys.stderr,
-            )
-        return 0
-    config = config_from_args(args)
-    result = run_protocol(
-        dataset,
-        config,
-        report_dir=args.report,
-        resume=args.resume,
-        progress=progress,
-        keep_checkpoints=args.keep_checkpoints,
-        save_every=save_every,
-    )
+        comparison = run_comparison(dataset, [config_from_args(args, m) for m in methods], **common)
+        summary, report, config = format_comparison(comparison), "report.md", comparison.config
+    else:
+        result = run_protocol(dataset, config_from_args(args), **common)
+        summary, report, config = format_summary(result), "report.json", result.config
     if not ctx.is_main:
         return 0
-    print(format_summary(result))
-    print(f"report: {Path(args.report) / 'report.json'}")
-    if result.config.get("random_backbone"):
+    print(summary)
+    print(f"report: {Path(args.report) / report}")
+    if config.get("random_backbone"):
         print(
             "grmpiqa: WARNING: these numbers come from a RANDOM backbone, not pretrained CLIP",
             file=sys.stderr,
