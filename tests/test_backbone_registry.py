@@ -154,3 +154,20 @@ def test_cli_backbones_lists_the_working_names(capsys):
     assert main(["backbones", "--all", "--family", "modified-resnet"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("name") and all("modified-resnet" in line for line in out[1:])
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly():
+    """``grmpiqa backbones | head -1``: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grmpiqa", "backbones", "--all"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the listing is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) in (0, 141), err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grmpiqa: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `grmpiqa backbones | head`: the reader has gone, say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except Exception as err:
         dist = sys.modules.get("grmpiqa.distributed")  # loaded by a command that joined a job
         peers = dist.peer_failure(err) if dist is not None else None  # a peer rank died
