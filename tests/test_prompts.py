@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import grmpiqa
+from grmpiqa.backbones import openclip_vit
 from grmpiqa.model import STAGE1_GROUPS, STAGE2_GROUPS
 
 
@@ -57,7 +58,7 @@ def test_vpt_sequence_layout_and_deep_replacement(tiny_model):
     for h in seen:
         assert h.shape == (2, 1 + P + n_patches, 64)
     # block 0 input: [CLS, proj(prompt_embeddings), patches]
-    plain = grmpiqa._openclip.vision_embed(m.clip.visual, x)
+    plain = openclip_vit.vision_embed(m.clip.visual, x)
     with torch.no_grad():
         p0 = v.prompt_proj(v.prompt_embeddings)[0]
         torch.testing.assert_close(seen[0][:, 0], plain[:, 0])

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_close_scaled
 
 import grmpiqa
-from grmpiqa import _openclip
+from grmpiqa.backbones import openclip_vit
 from grmpiqa.finetune import SCENE_PROMPTS
 from grmpiqa.log import FallbackWarning
 from grmpiqa.towers import PromptedVisionTower
@@ -128,7 +128,7 @@ def test_truncated_text_tower_equals_the_full_tower():
 
 def test_fast_path_falls_back_with_a_warning_for_unknown_blocks(monkeypatch):
     m = model_with()
-    monkeypatch.setattr(_openclip, "block_problem", lambda block: "a custom block")
+    monkeypatch.setattr(openclip_vit, "block_problem", lambda block: "a custom block")
     with pytest.warns(FallbackWarning, match="a custom block"):
         tower = PromptedVisionTower(m.clip.visual, m.visual)
     assert not tower.fast
@@ -142,13 +142,13 @@ def test_supported_open_clip_needs_no_fallback():
         warnings.simplefilter("error", FallbackWarning)
         m = model_with()
     assert m.image_tower.fast
-    assert _openclip.open_clip_version() >= _openclip.MIN_VERSION
+    assert openclip_vit.open_clip_version() >= openclip_vit.MIN_VERSION
 
 
 def test_bf16_keeps_an_fp32_residual_stream():
     m = model_with().eval()
     seen = []
-    block = _openclip.vision_blocks(m.clip.visual)[1]
+    block = openclip_vit.vision_blocks(m.clip.visual)[1]
     block.ln_1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         m.image_tower(images(1))
@@ -156,7 +156,7 @@ def test_bf16_keeps_an_fp32_residual_stream():
 
 
 def test_declared_open_clip_lower_bound_is_the_shim_minimum():
-    """pyproject's open_clip_torch>=X is what _openclip supports (CI tests against X)."""
+    """pyproject's open_clip_torch>=X is what the ViT adapter supports (CI tests against X)."""
     import re
     from pathlib import Path
 
@@ -169,4 +169,4 @@ def test_declared_open_clip_lower_bound_is_the_shim_minimum():
     spec = next(d for d in deps if d.startswith("open_clip_torch"))
     lowest = re.search(r">=\s*([0-9.]+)", spec)
     assert lowest is not None
-    assert tuple(int(v) for v in lowest.group(1).split(".")) == _openclip.MIN_VERSION
+    assert tuple(int(v) for v in lowest.group(1).split(".")) == openclip_vit.MIN_VERSION

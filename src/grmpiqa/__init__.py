@@ -132,10 +132,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "_openclip":  # grmpiqa <= 0.2's name of grmpiqa.backbones.openclip_vit
-        import importlib
-
-        return importlib.import_module("grmpiqa._openclip")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'grmpiqa' has no attribute {name!r}")
