@@ -174,9 +174,9 @@ def test_missing_hf_tokenizer_is_one_line(monkeypatch, tmp_path: Path):
     monkeypatch.undo()
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(BackboneError, match="--tokenizer DIR") as err:
+    with pytest.raises(BackboneError, match="tokenizer='DIR'") as err:
         load_tokenizer(cfg, "x")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "--tokenizer DIR" in err.value.for_cli()
     with pytest.raises(BackboneError, match="not found"):
         load_tokenizer(cfg, "x", override=tmp_path / "missing")
 

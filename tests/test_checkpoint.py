@@ -15,7 +15,7 @@ from conftest import make_image
 from safetensors.torch import save_file
 
 import grmpiqa
-from grmpiqa.checkpoint import read_checkpoint
+from grmpiqa.checkpoint import _META_KEY, read_checkpoint
 from grmpiqa.errors import CheckpointError
 
 TINY = grmpiqa.ModelConfig(vpt_tokens=4)
@@ -67,8 +67,24 @@ def test_random_backbone_checkpoint_scores_the_same_in_another_process(tmp_path)
 def test_loading_onto_a_different_backbone_is_refused(tmp_path):
     m = _perturbed_model()
     ckpt = grmpiqa.save_checkpoint(m, tmp_path / "m.safetensors")
-    with pytest.raises(CheckpointError, match="architecture"):
+    with pytest.raises(CheckpointError, match="architecture") as info:
         grmpiqa.create_model("ViT-B-32-quickgelu", pretrained=None, checkpoint=ckpt)
+    # API callers read the API's argument, the command line its flag
+    assert "load it with backbone='test-tiny'" in str(info.value)
+    assert "--backbone" not in str(info.value)
+    assert info.value.for_cli().endswith("load it with --backbone test-tiny")
+
+
+def test_local_dir_backbone_is_named_by_the_caller_not_the_checkpoint(tmp_path):
+    m = _perturbed_model()
+    ckpt = grmpiqa.save_checkpoint(m, tmp_path / "m.safetensors")
+    tensors, meta = read_checkpoint(ckpt)
+    meta["backbone"]["name"] = f"local-dir:{tmp_path}"
+    forged = tmp_path / "forged.safetensors"
+    save_file(tensors, str(forged), metadata={_META_KEY: json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="backbone='local-dir:PATH'") as info:
+        grmpiqa.create_model(checkpoint=forged)
+    assert "--backbone local-dir:PATH" in info.value.for_cli()
 
 
 def test_conflicting_visual_prompt_flag_is_refused(tmp_path):

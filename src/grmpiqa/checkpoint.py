@@ -236,7 +236,7 @@ def apply_checkpoint(
         )
     arch = meta.get("backbone", {}).get("model_cfg")
     if arch is not None and _canonical(arch) != _canonical(model.backbone_model_cfg):
-        raise CheckpointError(_architecture_message(meta["backbone"], model, arch, source))
+        raise _architecture_error(meta["backbone"], model, arch, source)
     if meta:
         check_trained_tensors(model, tensors, meta, source)
     own = model.state_dict()
@@ -259,9 +259,9 @@ def apply_checkpoint(
     model.adapted_keys |= set(tensors)
 
 
-def _architecture_message(
+def _architecture_error(
     bmeta: dict[str, Any], model: QualityModel, arch: dict[str, Any], source: str
-) -> str:
+) -> CheckpointError:
     """Why a checkpoint's recorded architecture does not fit ``model``, in one line."""
     from grmpiqa.runs import diff_records
 
@@ -271,14 +271,15 @@ def _architecture_message(
     )
     shown = "; ".join(diffs[:3]) + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
     if saved == model.backbone_name or saved == portable_backbone_name(model.backbone_name):
-        return (
+        return CheckpointError(
             f"{source}: its recorded architecture of {saved!r} differs from this build of it "
             f"({shown}): written by another version of the backbone, or edited"
         )
-    return (
+    head = (
         f"{source}: trained on backbone {saved!r}, whose architecture differs from "
-        f"{model.backbone_name!r} ({shown}); load it with --backbone {saved}"
+        f"{model.backbone_name!r} ({shown}); load it with "
     )
+    return CheckpointError(f"{head}--backbone {saved}", api=f"{head}backbone={saved!r}")
 
 
 def _canonical(cfg: dict[str, Any]) -> str:

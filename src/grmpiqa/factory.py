@@ -190,9 +190,10 @@ def create_model(
     bmeta = meta.get("backbone", {})
     name = backbone or bmeta.get("name") or DEFAULT_BACKBONE
     if backbone is None and name.startswith(LOCAL_DIR_PREFIX):
+        head = f"{source}: trained on a local-dir backbone ({name}); name its folder with "
+        why = " (a checkpoint never makes grmpiqa open a path it records)"
         raise CheckpointError(
-            f"{source}: trained on a local-dir backbone ({name}); name its folder with "
-            "--backbone local-dir:PATH (a checkpoint never makes grmpiqa open a path it records)"
+            f"{head}--backbone local-dir:PATH{why}", api=f"{head}backbone='local-dir:PATH'{why}"
         )
     ident = bmeta.get("pretrained", {}) if name == bmeta.get("name") else {}
     try:

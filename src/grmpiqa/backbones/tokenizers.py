@@ -79,11 +79,11 @@ def load_tokenizer(
         )
     except (OSError, ValueError) as err:
         if local_only:
-            raise BackboneError(_missing(name, source, err)) from None
+            raise _missing(name, source, err) from None
         try:
             tok = HFTokenizer(source, context_length=context_length, cache_dir=cache_dir, **kwargs)
         except Exception as err2:  # noqa: BLE001 - hub and tokenizer errors, one message
-            raise BackboneError(_missing(name, source, err2)) from None
+            raise _missing(name, source, err2) from None
     inner = tok.tokenizer
     if not hasattr(inner, "batch_encode_plus"):
         # open_clip < 3 calls batch_encode_plus, which transformers 5 removed; it is the
@@ -99,14 +99,17 @@ def _offline() -> bool:
     )
 
 
-def _missing(name: str, source: str, err: BaseException) -> str:
+def _missing(name: str, source: str, err: BaseException) -> BackboneError:
     first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
     if Path(source).is_dir():
-        return f"{source}: not a Hugging Face tokenizer folder ({first})"
-    return (
+        return BackboneError(f"{source}: not a Hugging Face tokenizer folder ({first})")
+    head = (
         f"{name}: tokenizer {source} is not in the local Hugging Face cache and could not be "
-        "fetched; pass a saved tokenizer folder with --tokenizer DIR, or use "
-        "--backbone local-dir:FOLDER"
+        "fetched; pass a saved tokenizer folder with "
+    )
+    return BackboneError(
+        f"{head}--tokenizer DIR, or use --backbone local-dir:FOLDER",
+        api=f"{head}tokenizer='DIR', or use backbone='local-dir:FOLDER'",
     )
 
 
