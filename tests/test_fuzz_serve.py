@@ -258,7 +258,7 @@ def test_S60_sigterm_drains_with_real_answers_or_503(tmp_path):
     try:
         for t in threads:
             t.start()
-            time.sleep(0.3)
+            time.sleep(1.0)  # each connected before the next (and before SIGTERM), even under load
         t0 = time.monotonic()
         code = server.stop(signal.SIGTERM, timeout=60)
         stopped_in = time.monotonic() - t0

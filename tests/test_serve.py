@@ -424,26 +424,31 @@ def test_concurrent_clients_are_batched_together(slow_batch_server, files, ckpts
     assert count < 12  # and not one by one: images of several clients shared a batch
 
 
-def test_graceful_shutdown_finishes_in_flight_requests(slow_batch_server, files):
+def test_graceful_shutdown_finishes_in_flight_requests(ckpts, files, tmp_path):
     """SIGTERM while requests wait in the batcher: they are answered, then the process
     exits 0."""
-    url = slow_batch_server.url
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(post_files, url, [files[f"img{i}"]]) for i in range(3)]
-        # wait until the service holds the images (they wait up to 1.5 s for company)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            q = httpx.get(url + "/v1/health").json()["queue"]
-            if q >= 1:
-                break
-            time.sleep(0.02)
-        code = slow_batch_server.stop(signal.SIGTERM)
-        responses = [f.result(timeout=60) for f in futures]
+    ft, _, _ = ckpts
+    # its own server: the first image waits up to 10 s for company, so all three requests
+    # are surely held in the batcher when SIGTERM comes, however loaded the machine is
+    server = Server(["--checkpoint", str(ft), "--max-wait-ms", "10000"], tmp_path / "log")
+    url = server.url
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(post_files, url, [files[f"img{i}"]]) for i in range(3)]
+            deadline = time.monotonic() + 15
+            queue = 0
+            while queue < 3 and time.monotonic() < deadline:
+                queue = httpx.get(url + "/v1/health").json()["queue"]
+                time.sleep(0.02)
+            assert queue == 3, "the three requests did not reach the batcher"
+            code = server.stop(signal.SIGTERM)
+            responses = [f.result(timeout=60) for f in futures]
+    finally:
+        server.stop(signal.SIGKILL)
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert all(r.json()["results"][0]["error"] is None for r in responses)
-    assert code == 0, f"exit code {code}\n" + slow_batch_server.read_log()
-    log = slow_batch_server.read_log()
-    assert "Traceback" not in log
+    assert code == 0, f"exit code {code}\n" + server.read_log()
+    assert "Traceback" not in server.read_log()
 
 
 # -- startup ----------------------------------------------------------------------------
