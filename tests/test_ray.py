@@ -38,12 +38,18 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture(scope="module")
 def local_ray():
+    # ray.init installs a SIGTERM handler (sys.exit) in this process: put the previous one
+    # back afterwards, or a worker forked by a later test and terminated by its pool runs
+    # Ray's handler and goes on running the test session in the child
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert ray.util.get_node_ip_address() == "127.0.0.1"
         yield ray
     finally:
         ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def test_scorer_in_map_batches_paths_and_bytes(local_ray, tmp_path, tiny_model):
@@ -142,3 +148,22 @@ def test_killed_ray_run_resumes_to_the_local_rows(local_ray, tmp_path, capsys):
         name = f"part-{i:05d}.csv"
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_ray_session_puts_the_signal_handlers_back():
+    """ray.init replaces SIGTERM's handler in the driver (with one that calls sys.exit);
+    closing the session grmpiqa started restores the caller's."""
+    code = (
+        "import signal\n"
+        "from grmpiqa.scoring.ray import RaySession\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "session = RaySession(num_cpus=1)\n"
+        "during = signal.getsignal(signal.SIGTERM)\n"
+        "session.close()\n"
+        "print(during is not before, signal.getsignal(signal.SIGTERM) is before)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -263,6 +265,10 @@ class RaySession:
         self.started = False
         if self.ray.is_initialized():
             return
+        # ray.init installs a SIGTERM handler that calls sys.exit in this process; close()
+        # puts the previous handlers back (a process forked later, e.g. a worker pool the
+        # caller terminates, would otherwise run Python code it inherited from Ray)
+        self._handlers = _signal_handlers()
         if address is not None:
             check_reachable(address)
         kwargs: dict[str, Any] = {
@@ -276,6 +282,7 @@ class RaySession:
             else:
                 self.ray.init(address=address, **kwargs)
         except Exception as err:  # ray raises ConnectionError, RuntimeError, ValueError...
+            _restore_signal_handlers(self._handlers)
             raise GrmpiqaError(f"cannot start or reach Ray ({type(err).__name__}: {err})") from None
         self.started = True
         if address is None:
@@ -297,6 +304,23 @@ class RaySession:
         if self.started:
             self.ray.shutdown()
             self.started = False
+            _restore_signal_handlers(self._handlers)
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """This process's handlers of SIGTERM and SIGINT."""
+    return {int(sig): signal.getsignal(sig) for sig in _SIGNALS}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (and Ray's init ran elsewhere too)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def actor_layout(
