@@ -193,6 +193,21 @@ def test_S55_a_small_request_is_not_stuck_behind_a_huge_one(client_for, monkeypa
     assert len(starts) == 4 and done["small"] < starts[-1] < done["big"]
 
 
+def test_stopping_the_service_ends_its_decode_threads(engine):
+    """Shutdown joins the decode pool's idle threads: none is still ending while the
+    interpreter finalizes (a thread releasing its torch state then can abort the process)."""
+    before = set(threading.enumerate())
+    with TestClient(create_app([engine], ServeConfig(workers=2))) as c:
+        assert c.post("/v1/score", files=files(("a.png", small_png()))).status_code == 200
+        threads = [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.name.startswith("grmpiqa-decode")
+        ]
+        assert len(threads) >= 2 and all(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads)
+
+
 # -- with a real server process -------------------------------------------------------------
 
 

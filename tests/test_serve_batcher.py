@@ -106,3 +106,31 @@ def test_close_finishes_queued_images_then_refuses_new_ones():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(FakeEngine(), max_batch=0)  # type: ignore[arg-type]
+
+
+def test_decode_pool_shutdown_joins_within_one_deadline():
+    """shutdown(wait=True, timeout): idle threads are joined; a job still running holds
+    the caller no longer than ``timeout`` in all (not per thread)."""
+    from grmpiqa.serve.fair import FairDecodePool
+
+    pool = FairDecodePool(3)
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def job() -> str:
+        started.release()
+        release.wait(30)
+        return "done"
+
+    busy = [pool.submit(object(), [job])[0] for _ in range(3)]  # one per worker
+    for _ in range(3):
+        assert started.acquire(timeout=10)
+    t0 = time.monotonic()
+    pool.shutdown(wait=True, timeout=1.0)
+    assert time.monotonic() - t0 < 2.5  # one deadline (1 s), not 1 s per busy thread (3 s)
+    alive = [t for t in pool._threads if t.is_alive()]
+    assert len(alive) == 3  # the busy workers; the idle express thread ended
+    release.set()
+    assert [f.result(timeout=10) for f in busy] == ["done"] * 3
+    pool.shutdown(wait=True, timeout=10)
+    assert not any(t.is_alive() for t in pool._threads)

@@ -58,6 +58,8 @@ _CSP = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 _ENDPOINTS = ("/", "/v1/score", "/v1/health", "/v1/models", "/metrics")
+#: how long stopping waits for the decode threads to end (idle ones end at once)
+_POOL_JOIN_S = 5.0
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -175,7 +177,11 @@ class Service:
         for b in self.batchers.values():
             b.close()
         if self.pool is not None:
-            self.pool.shutdown(wait=False)  # daemon threads; a running decode may be dropped
+            # idle workers end at once: join them, so that none is still ending (its
+            # thread-local torch state released) while the interpreter finalizes, which
+            # can abort the process ("terminate called without an active exception");
+            # a decode still running after the drain is left behind (daemon threads)
+            self.pool.shutdown(wait=True, timeout=_POOL_JOIN_S)
         if self.probe_pool is not None:
             self.probe_pool.shutdown(wait=False, cancel_futures=True)
 

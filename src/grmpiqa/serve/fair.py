@@ -155,11 +155,13 @@ class FairDecodePool:
         return len(self._queue)
 
     def shutdown(self, wait: bool = False, timeout: float | None = None) -> None:
-        """Take no new jobs; queued ones still run. ``wait``: join the threads."""
+        """Take no new jobs; queued ones still run. ``wait``: join the threads, for at
+        most ``timeout`` seconds in all (a thread still decoding is left to finish)."""
         self._queue.close()
         if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
             for t in self._threads:
-                t.join(timeout)
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _small(self, item: _Job) -> bool:
         return item[2] <= self.express_bytes
