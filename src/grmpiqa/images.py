@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -212,6 +213,22 @@ def load_image(
     label = name or str(source)
     with _open_file(source, label) as fh:
         return _decode(fh, label, max_pixels, min_side, max_decoded_bytes)
+
+
+def check_regular_file(path: str | os.PathLike[str], label: str) -> int:
+    """A path to score must be a regular file (a FIFO named ``x.jpg`` would block);
+    returns its size."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except OSError as err:
+        raise ImageError(f"{label}: cannot read file ({err.strerror or err})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{label}: is a directory, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{label}: not a regular file")
+    return int(st.st_size)
 
 
 @contextlib.contextmanager

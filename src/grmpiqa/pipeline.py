@@ -39,7 +39,6 @@ from __future__ import annotations
 import io
 import os
 import queue
-import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +56,7 @@ from grmpiqa.errors import GrmpiqaError, ImageError
 from grmpiqa.images import (
     DEFAULT_MAX_PIXELS,
     check_encoded_size,
+    check_regular_file,
     load_image,
     split_by_budget,
     to_rgb,
@@ -171,22 +171,6 @@ class EncodedSource(Protocol):
     ) -> Image.Image:
         """The image decoded by Pillow into RGB (:mod:`grmpiqa.images`)."""
         ...
-
-
-def check_regular_file(path: str, label: str) -> int:
-    """A path to score must be a regular file (a FIFO named ``x.jpg`` would block);
-    returns its size."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageError(f"{label}: no such file") from None
-    except OSError as err:
-        raise ImageError(f"{label}: cannot read file ({err.strerror or err})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError(f"{label}: is a directory, not an image")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{label}: not a regular file")
-    return int(st.st_size)
 
 
 def read_file(path: str, label: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:

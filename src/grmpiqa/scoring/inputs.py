@@ -25,7 +25,6 @@ import io
 import os
 import posixpath
 import re
-import stat
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from grmpiqa.images import (
     IMAGE_EXTENSIONS,
     ImageInfo,
     check_encoded_size,
+    check_regular_file,
     is_image_file,
     load_image,
     probe_image,
@@ -136,7 +136,7 @@ def decode_source(
             min_side=min_side,
             max_decoded_bytes=max_decoded_bytes,
         )
-    _check_regular_file(src)
+    check_regular_file(src.path, src.label)
     return load_image(
         src.path, max_pixels, name=src.label, min_side=min_side, max_decoded_bytes=max_decoded_bytes
     )
@@ -148,7 +148,7 @@ def probe_source(
     """The header of one image source (:func:`grmpiqa.images.probe_image`), no pixels."""
     if src.in_tar:
         return probe_image(_member_bytes(src, max_pixels), src.label, max_pixels, min_side=min_side)
-    _check_regular_file(src)
+    check_regular_file(src.path, src.label)
     return probe_image(src.path, src.label, max_pixels, min_side=min_side)
 
 
@@ -164,19 +164,6 @@ def _member_bytes(src: ImageSource, max_pixels: int) -> bytes:
     if len(data) != src.size:
         raise ImageError(f"{src.label}: shard is truncated")
     return data
-
-
-def _check_regular_file(src: ImageSource) -> None:
-    try:
-        st = os.stat(src.path)
-    except FileNotFoundError:
-        raise ImageError(f"{src.label}: no such file") from None
-    except OSError as err:
-        raise ImageError(f"{src.label}: cannot read file ({err.strerror or err})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError(f"{src.label}: is a directory, not an image")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{src.label}: not a regular file")
 
 
 # -- brace expansion ----------------------------------------------------------------------
